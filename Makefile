@@ -1,0 +1,51 @@
+# Quickstart: `make bench` (benchmark suite on this machine's device) and `make test`.
+# Both set up a local virtual environment in .venv on first use (torch first, from the pinned
+# release, so no other requirement pulls a different torch build).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+BUILD_TOOLS := scikit-build-core pybind11 cmake ninja
+PYTEST_ARGS ?=
+
+.PHONY: all venv install test bench bench-full cuda-compile clean
+
+all: test
+
+$(VENV)/.stamp-venv:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install $(TORCH_PINS)
+	$(PIP) install $(BUILD_TOOLS) numpy
+	touch $@
+
+$(VENV)/.stamp-dev: $(VENV)/.stamp-venv pyproject.toml
+	$(PIP) install $(TORCH_PINS) --no-build-isolation -e '.[dev]'
+	touch $@
+
+$(VENV)/.stamp-bench: $(VENV)/.stamp-venv pyproject.toml
+	$(PIP) install $(TORCH_PINS) --no-build-isolation -e '.[bench]'
+	touch $@
+
+venv: $(VENV)/.stamp-venv
+
+# (Re)build the native module fastcl._C in place; incremental thanks to the persistent build dir.
+install: $(VENV)/.stamp-venv
+	$(PIP) install --no-build-isolation --no-deps -e .
+
+test: $(VENV)/.stamp-dev install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.stamp-bench install
+	$(PY) -m fastcl.bench
+
+bench-full: $(VENV)/.stamp-bench install
+	$(PY) -m fastcl.bench --full
+
+# Compile the CUDA kernels without a GPU (what CI checks): a compile error fails.
+cuda-compile: $(VENV)/.stamp-venv
+	CMAKE_ARGS="-DFASTCL_CUDA=ON" $(PIP) wheel --no-build-isolation --no-deps -w build/cuda-wheel .
+
+clean:
+	rm -rf build dist bench_results .pytest_cache

@@ -1,0 +1,1 @@
+"""fastcl ops: one folder per op (naive reference, chunked PyTorch, native, Triton)."""

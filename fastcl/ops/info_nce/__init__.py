@@ -1,0 +1,191 @@
+"""Fused InfoNCE and its family: CLIP, NT-Xent (SimCLR), SupCon, DPR / MNRL.
+
+Maths (s_ij = q_i . k_j / tau, candidates(i) = in-batch keys plus i's hard negatives)::
+
+    L_i = -s_{i,pos(i)} + log sum_{j in candidates(i)} exp(s_ij)
+
+Every backend shares :func:`~fastcl.ops.info_nce.options.check_info_nce_args` and returns the
+same values; ``naive`` materializes the B x N logits (reference), ``torch`` and ``cpu`` walk
+over row blocks and never do.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..._native import backends as _backends
+from ..._native import native_module, warn_once
+from . import naive
+from .function import InfoNCEFunction
+from .options import MASK, check_embeddings, check_info_nce_args, check_same_device
+from .torch import torch_row_kernel
+
+__all__ = ["info_nce", "clip_loss", "nt_xent", "InfoNCEFunction", "resolve_backend"]
+
+# Backends implemented for this op beyond the always-present naive/torch; GPU modules add
+# themselves here (name -> callable with the signature of _run_chunked).
+EXTRA_BACKENDS = {}
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that will run: ``auto`` picks the fastest available for ``device``."""
+    available = _backends()
+    if backend == "auto":
+        if device.type == "cuda":
+            for name in ("triton", "cuda"):
+                if name in EXTRA_BACKENDS and available[name].available:
+                    return name
+            return "torch"
+        if device.type == "cpu":
+            if available["cpu"].available:
+                return "cpu"
+            warn_once("cpu-fallback", f"fastcl: native CPU kernels unavailable ({available['cpu'].reason}); using the chunked PyTorch path")
+        return "torch"
+    if backend in ("naive", "torch"):
+        return backend
+    if not available[backend].available:
+        raise RuntimeError(f"backend={backend!r} is not available here: {available[backend].reason}")
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend='cpu' runs on CPU tensors, got tensors on {device}")
+    if backend in ("triton", "cuda") and backend not in EXTRA_BACKENDS:
+        raise RuntimeError(f"backend={backend!r} has no InfoNCE kernels in this build")
+    return backend
+
+
+def _row_kernel(backend: str):
+    if backend == "cpu":
+        from .native import native_row_kernel
+
+        return native_row_kernel
+    return torch_row_kernel
+
+
+def info_nce(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    positive: Optional[torch.Tensor] = None,
+    hard_negatives: Optional[torch.Tensor] = None,
+    temperature=0.07,
+    normalize: bool = False,
+    symmetric: bool = False,
+    exclude_self: bool = False,
+    labels: Optional[torch.Tensor] = None,
+    key_labels: Optional[torch.Tensor] = None,
+    multi_positive: str = "mask",
+    false_negative_margin: Optional[float] = None,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""InfoNCE loss of each query against shared keys (and optional private hard negatives).
+
+    ``s_ij = q_i . k_j / temperature``; ``L_i = -s_{i,pos(i)} + log sum_{j in C_i} exp(s_ij)``
+    where ``C_i`` holds every key and query i's hard negatives, less what the options mask.
+
+    Args:
+        query: (B, D) float16 / bfloat16 / float32 / float64.
+        key: (N, D) candidates shared by every query (in-batch positives plus extra negatives,
+            e.g. DPR's ``cat([positives, hard_negatives])``).
+        positive: (B,) int64 index of each query's positive in ``key``; default ``arange(B)``.
+        hard_negatives: (B, H, D) negatives private to each query.
+        temperature: float or scalar tensor (a tensor that requires grad gets its gradient).
+        normalize: cosine similarity (L2 normalization fused into the op and its backward).
+        symmetric: also the key->query direction over the B x B in-batch block; the loss is the
+            mean of both directions (CLIP).
+        exclude_self: drop logit (i, i) (NT-Xent when query and key are the same set).
+        labels, key_labels: (B,), (N,) integer labels; keys sharing the query's label are not
+            negatives. ``multi_positive="mask"`` removes them from the denominator,
+            ``"supcon"`` averages over them as positives (SupCon), ``"pairwise"`` makes one
+            term per positive pair (pytorch-metric-learning's NTXentLoss; "mean" divides by the
+            number of pairs, "none" sums each anchor's terms).
+        false_negative_margin: drop a negative whose similarity exceeds the positive's minus m.
+        label_smoothing: as ``F.cross_entropy(label_smoothing=...)`` over the row's candidates.
+        reduction: "mean" | "sum" | "none" (per query row).
+        backend: "auto" | "naive" | "torch" | "cpu" | "triton" | "cuda".
+
+    Returns:
+        float32 loss (float64 for float64 inputs): a scalar, or (B,) with ``reduction="none"``.
+
+    Example::
+
+        >>> q, k = torch.randn(8, 32), torch.randn(8, 32)
+        >>> loss = fastcl.info_nce(q, k, temperature=0.05, normalize=True)
+    """
+    options, positive, labels, key_labels, temperature = check_info_nce_args(
+        query, key, positive, hard_negatives, temperature, normalize, symmetric, exclude_self,
+        labels, key_labels, multi_positive, false_negative_margin, label_smoothing, reduction, backend,
+    )
+    chosen = resolve_backend(backend, query.device)
+    if chosen == "naive":
+        return naive.info_nce(
+            query, key, positive=positive, hard_negatives=hard_negatives, temperature=temperature,
+            normalize=options.normalize, symmetric=options.symmetric, exclude_self=options.exclude_self,
+            labels=labels, key_labels=key_labels, multi_positive=options.multi_positive,
+            false_negative_margin=options.margin, label_smoothing=options.label_smoothing,
+            reduction=options.reduction,
+        )
+    if chosen in EXTRA_BACKENDS:
+        return EXTRA_BACKENDS[chosen](query, key, hard_negatives, temperature, positive, labels, key_labels, options)
+    return InfoNCEFunction.apply(query, key, hard_negatives, temperature, positive, labels, key_labels,
+                                 options, _row_kernel(chosen))
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, *, backend: str = "auto") -> torch.Tensor:
+    r"""CLIP loss: symmetric InfoNCE ``0.5 * (CE(rows) + CE(columns))`` of ``logit_scale * I @ T.T``.
+
+    ``logit_scale`` is the multiplier (open_clip's ``logit_scale.exp()``), a float or scalar
+    tensor that gets its gradient. Features are used as given (CLIP normalizes them in the
+    model). Equals open_clip's ``ClipLoss``.
+
+    Example::
+
+        >>> loss = fastcl.clip_loss(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), model.logit_scale.exp())
+    """
+    check_embeddings("image_features", image_features, "(B, D)", 2)
+    check_embeddings("text_features", text_features, "(B, D)", 2)
+    if image_features.shape != text_features.shape:
+        raise ValueError(
+            f"image_features and text_features must have the same shape (B, D), got {tuple(image_features.shape)} and {tuple(text_features.shape)}"
+        )
+    temperature = _inverse_scale(logit_scale)
+    return info_nce(image_features, text_features, temperature=temperature, symmetric=True, backend=backend)
+
+
+def _inverse_scale(logit_scale):
+    if isinstance(logit_scale, torch.Tensor):
+        if logit_scale.numel() != 1:
+            raise ValueError(f"logit_scale must be a float or a scalar tensor, got shape {tuple(logit_scale.shape)}")
+        if not logit_scale.is_floating_point():
+            raise TypeError(f"logit_scale must be floating point, got {logit_scale.dtype}")
+        return 1.0 / logit_scale
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
+        raise TypeError(f"logit_scale must be a float or a scalar tensor, got {type(logit_scale).__name__}")
+    if not logit_scale > 0:
+        raise ValueError(f"logit_scale must be > 0, got {logit_scale}")
+    return 1.0 / float(logit_scale)
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, *, normalize: bool = True, backend: str = "auto") -> torch.Tensor:
+    r"""NT-Xent (SimCLR): the 2B views ``cat([z1, z2])`` against each other, self excluded.
+
+    View a of sample i has view b of i as its positive and the other 2B - 2 views as negatives;
+    the loss is the mean over the 2B anchors. Equals pytorch-metric-learning's ``NTXentLoss`` on
+    ``cat([z1, z2])`` with labels ``cat([arange(B), arange(B)])``.
+
+    Example::
+
+        >>> loss = fastcl.nt_xent(projector(encoder(view1)), projector(encoder(view2)), temperature=0.5)
+    """
+    check_embeddings("z1", z1, "(B, D)", 2)
+    check_embeddings("z2", z2, "(B, D)", 2)
+    if z1.shape != z2.shape:
+        raise ValueError(f"z1 and z2 must have the same shape (B, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    check_same_device(z1=z1, z2=z2)
+    batch = z1.shape[0]
+    views = torch.cat([z1, z2], dim=0)
+    index = torch.arange(batch, device=z1.device)
+    positive = torch.cat([index + batch, index])
+    return info_nce(views, views, positive=positive, temperature=temperature, normalize=normalize,
+                    exclude_self=True, backend=backend)

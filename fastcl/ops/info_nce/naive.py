@@ -1,0 +1,168 @@
+"""Reference InfoNCE: materializes every logit. Obviously correct, O(B x N) memory.
+
+This is the ground truth the tests compare every backend with, and the "naive PyTorch"
+baseline of the benchmarks. It is written independently of the fused paths: masks are built
+as full boolean matrices and the losses come from ``torch.logsumexp``.
+Computation is in float32 (float64 when the inputs are float64, for gradcheck).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+NEG_INF = float("-inf")
+
+
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def _direction(
+    raw: torch.Tensor,
+    inv_temperature,
+    positive: Optional[torch.Tensor],
+    anchor_labels: Optional[torch.Tensor],
+    candidate_labels: Optional[torch.Tensor],
+    num_labelled: int,
+    self_offset: Optional[int],
+    multi_positive: str,
+    margin: Optional[float],
+    label_smoothing: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Loss of each anchor row of ``raw`` (R x M similarities) and the reduction's divisor.
+
+    The first ``num_labelled`` columns are keys with labels; the rest are hard negatives
+    (never positives, never masked by labels). ``self_offset`` is not None when
+    ``exclude_self``: column ``r`` is anchor ``r``'s self pair.
+    """
+    rows, cols = raw.shape
+    device = raw.device
+    row_index = torch.arange(rows, device=device)[:, None]
+    col_index = torch.arange(cols, device=device)[None, :]
+    is_key = col_index < num_labelled
+    candidate = torch.ones(rows, cols, dtype=torch.bool, device=device)
+    if self_offset is not None:
+        candidate &= ~((col_index == row_index) & is_key)
+    same_label = None
+    if anchor_labels is not None:
+        same_label = torch.zeros(rows, cols, dtype=torch.bool, device=device)
+        same_label[:, :num_labelled] = anchor_labels[:, None] == candidate_labels[None, :]
+    scores = raw * inv_temperature
+
+    if multi_positive == "mask":
+        is_positive = col_index == positive[:, None]
+        if same_label is not None:
+            candidate &= ~(same_label & ~is_positive)
+        if margin is not None:
+            positive_raw = raw.detach().gather(1, positive[:, None])
+            candidate &= ~((raw.detach() > positive_raw - margin) & ~is_positive)
+        masked = torch.where(candidate, scores, torch.full_like(scores, NEG_INF))
+        lse = torch.logsumexp(masked, dim=1)
+        positive_score = scores.gather(1, positive[:, None])[:, 0]
+        loss = lse - (1.0 - label_smoothing) * positive_score
+        if label_smoothing > 0:
+            count = candidate.sum(1).to(scores.dtype)
+            mean_candidate = torch.where(candidate, scores, torch.zeros_like(scores)).sum(1) / count
+            loss = loss - label_smoothing * mean_candidate
+        return loss, torch.tensor(float(rows), dtype=scores.dtype, device=device)
+
+    is_positive = same_label & candidate
+    has_candidate = candidate.any(1, keepdim=True)
+    if multi_positive == "supcon":
+        masked = torch.where(candidate, scores, torch.full_like(scores, NEG_INF))
+        masked = torch.where(has_candidate, masked, torch.zeros_like(masked))
+        lse = torch.logsumexp(masked, dim=1, keepdim=True)
+        num_positive = is_positive.sum(1)
+        log_prob = torch.where(is_positive, scores - lse, torch.zeros_like(scores))
+        loss = -log_prob.sum(1) / num_positive.clamp(min=1).to(scores.dtype)
+        return loss, (num_positive > 0).sum().to(scores.dtype)
+
+    # pairwise: one term per positive pair, denominator = that positive + the anchor's negatives
+    negative = candidate & ~is_positive
+    has_negative = negative.any(1, keepdim=True)
+    masked = torch.where(negative, scores, torch.full_like(scores, NEG_INF))
+    masked = torch.where(has_negative, masked, torch.zeros_like(masked))
+    negative_lse = torch.logsumexp(masked, dim=1, keepdim=True)
+    negative_lse = torch.where(has_negative, negative_lse, torch.full_like(negative_lse, NEG_INF))
+    # -log(e^s / (e^s + sum_neg e^n)) = softplus(lse_neg - s)
+    terms = F.softplus(negative_lse - scores)
+    loss = torch.where(is_positive, terms, torch.zeros_like(terms)).sum(1)
+    return loss, is_positive.sum().to(scores.dtype)
+
+
+def _reduce(loss: torch.Tensor, divisor: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    return total / divisor.clamp(min=1)
+
+
+def info_nce(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    positive: Optional[torch.Tensor] = None,
+    hard_negatives: Optional[torch.Tensor] = None,
+    temperature=0.07,
+    normalize: bool = False,
+    symmetric: bool = False,
+    exclude_self: bool = False,
+    labels: Optional[torch.Tensor] = None,
+    key_labels: Optional[torch.Tensor] = None,
+    multi_positive: str = "mask",
+    false_negative_margin: Optional[float] = None,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """InfoNCE over materialized logits. Same arguments and meaning as :func:`fastcl.info_nce`."""
+    dtype = _compute_dtype(query)
+    q = query.to(dtype)
+    k = key.to(dtype)
+    h = hard_negatives.to(dtype) if hard_negatives is not None else None
+    if normalize:
+        q = F.normalize(q, dim=-1)
+        k = F.normalize(k, dim=-1)
+        h = F.normalize(h, dim=-1) if h is not None else None
+    batch, num_keys = q.shape[0], k.shape[0]
+    if isinstance(temperature, torch.Tensor):
+        inv_temperature = 1.0 / temperature.to(dtype)
+    else:
+        inv_temperature = 1.0 / float(temperature)
+    if positive is None and multi_positive == "mask":
+        positive = torch.arange(batch, device=q.device)
+
+    raw = q @ k.T
+    if h is not None:
+        raw = torch.cat([raw, torch.einsum("bd,bhd->bh", q, h)], dim=1)
+    loss, divisor = _direction(
+        raw, inv_temperature, positive, labels, key_labels, num_keys,
+        0 if exclude_self else None, multi_positive, false_negative_margin, label_smoothing,
+    )
+    if not symmetric:
+        return _reduce(loss, divisor, reduction)
+
+    # key -> query direction over the B x B in-batch block: key j's positive is query j
+    column_raw = raw[:, :batch].T
+    column_positive = torch.arange(batch, device=q.device) if multi_positive == "mask" else None
+    column_loss, column_divisor = _direction(
+        column_raw, inv_temperature, column_positive,
+        key_labels[:batch] if key_labels is not None else None, labels, batch,
+        0 if exclude_self else None, multi_positive, false_negative_margin, label_smoothing,
+    )
+    if reduction == "none":
+        return 0.5 * (loss + column_loss)
+    return 0.5 * (_reduce(loss, divisor, reduction) + _reduce(column_loss, column_divisor, reduction))
+
+
+def siglip_loss(image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
+    """SigLIP: -(1/B) sum_ij log sigmoid(y_ij (t x_i.y_j + b)), y = +1 on the diagonal, -1 elsewhere."""
+    dtype = _compute_dtype(image_features)
+    x = image_features.to(dtype)
+    y = text_features.to(dtype)
+    logits = logit_scale * (x @ y.T) + logit_bias
+    signs = 2 * torch.eye(x.shape[0], dtype=dtype, device=x.device) - 1
+    return -F.logsigmoid(signs * logits).sum() / x.shape[0]

@@ -1,0 +1,180 @@
+"""Argument checking shared by every InfoNCE backend: one place, one set of error messages."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+MASK, SUPCON, PAIRWISE = "mask", "supcon", "pairwise"
+MULTI_POSITIVE_MODES = (MASK, SUPCON, PAIRWISE)
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "naive", "torch", "cpu", "triton", "cuda")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class InfoNCEOptions:
+    """The static (non-tensor) options of one InfoNCE call."""
+
+    normalize: bool = False
+    symmetric: bool = False
+    exclude_self: bool = False
+    multi_positive: str = MASK
+    margin: Optional[float] = None
+    label_smoothing: float = 0.0
+    reduction: str = "mean"
+
+
+def _checking_values() -> bool:
+    """Data-dependent checks need the values on the host; skip them while torch.compile traces."""
+    compiler = getattr(torch, "compiler", None)
+    return not (compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+def check_embeddings(name: str, tensor, expected: str, ndim: int) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {expected}, got {type(tensor).__name__}")
+    if tensor.dim() != ndim:
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(tensor.shape)}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
+    if tensor.shape[0] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(tensor.shape)}): the batch needs at least one row")
+
+
+def check_same_device(**tensors) -> None:
+    present = {name: t for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{name} on {t.device}" for name, t in present.items())
+        raise ValueError(f"all inputs must be on the same device, got {listing}")
+
+
+def check_temperature(temperature, name: str = "temperature"):
+    """A positive float, or a scalar floating tensor (whose gradient the op computes)."""
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1:
+            raise ValueError(f"{name} must be a float or a scalar tensor, got a tensor of shape {tuple(temperature.shape)}")
+        if not temperature.is_floating_point():
+            raise TypeError(f"{name} tensor must be floating point, got {temperature.dtype}")
+        if _checking_values() and not bool(temperature.detach().reshape(()) > 0):
+            raise ValueError(f"{name} must be > 0, got {float(temperature)}")
+        return temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"{name} must be a float or a scalar tensor, got {type(temperature).__name__}")
+    if not (temperature > 0) or math.isinf(temperature):
+        raise ValueError(f"{name} must be a finite value > 0, got {temperature}")
+    return float(temperature)
+
+
+def _check_index_vector(name: str, tensor, length: int, length_name: str) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape ({length_name},) = ({length},), got {type(tensor).__name__}")
+    if tensor.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"{name} must be an integer tensor (int64), got {tensor.dtype}")
+    if tuple(tensor.shape) != (length,):
+        raise ValueError(f"{name} must have shape ({length_name},) = ({length},), got {tuple(tensor.shape)}")
+
+
+def check_info_nce_args(
+    query, key, positive, hard_negatives, temperature, normalize, symmetric, exclude_self,
+    labels, key_labels, multi_positive, false_negative_margin, label_smoothing, reduction, backend,
+) -> Tuple[InfoNCEOptions, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], object]:
+    """Validate every argument of ``info_nce``. Returns (options, positive, labels, key_labels, temperature)."""
+    check_embeddings("query", query, "(B, D)", 2)
+    check_embeddings("key", key, "(N, D)", 2)
+    batch, dim = query.shape
+    num_keys = key.shape[0]
+    if key.shape[1] != dim:
+        raise ValueError(f"key must have shape (N, D) with D = query.shape[1] = {dim}, got {tuple(key.shape)}")
+    if key.dtype != query.dtype:
+        raise TypeError(f"query and key must have the same dtype, got query {query.dtype} and key {key.dtype}")
+    if hard_negatives is not None:
+        check_embeddings("hard_negatives", hard_negatives, "(B, H, D)", 3)
+        if hard_negatives.shape[0] != batch or hard_negatives.shape[2] != dim:
+            raise ValueError(
+                f"hard_negatives must have shape (B, H, D) = ({batch}, H, {dim}), got {tuple(hard_negatives.shape)}"
+            )
+        if hard_negatives.dtype != query.dtype:
+            raise TypeError(f"hard_negatives must have the query's dtype {query.dtype}, got {hard_negatives.dtype}")
+    check_same_device(query=query, key=key, hard_negatives=hard_negatives, positive=positive,
+                      labels=labels, key_labels=key_labels,
+                      temperature=temperature if isinstance(temperature, torch.Tensor) and temperature.dim() > 0 else None)
+    if isinstance(temperature, torch.Tensor) and temperature.device != query.device and temperature.device.type != "cpu":
+        raise ValueError(f"temperature must be on the query's device {query.device} (or a CPU scalar), got {temperature.device}")
+    temperature = check_temperature(temperature)
+
+    if multi_positive not in MULTI_POSITIVE_MODES:
+        raise ValueError(f"multi_positive must be one of {MULTI_POSITIVE_MODES}, got {multi_positive!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    if (labels is None) != (key_labels is None):
+        raise ValueError("labels (B,) and key_labels (N,) must be given together (keys sharing a query's label are not its negatives)")
+    if labels is not None:
+        _check_index_vector("labels", labels, batch, "B")
+        _check_index_vector("key_labels", key_labels, num_keys, "N")
+        labels = labels.long()
+        key_labels = key_labels.long()
+
+    if multi_positive != MASK:
+        if labels is None:
+            raise ValueError(f"multi_positive={multi_positive!r} takes its positives from labels: pass labels and key_labels")
+        if positive is not None:
+            raise ValueError(f"positive must be None with multi_positive={multi_positive!r} (the positives come from the labels)")
+        if label_smoothing:
+            raise ValueError(f"label_smoothing is only defined for multi_positive='mask', got multi_positive={multi_positive!r}")
+        if false_negative_margin is not None:
+            raise ValueError(
+                f"false_negative_margin compares negatives with the indexed positive: it needs multi_positive='mask', got {multi_positive!r}"
+            )
+
+    if symmetric:
+        if positive is not None:
+            raise ValueError("positive must be None when symmetric=True (the first B keys are the positives, in order)")
+        if num_keys < batch:
+            raise ValueError(f"symmetric=True needs at least B keys: key has N = {num_keys} rows, query has B = {batch}")
+
+    if positive is None:
+        if multi_positive == MASK and num_keys < batch:
+            raise ValueError(
+                f"key has N = {num_keys} rows but query has B = {batch}: the default positive arange(B) needs N >= B; pass positive"
+            )
+    else:
+        _check_index_vector("positive", positive, batch, "B")
+        if positive.dtype != torch.int64:
+            raise TypeError(f"positive must be an int64 tensor of indices into key, got {positive.dtype}")
+        if _checking_values() and batch > 0:
+            low, high = int(positive.min()), int(positive.max())
+            if low < 0 or high >= num_keys:
+                raise ValueError(f"positive must index key rows in [0, N) = [0, {num_keys}), got values in [{low}, {high}]")
+
+    if exclude_self and multi_positive == MASK:
+        rows = torch.arange(batch, device=query.device)
+        if positive is None:
+            raise ValueError("exclude_self=True drops logit (i, i), which is the default positive arange(B): pass positive")
+        if _checking_values() and bool((positive == rows).any()):
+            first = int(torch.nonzero(positive == rows)[0, 0])
+            raise ValueError(f"exclude_self=True drops logit (i, i), but positive[{first}] == {first}")
+
+    if false_negative_margin is not None:
+        if isinstance(false_negative_margin, bool) or not isinstance(false_negative_margin, (int, float)):
+            raise TypeError(f"false_negative_margin must be a float or None, got {type(false_negative_margin).__name__}")
+        if math.isnan(false_negative_margin):
+            raise ValueError("false_negative_margin must be a number, got nan")
+        false_negative_margin = float(false_negative_margin)
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"label_smoothing must be a float in [0, 1), got {type(label_smoothing).__name__}")
+    if not (0.0 <= label_smoothing < 1.0):
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+
+    options = InfoNCEOptions(
+        normalize=bool(normalize), symmetric=bool(symmetric), exclude_self=bool(exclude_self),
+        multi_positive=multi_positive, margin=false_negative_margin,
+        label_smoothing=float(label_smoothing), reduction=reduction,
+    )
+    return options, positive, labels, key_labels, temperature
