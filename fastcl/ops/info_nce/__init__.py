@@ -19,7 +19,7 @@ from ..._native import native_module, warn_once
 from . import naive
 from .function import InfoNCEFunction
 from .options import MASK, check_embeddings, check_info_nce_args, check_same_device
-from .torch import torch_row_kernel
+from .chunked import torch_row_kernel
 
 __all__ = ["info_nce", "clip_loss", "nt_xent", "InfoNCEFunction", "resolve_backend"]
 
@@ -28,13 +28,17 @@ __all__ = ["info_nce", "clip_loss", "nt_xent", "InfoNCEFunction", "resolve_backe
 EXTRA_BACKENDS = {}
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that will run: ``auto`` picks the fastest available for ``device``."""
+def resolve_backend(backend: str, device: torch.device, extra_backends=None) -> str:
+    """The backend that will run: ``auto`` picks the fastest available for ``device``.
+
+    ``extra_backends``: the op's GPU implementations (defaults to InfoNCE's).
+    """
+    extra = EXTRA_BACKENDS if extra_backends is None else extra_backends
     available = _backends()
     if backend == "auto":
         if device.type == "cuda":
             for name in ("triton", "cuda"):
-                if name in EXTRA_BACKENDS and available[name].available:
+                if name in extra and available[name].available:
                     return name
             return "torch"
         if device.type == "cpu":
@@ -48,8 +52,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise RuntimeError(f"backend={backend!r} is not available here: {available[backend].reason}")
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend='cpu' runs on CPU tensors, got tensors on {device}")
-    if backend in ("triton", "cuda") and backend not in EXTRA_BACKENDS:
-        raise RuntimeError(f"backend={backend!r} has no InfoNCE kernels in this build")
+    if backend in ("triton", "cuda") and backend not in extra:
+        raise RuntimeError(f"backend={backend!r} has no kernels for this op in this build")
     return backend
 
 

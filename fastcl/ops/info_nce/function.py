@@ -10,7 +10,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .options import MASK, PAIRWISE, SUPCON, InfoNCEOptions
-from .torch import NORM_EPS, Direction, RowKernel, count_positives, run_direction
+from .chunked import NORM_EPS, Direction, RowKernel, count_positives, run_direction
 
 
 def compute_dtype(tensor: torch.Tensor) -> torch.dtype:

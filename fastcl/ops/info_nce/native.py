@@ -12,7 +12,7 @@ import torch
 
 from ..._native import native_module
 from .options import MASK, PAIRWISE, SUPCON, InfoNCEOptions
-from .torch import Direction
+from .chunked import Direction
 
 _MODES = {MASK: 0, SUPCON: 1, PAIRWISE: 2}
 
@@ -27,7 +27,7 @@ def _contiguous(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def native_row_kernel(similarity, private_similarity, row0: int, direction: Direction,
                       options: InfoNCEOptions, inv_temperature: float, weights: Optional[torch.Tensor]):
-    """Same contract as :func:`fastcl.ops.info_nce.torch.torch_row_kernel`, in C++."""
+    """Same contract as :func:`fastcl.ops.info_nce.chunked.torch_row_kernel`, in C++."""
     module = native_module()
     rows, cols = similarity.shape
     dtype = similarity.dtype

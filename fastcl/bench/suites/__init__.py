@@ -1,0 +1,1 @@
+"""Benchmark suites: one module per op (SUITE, BASELINE, cases(device, full))."""

@@ -1,0 +1,63 @@
+"""SigLIP sigmoid loss (Zhai et al.), chunked: no B x B tensor.
+
+    L = -(1/B) sum_ij log sigmoid(y_ij (t x_i.y_j + b)),  y = +1 on the diagonal, -1 elsewhere
+
+``logit_scale`` is the multiplier t (open_clip passes ``logit_scale.exp()``), ``logit_bias`` the
+bias b; floats or scalar tensors (tensors get their gradients). Equals open_clip's ``SigLipLoss``.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..info_nce import resolve_backend
+from ..info_nce.options import BACKENDS, check_embeddings, check_same_device
+from . import naive
+from .chunked import SigLipFunction
+
+__all__ = ["siglip_loss", "SigLipFunction"]
+
+# GPU modules add themselves here: name -> fn(image, text, logit_scale, logit_bias)
+EXTRA_BACKENDS = {}
+
+
+def _check_scalar(name: str, value):
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a float or a scalar tensor, got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {value.dtype}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or a scalar tensor, got {type(value).__name__}")
+    return float(value)
+
+
+def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias, *,
+                backend: str = "auto") -> torch.Tensor:
+    r"""SigLIP loss of paired (B, D) image and text features.
+
+    Example::
+
+        >>> loss = fastcl.siglip_loss(img, txt, model.logit_scale.exp(), model.logit_bias)
+    """
+    check_embeddings("image_features", image_features, "(B, D)", 2)
+    check_embeddings("text_features", text_features, "(B, D)", 2)
+    if image_features.shape != text_features.shape:
+        raise ValueError(
+            f"image_features and text_features must have the same shape (B, D), got {tuple(image_features.shape)} and {tuple(text_features.shape)}"
+        )
+    if image_features.dtype != text_features.dtype:
+        raise TypeError(f"image_features and text_features must have the same dtype, got {image_features.dtype} and {text_features.dtype}")
+    check_same_device(image_features=image_features, text_features=text_features)
+    logit_scale = _check_scalar("logit_scale", logit_scale)
+    logit_bias = _check_scalar("logit_bias", logit_bias)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    chosen = resolve_backend(backend, image_features.device, EXTRA_BACKENDS)
+    if chosen == "naive":
+        return naive.siglip_loss(image_features, text_features, logit_scale, logit_bias)
+    if chosen in EXTRA_BACKENDS:
+        return EXTRA_BACKENDS[chosen](image_features, text_features, logit_scale, logit_bias)
+    # "cpu": the block products dominate and the elementwise part is a single pass, so the
+    # native backend shares the chunked PyTorch implementation for this op.
+    return SigLipFunction.apply(image_features, text_features, logit_scale, logit_bias)
