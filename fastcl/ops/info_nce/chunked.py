@@ -25,7 +25,7 @@ import torch
 from .options import MASK, PAIRWISE, SUPCON, InfoNCEOptions
 
 NORM_EPS = 1e-12
-DEFAULT_BLOCK_BYTES = 16 * 2**20
+DEFAULT_BLOCK_BYTES = 8 * 2**20
 
 
 @dataclass
@@ -168,11 +168,15 @@ def run_direction(
     inv_temperature: float,
     row_kernel: RowKernel,
     weights: Optional[torch.Tensor],
+    grads_out: Optional[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None,
 ):
-    """Loss, LSE and (with ``weights``) gradients of one direction, block by block.
+    """Loss and LSE of one direction, block by block; with ``weights``, gradients too.
 
-    Returns (loss_rows, lse_rows, grads) where grads is None or
-    (d_anchors, d_candidates, d_private, dtemp_sum) in the compute dtype.
+    ``grads_out`` = (d_anchors, d_candidates, d_private) buffers in the compute dtype that the
+    gradients wrt the anchors, candidates and private negatives are *added* to (so both
+    directions of a symmetric loss accumulate into the same tensors, with no extra copies).
+    Returns (loss_rows, lse_rows, dtemp_sum) where dtemp_sum = sum_ij dL/draw_ij * raw_ij
+    (zero without weights).
     """
     anchors, candidates, private = direction.anchors, direction.candidates, direction.private
     rows, cols = anchors.shape[0], candidates.shape[0]
@@ -182,12 +186,8 @@ def run_direction(
     dtemp = torch.zeros(rows, dtype=dtype, device=device)
     step = min(rows, block_rows_for(cols, anchors.element_size()))
     buffer = torch.empty(step, cols, dtype=dtype, device=device)
-    grads = None
     if weights is not None:
-        d_anchors = torch.empty_like(anchors)
-        d_candidates = torch.zeros_like(candidates)
-        d_private = torch.empty_like(private) if private is not None else None
-        grads = (d_anchors, d_candidates, d_private)
+        d_anchors, d_candidates, d_private = grads_out
     candidates_t = candidates.T
     for row0 in range(0, rows, step):
         row1 = min(rows, row0 + step)
@@ -205,11 +205,10 @@ def run_direction(
         if weights is None:
             continue
         dtemp[row0:row1] = block_dtemp
-        torch.mm(block, candidates, out=d_anchors[row0:row1])
+        # block now holds dL/draw for these rows: dq = G k, dk += G^T q, dh = G_h q
+        d_anchors[row0:row1].addmm_(block, candidates)
         d_candidates.addmm_(block.T, anchor_block)
         if private is not None:
             d_anchors[row0:row1] += torch.bmm(private_block[:, None, :], private[row0:row1])[:, 0]
-            torch.mul(private_block[:, :, None], anchor_block[:, None, :], out=d_private[row0:row1])
-    if grads is not None:
-        grads = grads + (dtemp.sum(),)
-    return loss, lse, grads
+            d_private[row0:row1].addcmul_(private_block[:, :, None], anchor_block[:, None, :])
+    return loss, lse, dtemp.sum()

@@ -115,17 +115,10 @@ def _gradients(prepared: _Prepared, options: InfoNCEOptions, row_kernel: RowKern
     batch = q.shape[0]
     for index, direction in enumerate(prepared.directions):
         weights = _weights(direction, options, grad_rows)
-        loss, _, grads = run_direction(direction, options, inv_temperature, row_kernel, weights)
+        # column direction: anchors are key[:B], candidates are the queries
+        grads_out = (dq, dk, dh) if index == 0 else (dk[:batch], dq, None)
+        loss, _, d_temp = run_direction(direction, options, inv_temperature, row_kernel, weights, grads_out)
         losses.append(loss)
-        d_anchors, d_candidates, d_private, d_temp = grads
-        if index == 0:
-            dq += d_anchors
-            dk += d_candidates
-            if dh is not None:
-                dh += d_private
-        else:  # column direction: anchors are key[:B], candidates are the queries
-            dk[:batch] += d_anchors
-            dq += d_candidates
         dtemp += d_temp
     return losses, dq, dk, dh, dtemp
 
@@ -167,7 +160,6 @@ class InfoNCEFunction(torch.autograd.Function):
         if ctx.fused:
             scale = grad_output.reshape(())
             grads = [None if g is None else (g * scale.to(g.dtype)) for g in ctx.saved_grads]
-            ctx.saved_grads = None
         else:
             query, key, hard_negatives, positive, labels, key_labels = ctx.saved_tensors
             options = ctx.options
