@@ -1,7 +1,11 @@
 import os
 
-import pytest
-import torch
+# Busy-waiting OpenMP threads (torch's and the native module's) starve each other on a
+# loaded 2-core CI machine; passive waiting keeps the test run's time predictable.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

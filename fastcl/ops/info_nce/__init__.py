@@ -17,11 +17,10 @@ import torch
 from ..._native import backends as _backends
 from ..._native import native_module, warn_once
 from . import naive
-from .function import InfoNCEFunction
+from .op import info_nce_op
 from .options import MASK, check_embeddings, check_info_nce_args, check_same_device
-from .chunked import torch_row_kernel
 
-__all__ = ["info_nce", "clip_loss", "nt_xent", "InfoNCEFunction", "resolve_backend"]
+__all__ = ["info_nce", "clip_loss", "nt_xent", "resolve_backend"]
 
 # Backends implemented for this op beyond the always-present naive/torch; GPU modules add
 # themselves here (name -> callable with the signature of _run_chunked).
@@ -55,14 +54,6 @@ def resolve_backend(backend: str, device: torch.device, extra_backends=None) -> 
     if backend in ("triton", "cuda") and backend not in extra:
         raise RuntimeError(f"backend={backend!r} has no kernels for this op in this build")
     return backend
-
-
-def _row_kernel(backend: str):
-    if backend == "cpu":
-        from .native import native_row_kernel
-
-        return native_row_kernel
-    return torch_row_kernel
 
 
 def info_nce(
@@ -132,8 +123,7 @@ def info_nce(
         )
     if chosen in EXTRA_BACKENDS:
         return EXTRA_BACKENDS[chosen](query, key, hard_negatives, temperature, positive, labels, key_labels, options)
-    return InfoNCEFunction.apply(query, key, hard_negatives, temperature, positive, labels, key_labels,
-                                 options, _row_kernel(chosen))
+    return info_nce_op(query, key, hard_negatives, temperature, positive, labels, key_labels, options, chosen)
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, *, backend: str = "auto") -> torch.Tensor:

@@ -123,67 +123,50 @@ def _gradients(prepared: _Prepared, options: InfoNCEOptions, row_kernel: RowKern
     return losses, dq, dk, dh, dtemp
 
 
-class InfoNCEFunction(torch.autograd.Function):
-    """Chunked InfoNCE with a pluggable row kernel (PyTorch ops or native C++)."""
-
-    @staticmethod
-    def forward(ctx, query, key, hard_negatives, temperature, positive, labels, key_labels,
-                options: InfoNCEOptions, row_kernel: RowKernel):
-        if isinstance(temperature, torch.Tensor):
-            inv_temperature = 1.0 / float(temperature.detach().reshape(()))
+def chunked_forward(query, key, hard_negatives, temperature: torch.Tensor, positive, labels, key_labels,
+                    options: InfoNCEOptions, row_kernel: RowKernel, compute_grads: bool):
+    """Loss and, when ``compute_grads``, the gradients of the (scalar) loss wrt
+    (query, key, hard_negatives, temperature), computed during this forward pass."""
+    inv_temperature = 1.0 / float(temperature.detach().reshape(()))
+    with torch.no_grad():
+        prepared = _Prepared(query, key, hard_negatives, positive, labels, key_labels, options)
+        if compute_grads:
+            losses, dq, dk, dh, dtemp = _gradients(prepared, options, row_kernel, inv_temperature, None)
+            grads = _input_gradients(prepared, dq, dk, dh, dtemp, inv_temperature, query, key, hard_negatives, temperature)
         else:
-            inv_temperature = 1.0 / float(temperature)
-        needs = ctx.needs_input_grad
-        wants_grad = any(needs[:4])  # False under no_grad: apply() sets it from the grad mode
-        ctx.options = options
-        ctx.row_kernel = row_kernel
-        ctx.inv_temperature = inv_temperature
-        ctx.temperature_meta = (temperature.shape, temperature.dtype, temperature.device) if isinstance(temperature, torch.Tensor) else None
-        ctx.input_dtypes = (query.dtype, key.dtype, hard_negatives.dtype if hard_negatives is not None else None)
-        with torch.no_grad():
-            prepared = _Prepared(query, key, hard_negatives, positive, labels, key_labels, options)
-            if wants_grad and options.reduction != "none":
-                # Gradients during the forward pass: backward() only scales them.
-                losses, dq, dk, dh, dtemp = _gradients(prepared, options, row_kernel, inv_temperature, None)
-                ctx.fused = True
-                ctx.saved_grads = _input_gradients(prepared, dq, dk, dh, dtemp, inv_temperature, ctx)
-            else:
-                losses = [run_direction(d, options, inv_temperature, row_kernel, None)[0] for d in prepared.directions]
-                ctx.fused = False
-                if wants_grad:
-                    ctx.save_for_backward(query, key, hard_negatives, positive, labels, key_labels)
-            result = _reduce(losses, prepared.directions, options.reduction)
-        return result
+            losses = [run_direction(d, options, inv_temperature, row_kernel, None)[0] for d in prepared.directions]
+            grads = None
+        return _reduce(losses, prepared.directions, options.reduction), grads
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        if ctx.fused:
-            scale = grad_output.reshape(())
-            grads = [None if g is None else (g * scale.to(g.dtype)) for g in ctx.saved_grads]
+
+def chunked_backward(query, key, hard_negatives, temperature: torch.Tensor, positive, labels, key_labels,
+                     options: InfoNCEOptions, row_kernel: RowKernel, grad_output: torch.Tensor):
+    """Gradients wrt (query, key, hard_negatives, temperature) given dL_total/dloss: recomputes
+    the similarity blocks (used when the loss is per row, ``reduction="none"``)."""
+    inv_temperature = 1.0 / float(temperature.detach().reshape(()))
+    with torch.no_grad():
+        prepared = _Prepared(query, key, hard_negatives, positive, labels, key_labels, options)
+        grad_rows = grad_output.to(prepared.q.dtype).expand(query.shape[0]) if options.reduction == "none" else None
+        if grad_rows is None:  # scalar loss: gradients of the unit loss, scaled
+            _, dq, dk, dh, dtemp = _gradients(prepared, options, row_kernel, inv_temperature, None)
+            scale = grad_output.to(prepared.q.dtype).reshape(())
+            dq, dk, dtemp = dq * scale, dk * scale, dtemp * scale
+            dh = dh * scale if dh is not None else None
         else:
-            query, key, hard_negatives, positive, labels, key_labels = ctx.saved_tensors
-            options = ctx.options
-            with torch.no_grad():
-                prepared = _Prepared(query, key, hard_negatives, positive, labels, key_labels, options)
-                _, dq, dk, dh, dtemp = _gradients(prepared, options, ctx.row_kernel, ctx.inv_temperature,
-                                                  grad_output.to(prepared.q.dtype))
-                grads = list(_input_gradients(prepared, dq, dk, dh, dtemp, ctx.inv_temperature, ctx))
-        needs = ctx.needs_input_grad
-        grads = [g if needs[i] else None for i, g in enumerate(grads)]
-        return (*grads, None, None, None, None, None)
+            _, dq, dk, dh, dtemp = _gradients(prepared, options, row_kernel, inv_temperature, grad_rows)
+        return _input_gradients(prepared, dq, dk, dh, dtemp, inv_temperature, query, key, hard_negatives, temperature)
 
 
-def _input_gradients(prepared: _Prepared, dq, dk, dh, dtemp, inv_temperature, ctx) -> Tuple:
+def _input_gradients(prepared: _Prepared, dq, dk, dh, dtemp, inv_temperature, query, key, hard_negatives,
+                     temperature) -> Tuple:
     """Gradients wrt the user's tensors: through the normalization, back to their dtypes."""
-    q_dtype, k_dtype, h_dtype = ctx.input_dtypes
-    grad_q = _normalize_backward(dq, prepared.q, prepared.q_norm).to(q_dtype)
-    grad_k = _normalize_backward(dk, prepared.k, prepared.k_norm).to(k_dtype)
+    grad_q = _normalize_backward(dq, prepared.q, prepared.q_norm).to(query.dtype)
+    grad_k = _normalize_backward(dk, prepared.k, prepared.k_norm).to(key.dtype)
     grad_h = None
     if dh is not None:
-        grad_h = _normalize_backward(dh, prepared.h, prepared.h_norm).to(h_dtype)
-    grad_temperature = None
-    if ctx.temperature_meta is not None:
-        # dL/dtau = sum_ij dL/ds_ij * (-raw_ij / tau^2); dtemp already holds sum dL/draw_ij * raw_ij
-        shape, dtype, device = ctx.temperature_meta
-        grad_temperature = (-dtemp * inv_temperature).to(device=device, dtype=dtype).reshape(shape)
-    return grad_q, grad_k, grad_h, grad_temperature
+        grad_h = _normalize_backward(dh, prepared.h, prepared.h_norm).to(hard_negatives.dtype)
+    elif hard_negatives is not None:  # H = 0
+        grad_h = torch.zeros_like(hard_negatives)
+    # dL/dtau = sum_ij dL/ds_ij * (-raw_ij / tau^2); dtemp holds sum dL/draw_ij * raw_ij
+    grad_temperature = (-dtemp * inv_temperature).to(device=temperature.device, dtype=temperature.dtype)
+    return grad_q, grad_k, grad_h, grad_temperature.reshape(temperature.shape)

@@ -1,0 +1,129 @@
+"""InfoNCE registered as ``torch.library`` custom ops, so ``torch.compile(fullgraph=True)``
+traces through ``fastcl.info_nce`` without graph breaks.
+
+``fastcl::info_nce_forward`` returns the loss and, when asked, the gradients of the scalar loss
+(computed during the forward pass); autograd then only scales them. ``fastcl::info_nce_backward``
+recomputes the similarity blocks for a per-row loss (``reduction="none"``). Both take the
+static options as plain arguments and dispatch to the chunked driver with the PyTorch or the
+native CPU row kernel.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .chunked import torch_row_kernel
+from .function import chunked_backward, chunked_forward
+from .options import InfoNCEOptions
+
+
+def _row_kernel(backend: str):
+    if backend == "cpu":
+        from .native import native_row_kernel
+
+        return native_row_kernel
+    return torch_row_kernel
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty((0,))
+
+
+def _loss_like(query: Tensor, reduction: str) -> Tensor:
+    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    shape = (query.shape[0],) if reduction == "none" else ()
+    return query.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("fastcl::info_nce_forward", mutates_args=())
+def info_nce_forward(
+    query: Tensor, key: Tensor, hard_negatives: Optional[Tensor], temperature: Tensor,
+    positive: Optional[Tensor], labels: Optional[Tensor], key_labels: Optional[Tensor],
+    normalize: bool, symmetric: bool, exclude_self: bool, multi_positive: str, margin: Optional[float],
+    label_smoothing: float, reduction: str, backend: str, compute_grads: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    options = InfoNCEOptions(normalize, symmetric, exclude_self, multi_positive, margin, label_smoothing, reduction)
+    loss, grads = chunked_forward(query, key, hard_negatives, temperature, positive, labels, key_labels, options,
+                                  _row_kernel(backend), compute_grads)
+    if grads is None:
+        return loss, _empty(query), _empty(key), _empty(query), _empty(temperature)
+    grad_q, grad_k, grad_h, grad_t = grads
+    return loss, grad_q, grad_k, grad_h if grad_h is not None else _empty(query), grad_t
+
+
+@info_nce_forward.register_fake
+def _(query, key, hard_negatives, temperature, positive, labels, key_labels, normalize, symmetric, exclude_self,
+      multi_positive, margin, label_smoothing, reduction, backend, compute_grads):
+    loss = _loss_like(query, reduction)
+    if not compute_grads:
+        return loss, _empty(query), _empty(key), _empty(query), _empty(temperature)
+    grad_h = torch.empty_like(hard_negatives) if hard_negatives is not None else _empty(query)
+    return loss, torch.empty_like(query), torch.empty_like(key), grad_h, torch.empty_like(temperature)
+
+
+@torch.library.custom_op("fastcl::info_nce_backward", mutates_args=())
+def info_nce_backward(
+    query: Tensor, key: Tensor, hard_negatives: Optional[Tensor], temperature: Tensor,
+    positive: Optional[Tensor], labels: Optional[Tensor], key_labels: Optional[Tensor], grad_output: Tensor,
+    normalize: bool, symmetric: bool, exclude_self: bool, multi_positive: str, margin: Optional[float],
+    label_smoothing: float, reduction: str, backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    options = InfoNCEOptions(normalize, symmetric, exclude_self, multi_positive, margin, label_smoothing, reduction)
+    grad_q, grad_k, grad_h, grad_t = chunked_backward(query, key, hard_negatives, temperature, positive, labels,
+                                                      key_labels, options, _row_kernel(backend), grad_output)
+    return grad_q, grad_k, grad_h if grad_h is not None else _empty(query), grad_t
+
+
+@info_nce_backward.register_fake
+def _(query, key, hard_negatives, temperature, positive, labels, key_labels, grad_output, normalize, symmetric,
+      exclude_self, multi_positive, margin, label_smoothing, reduction, backend):
+    grad_h = torch.empty_like(hard_negatives) if hard_negatives is not None else _empty(query)
+    return torch.empty_like(query), torch.empty_like(key), grad_h, torch.empty_like(temperature)
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, hard_negatives, temperature, positive, labels, key_labels = inputs[:7]
+    ctx.static = inputs[7:15]
+    ctx.fused = inputs[15]
+    ctx.has_hard = hard_negatives is not None
+    if ctx.fused:
+        ctx.save_for_backward(*output[1:])
+    else:
+        ctx.save_for_backward(query, key, hard_negatives, temperature, positive, labels, key_labels)
+
+
+def _backward(ctx, grad_loss, *_unused_grads_of_gradients):
+    if ctx.fused:
+        grad_q, grad_k, grad_h, grad_t = ctx.saved_tensors
+        scale = grad_loss.reshape(())
+        grads = [grad_q * scale.to(grad_q.dtype), grad_k * scale.to(grad_k.dtype),
+                 grad_h * scale.to(grad_h.dtype) if ctx.has_hard else None,
+                 grad_t * scale.to(device=grad_t.device, dtype=grad_t.dtype)]
+    else:
+        query, key, hard_negatives, temperature, positive, labels, key_labels = ctx.saved_tensors
+        grads = list(info_nce_backward(query, key, hard_negatives, temperature, positive, labels, key_labels,
+                                       grad_loss, *ctx.static))
+        if not ctx.has_hard:
+            grads[2] = None
+    return (*grads, *([None] * 12))
+
+
+info_nce_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def info_nce_op(query, key, hard_negatives, temperature, positive, labels, key_labels, options: InfoNCEOptions,
+                backend: str) -> Tensor:
+    """Run the registered op; gradients are computed in the forward pass when they will be needed."""
+    if not isinstance(temperature, Tensor):
+        temperature = torch.tensor(float(temperature), dtype=torch.float32)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (query, key, hard_negatives, temperature))
+    compute_grads = needs_grad and options.reduction != "none"
+    result = torch.ops.fastcl.info_nce_forward(
+        query, key, hard_negatives, temperature, positive, labels, key_labels,
+        options.normalize, options.symmetric, options.exclude_self, options.multi_positive, options.margin,
+        options.label_smoothing, options.reduction, backend, compute_grads,
+    )
+    return result[0]

@@ -1,0 +1,53 @@
+"""torch.compile(fullgraph=True) through fastcl.info_nce, and torch.library.opcheck of the ops."""
+import pytest
+import torch
+
+import fastcl
+from fastcl.ops.info_nce import naive
+
+BACKENDS = ["torch"] + (["cpu"] if fastcl.backends()["cpu"].available else [])
+
+
+def _loss(query, key, hard, temperature, backend):
+    return (fastcl.info_nce(query, key, hard_negatives=hard, temperature=temperature, normalize=True, backend=backend)
+            + fastcl.info_nce(query, key, temperature=0.2, symmetric=True, reduction="none", backend=backend).sum() * 0.1)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_matches_eager(backend, compiler):
+    torch._dynamo.reset()
+    query, key, hard = torch.randn(12, 8), torch.randn(15, 8), torch.randn(12, 2, 8)
+    outputs = []
+    for fn in (_loss, torch.compile(_loss, fullgraph=True, backend=compiler)):
+        tensors = [t.clone().requires_grad_() for t in (query, key, hard)]
+        temperature = torch.tensor(0.1, requires_grad=True)
+        loss = fn(*tensors, temperature, backend)
+        loss.backward()
+        outputs.append((loss.detach(), [t.grad for t in tensors] + [temperature.grad]))
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = outputs
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want)
+    # and the eager value is the reference value
+    expected = (naive.info_nce(query, key, hard_negatives=hard, temperature=0.1, normalize=True)
+                + naive.info_nce(query, key, temperature=0.2, symmetric=True, reduction="none").sum() * 0.1)
+    torch.testing.assert_close(eager_loss, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("compute_grads,reduction", [(True, "mean"), (False, "none"), (False, "sum")])
+def test_opcheck(backend, compute_grads, reduction):
+    query = torch.randn(6, 5, requires_grad=True)
+    key = torch.randn(7, 5, requires_grad=True)
+    hard = torch.randn(6, 2, 5, requires_grad=True)
+    temperature = torch.tensor(0.3, requires_grad=True)
+    labels, key_labels = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    args = (query, key, hard, temperature, None, labels, key_labels, True, False, False, "mask", 0.5, 0.1, reduction,
+            backend, compute_grads)
+    torch.library.opcheck(torch.ops.fastcl.info_nce_forward.default, args)
+    grad_output = torch.rand(6) if reduction == "none" else torch.tensor(1.5)
+    back_args = (query.detach(), key.detach(), hard.detach(), temperature.detach(), None, labels, key_labels,
+                 grad_output, True, False, False, "mask", 0.5, 0.1, reduction, backend)
+    torch.library.opcheck(torch.ops.fastcl.info_nce_backward.default, back_args,
+                          test_utils=("test_schema", "test_faketensor"))
