@@ -251,4 +251,10 @@ def run_suites(suites, device: str, full: bool, out_dir: str, timeout: float = 6
         note = plot(rows, os.path.join(out_dir, f"{suite.SUITE}.png"), f"{suite.SUITE} on {device_name(device)}")
         if note:
             print(note)
+        if hasattr(suite, "summarize"):
+            summary = suite.summarize(rows, device)
+            if summary:
+                print(summary)
+                with open(os.path.join(out_dir, f"{suite.SUITE}_summary.txt"), "a") as f:
+                    f.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} on {device_name(device)}\n{summary}\n")
     return results

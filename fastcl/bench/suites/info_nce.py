@@ -77,7 +77,7 @@ def cases(device: str, full: bool):
                     continue
                 for provider in providers:
                     skip = None
-                    if provider == "naive" and 3 * batch * batch * 4 > 0.6 * _available_bytes(device):
+                    if provider == "naive" and 3 * batch * batch * 4 > 0.4 * _available_bytes(device):
                         skip = f"needs ~{3 * batch * batch * 4 / 2**30:.0f} GiB for the logits"
                     if provider == "torch" and device == "cpu" and batch > 16384:
                         skip = "pure-PyTorch path is slow at this size on CPU; see the native row"
@@ -85,3 +85,29 @@ def cases(device: str, full: bool):
                                     {"batch": batch, "dim": dim, "dtype": "float32", "symmetric": symmetric},
                                     x=batch, skip=skip, repeats=3 if batch <= 8192 else 1))
     return out
+
+
+def summarize(rows, device):
+    """Goal checks: time and memory ratios at B=8192, growth exponent of memory over B."""
+    import math
+
+    ok = {(m.provider, m.params["batch"], m.params["dim"], m.params["symmetric"]): m for m in rows if m.status == "ok"}
+    lines = []
+    for provider in sorted({m.provider for m in rows} - {BASELINE}):
+        for (dim, symmetric) in sorted({(m.params["dim"], m.params["symmetric"]) for m in rows}):
+            label = f"{provider} D={dim} {'clip' if symmetric else 'info_nce'}"
+            ours = ok.get((provider, 8192, dim, symmetric))
+            base = ok.get((BASELINE, 8192, dim, symmetric))
+            if ours and base:
+                lines.append(f"{label}: B=8192 time {ours.time_ms / base.time_ms:.2f}x naive, "
+                             f"peak extra memory {ours.peak_mb / base.peak_mb:.3f}x naive ({ours.peak_mb:.0f} MB vs {base.peak_mb:.0f} MB)")
+            points = sorted((m.params["batch"], m.peak_mb) for (p, b, d, s), m in ok.items()
+                            if p == provider and d == dim and s == symmetric and b >= 4096 and m.peak_mb > 0)
+            if len(points) >= 2:
+                xs = [math.log(b) for b, _ in points]
+                ys = [math.log(mb) for _, mb in points]
+                mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+                slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+                lines.append(f"{label}: peak memory ~ B^{slope:.2f} over B = {points[0][0]}..{points[-1][0]} "
+                             f"(largest: {points[-1][1]:.0f} MB at B={points[-1][0]})")
+    return "\n".join(lines)
