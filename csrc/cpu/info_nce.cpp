@@ -66,7 +66,6 @@ struct RowProblem {
   T inv_temperature;
   int mode;
   const int64_t* positive;
-  const T* positive_raw;
   bool has_margin;
   T margin;
   const int64_t* anchor_labels;
@@ -94,7 +93,9 @@ void mask_row(const RowProblem<T>& p, int64_t r) {
   const T s_pos = keys[pos] * inv_t;
   const bool plain = !p.self_excluded && !p.anchor_labels && !p.has_margin;
   T threshold = std::numeric_limits<T>::infinity();
-  if (p.has_margin) threshold = p.positive_raw[g] - p.margin;
+  // the positive's similarity from this same block, so the strict ">" compares numbers
+  // computed the same way
+  if (p.has_margin) threshold = keys[pos] - p.margin;
 
   // Pass 1: scores, masks, max, candidate count and sum.
   T row_max = neg_inf, count = 0, score_sum = 0;
@@ -343,7 +344,7 @@ template <typename T>
 void info_nce_rows(std::uintptr_t similarity, int64_t ld_similarity, int64_t rows, int64_t cols,
                    std::uintptr_t private_similarity, int64_t ld_private, int64_t private_cols,
                    int64_t row0, double inv_temperature, int mode, std::uintptr_t positive,
-                   std::uintptr_t positive_raw, bool has_margin, double margin,
+                   bool has_margin, double margin,
                    std::uintptr_t anchor_labels, std::uintptr_t candidate_labels,
                    std::uintptr_t num_positive, double label_smoothing, bool self_excluded,
                    std::uintptr_t weights, std::uintptr_t loss_out, std::uintptr_t lse_out,
@@ -358,7 +359,6 @@ void info_nce_rows(std::uintptr_t similarity, int64_t ld_similarity, int64_t row
                   static_cast<T>(inv_temperature),
                   mode,
                   ptr<const int64_t>(positive),
-                  ptr<const T>(positive_raw),
                   has_margin,
                   static_cast<T>(margin),
                   ptr<const int64_t>(anchor_labels),
@@ -371,8 +371,6 @@ void info_nce_rows(std::uintptr_t similarity, int64_t ld_similarity, int64_t row
                   ptr<T>(lse_out),
                   ptr<T>(dtemp_out)};
   if (mode == kMask && !p.positive) throw std::invalid_argument("info_nce_rows: mode 'mask' needs positive");
-  if (mode == kMask && has_margin && !p.positive_raw)
-    throw std::invalid_argument("info_nce_rows: a margin needs positive_raw");
   if (mode != kMask && (!p.anchor_labels || !p.candidate_labels || !p.num_positive))
     throw std::invalid_argument("info_nce_rows: modes 'supcon'/'pairwise' need labels and num_positive");
   if (mode < kMask || mode > kPairwise) throw std::invalid_argument("info_nce_rows: unknown mode");
@@ -390,14 +388,14 @@ FASTCL_REGISTER(info_nce_cpu) {
   m.def("info_nce_rows_f32", &info_nce_rows<float>, doc, py::arg("similarity"), py::arg("ld_similarity"),
         py::arg("rows"), py::arg("cols"), py::arg("private_similarity"), py::arg("ld_private"),
         py::arg("private_cols"), py::arg("row0"), py::arg("inv_temperature"), py::arg("mode"),
-        py::arg("positive"), py::arg("positive_raw"), py::arg("has_margin"), py::arg("margin"),
+        py::arg("positive"), py::arg("has_margin"), py::arg("margin"),
         py::arg("anchor_labels"), py::arg("candidate_labels"), py::arg("num_positive"),
         py::arg("label_smoothing"), py::arg("self_excluded"), py::arg("weights"), py::arg("loss_out"),
         py::arg("lse_out"), py::arg("dtemp_out"), py::arg("num_threads"));
   m.def("info_nce_rows_f64", &info_nce_rows<double>, doc, py::arg("similarity"), py::arg("ld_similarity"),
         py::arg("rows"), py::arg("cols"), py::arg("private_similarity"), py::arg("ld_private"),
         py::arg("private_cols"), py::arg("row0"), py::arg("inv_temperature"), py::arg("mode"),
-        py::arg("positive"), py::arg("positive_raw"), py::arg("has_margin"), py::arg("margin"),
+        py::arg("positive"), py::arg("has_margin"), py::arg("margin"),
         py::arg("anchor_labels"), py::arg("candidate_labels"), py::arg("num_positive"),
         py::arg("label_smoothing"), py::arg("self_excluded"), py::arg("weights"), py::arg("loss_out"),
         py::arg("lse_out"), py::arg("dtemp_out"), py::arg("num_threads"));

@@ -42,7 +42,7 @@ def problems(draw):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=problems(), block_rows=st.sampled_from([None, "1", "3"]))
 def test_random_problems_match_naive(backend, problem, block_rows):
     query, key, kwargs = problem

@@ -40,7 +40,6 @@ class Direction:
     candidates: torch.Tensor
     private: Optional[torch.Tensor]
     positive: Optional[torch.Tensor]  # (R,) int64, "mask" mode
-    positive_raw: Optional[torch.Tensor]  # (R,) similarity to the positive, for the margin
     anchor_labels: Optional[torch.Tensor]
     candidate_labels: Optional[torch.Tensor]
     num_positive: Optional[torch.Tensor]  # (R,) int64, "supcon" / "pairwise"
@@ -112,7 +111,9 @@ def torch_row_kernel(
         if same_label is not None:
             candidate &= ~(same_label & ~is_positive)
         if options.margin is not None:
-            threshold = direction.positive_raw[row0:row0 + rows, None] - options.margin
+            # the positive's similarity from this same block, so the strict ">" compares
+            # numbers computed the same way
+            threshold = raw_all.gather(1, positive[:, None]) - options.margin
             candidate &= ~((raw_all > threshold) & ~is_positive)
         masked = torch.where(candidate, scores, neg_inf)
         lse = torch.logsumexp(masked, dim=1)

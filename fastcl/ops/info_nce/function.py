@@ -62,19 +62,15 @@ class _Prepared:
     @staticmethod
     def _direction(anchors, candidates, private, positive, anchor_labels, candidate_labels, options) -> Direction:
         rows = anchors.shape[0]
-        positive_raw = None
         num_positive = None
         divisor = float(rows)
-        if options.multi_positive == MASK:
-            if options.margin is not None:
-                positive_raw = (anchors * candidates[positive]).sum(-1)
-        else:
+        if options.multi_positive != MASK:
             num_positive = count_positives(anchor_labels, candidate_labels, options.exclude_self)
             if options.multi_positive == SUPCON:
                 divisor = float((num_positive > 0).sum())
             else:
                 divisor = float(num_positive.sum())
-        return Direction(anchors, candidates, private, positive, positive_raw, anchor_labels,
+        return Direction(anchors, candidates, private, positive, anchor_labels,
                          candidate_labels, num_positive, divisor, options.exclude_self)
 
 

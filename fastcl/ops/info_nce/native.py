@@ -47,7 +47,6 @@ def native_row_kernel(similarity, private_similarity, row0: int, direction: Dire
     dtemp = torch.zeros(rows, dtype=dtype)
     # Per-row vectors are indexed by global row inside the kernel; keep references alive.
     positive = _contiguous(direction.positive)
-    positive_raw = _contiguous(direction.positive_raw)
     anchor_labels = _contiguous(direction.anchor_labels)
     candidate_labels = _contiguous(direction.candidate_labels)
     num_positive = _contiguous(direction.num_positive)
@@ -57,7 +56,7 @@ def native_row_kernel(similarity, private_similarity, row0: int, direction: Dire
         similarity=similarity.data_ptr(), ld_similarity=similarity.stride(0), rows=rows, cols=cols,
         private_similarity=_address(private_similarity), ld_private=ld_private, private_cols=private_cols,
         row0=row0, inv_temperature=inv_temperature, mode=_MODES[options.multi_positive],
-        positive=_address(positive), positive_raw=_address(positive_raw),
+        positive=_address(positive),
         has_margin=options.margin is not None, margin=options.margin if options.margin is not None else 0.0,
         anchor_labels=_address(anchor_labels), candidate_labels=_address(candidate_labels),
         num_positive=_address(num_positive), label_smoothing=options.label_smoothing,
