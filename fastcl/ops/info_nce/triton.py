@@ -723,8 +723,8 @@ class InfoNCETritonFunction(torch.autograd.Function):
                 results, dtemp = _run_backward(forward, options, ctx.inv_temperature, weights)
                 grads = list(_input_gradients(forward.directions, results, dtemp, ctx.inv_temperature,
                                               forward.inputs, ctx.temperature_meta))
-        ctx.saved_grads = None
-        ctx.forward_state = None
+        # saved state is kept (not cleared) so that retain_graph=True allows a second backward;
+        # it goes away with the graph
         grads = [g if ctx.needs_input_grad[i] else None for i, g in enumerate(grads)]
         return (*grads, None, None, None, None)
 

@@ -109,7 +109,6 @@ class SigLipTritonFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         scale = grad_output.reshape(())
         grads = [None if g is None else g * scale.to(device=g.device, dtype=g.dtype) for g in ctx.saved_grads]
-        ctx.saved_grads = None
         return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
 
 
