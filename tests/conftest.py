@@ -1,7 +1,14 @@
 import os
+import sys
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run in Triton's CPU interpreter. The variable must be set
+# before triton is first imported (the interpreter hooks into triton.language at import), so
+# it is set here, when pytest loads this file, before any test module imports anything.
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
