@@ -91,9 +91,16 @@ def _materialize(options, sizes, device):
     return options
 
 
+# Every case in bfloat16, the two main ones in every dtype: each (options, dtype) pair is one
+# more Triton compilation, and the interpreter tests already cover every dtype x option sample.
+TRITON_GPU_PARAMS = [(case, torch.bfloat16) for case in GPU_CASES + TRITON_ONLY_CASES] + [
+    (case, dtype) for case in GPU_CASES[:2] for dtype in (torch.float32, torch.float16)
+]
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("case", GPU_CASES + TRITON_ONLY_CASES, ids=[c[0] for c in GPU_CASES + TRITON_ONLY_CASES])
+@pytest.mark.parametrize("case,dtype", TRITON_GPU_PARAMS,
+                         ids=[f"{c[0]}-{str(d).replace('torch.', '')}" for c, d in TRITON_GPU_PARAMS])
 def test_triton_on_gpu_matches_naive(case, dtype):
     if not fastcl.backends()["triton"].available:
         pytest.skip(fastcl.backends()["triton"].reason)

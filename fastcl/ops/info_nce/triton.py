@@ -183,7 +183,7 @@ def info_nce_fwd_kernel_rows(
     negative_lse = tl.load(row_stats_ptr + rows * 4, mask=row_valid, other=0.0) if STAGE == 2 else rows * 0.0
 
     for n0 in range(0, num_candidates, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
+        cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # 64-bit offsets: N * D may pass 2^31
         col_valid = cols < num_candidates
         raw = tile_similarity(anchor_ptr, candidate_ptr, rows, cols, row_valid, col_valid, dim,
                               CAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
@@ -296,7 +296,7 @@ def info_nce_bwd_kernel_rows(
     element = anchor_ptr.dtype.element_ty
 
     for n0 in range(0, num_candidates, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
+        cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # 64-bit offsets: N * D may pass 2^31
         col_valid = cols < num_candidates
         raw = tile_similarity(anchor_ptr, candidate_ptr, rows, cols, row_valid, col_valid, dim,
                               CAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)

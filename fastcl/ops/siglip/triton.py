@@ -39,7 +39,7 @@ def siglip_fwd_kernel_rows(
     d_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
     element = image_ptr.dtype.element_ty
     for n0 in range(0, batch, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
+        cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # 64-bit offsets: N * D may pass 2^31
         col_valid = cols < batch
         raw = tile_similarity(image_ptr, text_ptr, rows, cols, row_valid, col_valid, dim,
                               CAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
