@@ -278,6 +278,9 @@ dim3 grid_for(const InfoNCEProblem& p) { return dim3(static_cast<unsigned>((p.ba
 void info_nce_forward(const InfoNCEProblem& p, std::uintptr_t row_stats, std::uintptr_t column_shift,
                       std::uintptr_t column_sums) {
   check_problem(p);
+  if (row_stats == 0) throw std::invalid_argument("info_nce CUDA forward: null row_stats");
+  if (p.column_anchors > 0 && (column_shift == 0 || column_sums == 0))
+    throw std::invalid_argument("info_nce CUDA forward: column_anchors > 0 needs column_shift and column_sums");
   auto stream = reinterpret_cast<cudaStream_t>(p.stream);
   auto* stats = reinterpret_cast<float*>(row_stats);
   auto* shift = reinterpret_cast<const float*>(column_shift);
@@ -300,6 +303,11 @@ void info_nce_backward(const InfoNCEProblem& p, std::uintptr_t row_stats, std::u
                        std::uintptr_t column_lse, std::uintptr_t column_weight, std::uintptr_t d_query,
                        std::uintptr_t d_key, std::uintptr_t d_hard, std::uintptr_t dtemp) {
   check_problem(p);
+  if (row_stats == 0 || row_weight == 0 || d_query == 0 || d_key == 0 || dtemp == 0)
+    throw std::invalid_argument("info_nce CUDA backward: null statistics or gradient buffer");
+  if (p.num_hard > 0 && d_hard == 0) throw std::invalid_argument("info_nce CUDA backward: hard negatives need d_hard");
+  if (p.column_anchors > 0 && (column_lse == 0 || column_weight == 0))
+    throw std::invalid_argument("info_nce CUDA backward: column_anchors > 0 needs column_lse and column_weight");
   auto stream = reinterpret_cast<cudaStream_t>(p.stream);
   auto* stats = reinterpret_cast<const float*>(row_stats);
   auto* weights = reinterpret_cast<const float*>(row_weight);

@@ -72,13 +72,14 @@ def dot_settings(tensor: torch.Tensor):
     CAST_DOT: the interpreter's ``tl.dot`` returns garbage for bfloat16 operands (loads are
     fine), so on CPU tensors operands are widened to float32 before each product. On the GPU
     the product stays on the tensor cores in the input dtype. DOT_PRECISION follows torch's own
-    switch for float32 matrix products (TF32 only when the user allowed it).
+    switch for float32 matrix products (TF32 only when the user allowed it); the interpreter
+    always multiplies exactly.
     """
     cast = tensor.device.type == "cpu"
-    precision = "ieee"
-    if not cast and tensor.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        precision = "tf32"
-    return cast, precision
+    if cast or (tensor.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32):
+        return cast, "ieee"
+    # fp16 / bf16 operands: "tf32" is Triton's default on NVIDIA and only affects fp32 operands
+    return cast, "tf32"
 
 
 @triton.jit

@@ -187,6 +187,10 @@ def test_float64_runs_on_the_chunked_path():
     loss = fastcl.info_nce(**tensors, symmetric=True, backend="triton")
     assert loss.dtype == torch.float64
     assert_close(loss, naive.info_nce(**tensors, symmetric=True), 1e-12, "loss")
+    image, text = tensors["query"], tensors["key"][:9]
+    siglip = fastcl.siglip_loss(image, text, 5.0, -1.0, backend="triton")
+    assert siglip.dtype == torch.float64
+    assert_close(siglip, naive.siglip_loss(image, text, 5.0, -1.0), 1e-12, "siglip loss")
 
 
 def test_pinned_config_is_parsed_and_checked(monkeypatch):

@@ -33,3 +33,15 @@ def register_gpu_backends(extra_backends: dict) -> None:
         from .native_cuda import cuda_info_nce
 
         extra_backends["cuda"] = cuda_info_nce
+
+
+def chunked_info_nce(query, key, hard_negatives, temperature, positive, labels, key_labels, options):
+    """The same call on the chunked PyTorch path (float64 inputs of the GPU backends), through
+    the public function so it follows whatever that path is."""
+    from . import info_nce
+
+    return info_nce(query, key, positive=positive, hard_negatives=hard_negatives, temperature=temperature,
+                    normalize=options.normalize, symmetric=options.symmetric, exclude_self=options.exclude_self,
+                    labels=labels, key_labels=key_labels, multi_positive=options.multi_positive,
+                    false_negative_margin=options.margin, label_smoothing=options.label_smoothing,
+                    reduction=options.reduction, backend="torch")

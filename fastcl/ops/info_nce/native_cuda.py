@@ -24,8 +24,9 @@ from typing import Optional
 import torch
 
 from ..._native import native_module
-from .chunked import NORM_EPS, torch_row_kernel
-from .function import InfoNCEFunction, _normalize_backward
+from .chunked import NORM_EPS
+from .function import _normalize_backward
+from .gpu import chunked_info_nce
 from .options import MASK, InfoNCEOptions
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -239,8 +240,7 @@ def cuda_info_nce(query, key, hard_negatives, temperature, positive, labels, key
             "or 'torch'"
         )
     if query.dtype == torch.float64:
-        return InfoNCEFunction.apply(query, key, hard_negatives, temperature, positive, labels, key_labels,
-                                     options, torch_row_kernel)
+        return chunked_info_nce(query, key, hard_negatives, temperature, positive, labels, key_labels, options)
     if query.device.type != "cuda":
         raise ValueError(f"backend='cuda' runs on CUDA tensors, got query on {query.device}")
     return CudaInfoNCEFunction.apply(query, key, hard_negatives, temperature, positive, options)

@@ -43,8 +43,9 @@ import triton
 import triton.language as tl
 
 from ..triton_common import BACKWARD_CONFIGS, FORWARD_CONFIGS, configs, dot_settings, softplus, tile_similarity
-from .chunked import NORM_EPS, count_positives, torch_row_kernel
-from .function import InfoNCEFunction, _normalize_backward
+from .chunked import NORM_EPS, count_positives
+from .function import _normalize_backward
+from .gpu import chunked_info_nce
 from .options import MASK, PAIRWISE, SUPCON, InfoNCEOptions
 
 MODES = {MASK: 0, SUPCON: 1, PAIRWISE: 2}
@@ -527,11 +528,14 @@ def _run_forward(direction: _Direction, options: InfoNCEOptions, inv_temperature
         column_stats = torch.zeros(direction.fused_columns, 3, dtype=torch.float32, device=device)
     stages = (1, 2) if options.multi_positive == PAIRWISE else (1,)
     margin = options.margin if options.margin is not None else 0.0
+    # never alias row_stats here: the autotuner zeroes column_stats between trials, and the
+    # second pairwise stage reads row_stats
+    unused = torch.zeros(1, dtype=torch.float32, device=device)
     for stage in stages:
         info_nce_fwd_kernel_rows[_grid(rows)](
             *_pointers(direction), row_stats,
-            column_shift if column_shift is not None else row_stats,
-            column_stats if column_stats is not None else row_stats,
+            column_shift if column_shift is not None else unused,
+            column_stats if column_stats is not None else unused,
             *_sizes(direction), inv_temperature, margin, **_flags(direction, options, stage),
         )
     return row_stats, column_stats, column_shift
@@ -734,8 +738,7 @@ def triton_info_nce(query, key, hard_negatives, temperature, positive, labels, k
     """``info_nce(..., backend="triton")`` with validated arguments (see :mod:`fastcl.ops.info_nce`)."""
     if query.dtype == torch.float64:
         # float64 stays on the chunked path: same results, and Triton's fp64 products are slow.
-        return InfoNCEFunction.apply(query, key, hard_negatives, temperature, positive, labels, key_labels,
-                                     options, torch_row_kernel)
+        return chunked_info_nce(query, key, hard_negatives, temperature, positive, labels, key_labels, options)
     return _apply(query, key, hard_negatives, temperature, positive, labels, key_labels, options)
 
 

@@ -18,7 +18,6 @@ import triton
 import triton.language as tl
 
 from ..triton_common import FORWARD_CONFIGS, configs, dot_settings, softplus, tile_similarity
-from .chunked import SigLipFunction
 
 
 @triton.autotune(configs=configs(FORWARD_CONFIGS), key=["dim", "WITH_GRAD"], reset_to_zero=["d_image_ptr", "d_text_ptr"])
@@ -115,5 +114,7 @@ class SigLipTritonFunction(torch.autograd.Function):
 def triton_siglip_loss(image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
     """``siglip_loss(..., backend="triton")`` with validated arguments; float64 stays on the chunked path."""
     if image_features.dtype == torch.float64:
-        return SigLipFunction.apply(image_features, text_features, logit_scale, logit_bias)
+        from . import siglip_loss  # the public function: follows whatever the chunked path is
+
+        return siglip_loss(image_features, text_features, logit_scale, logit_bias, backend="torch")
     return SigLipTritonFunction.apply(image_features, text_features, logit_scale, logit_bias)
