@@ -113,6 +113,46 @@ def run_case(case, provider, batch, num_keys, dim, symmetric, repeats, dtype=tor
     return row
 
 
+def autotuned_parity(device="cuda", sizes=((4096, 4608), (2048, 2048)), dim=512):
+    """Loss and gradient errors of the *autotuned* Triton kernels against the naive reference.
+
+    The pytest run pins one tile configuration; this checks the path users get, where the
+    autotuner runs every candidate (and must reset the accumulators between trials)."""
+    import fastcl
+    from fastcl.ops.info_nce import naive
+
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    lines = []
+    cases = [
+        ("clip + extra keys, tensor temperature", *sizes[0], {"symmetric": True}, False),
+        ("pairwise labels + hard negatives", *sizes[1], {"multi_positive": "pairwise"}, True),
+    ]
+    for name, batch, num_keys, options, with_labels in cases:
+        query = torch.randn(batch, dim, generator=generator).div(dim**0.5).to(device, torch.bfloat16)
+        key = torch.randn(num_keys, dim, generator=generator).div(dim**0.5).to(device, torch.bfloat16)
+        extra = {}
+        if with_labels:
+            extra["labels"] = torch.randint(0, 64, (batch,), generator=generator).to(device)
+            extra["key_labels"] = torch.randint(0, 64, (num_keys,), generator=generator).to(device)
+            extra["hard_negatives"] = torch.randn(batch, 2, dim, generator=generator).div(dim**0.5).to(device, torch.bfloat16)
+        results = []
+        for which in ("triton", "naive"):
+            leaves = [query.clone().requires_grad_(), key.clone().requires_grad_()]
+            temperature = torch.tensor(0.05, device=device, requires_grad=True)
+            call = fastcl.info_nce if which == "triton" else naive.info_nce
+            kwargs = {"backend": "triton"} if which == "triton" else {}
+            loss = call(*leaves, temperature=temperature, **extra, **options, **kwargs)
+            grads = torch.autograd.grad(loss, leaves + [temperature])
+            results.append((loss.float(), [g.float() for g in grads]))
+        (loss, grads), (reference, reference_grads) = results
+        errors = [float((loss - reference).abs() / reference.abs().clamp_min(1e-6))]
+        errors += [float((g - r).abs().max() / r.abs().max().clamp_min(1e-12)) for g, r in zip(grads, reference_grads)]
+        lines.append(f"- autotuned triton vs naive, {name} (B={batch}, bf16): relative error loss {errors[0]:.1e}, "
+                     f"dquery {errors[1]:.1e}, dkey {errors[2]:.1e}, dtemperature {errors[3]:.1e}")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def available_providers():
     import fastcl
 
@@ -127,7 +167,7 @@ def available_providers():
     return providers
 
 
-def summary(rows, device_name, quick):
+def summary(rows, device_name, quick, parity_lines=()):
     def find(case, provider):
         for row in rows:
             if row["case"] == case and row["provider"] == provider and row["status"] == "ok":
@@ -161,6 +201,7 @@ def summary(rows, device_name, quick):
         bound = 2 * int(triton["batch"]) * int(triton["dim"]) * 4 / 2**20 + 16
         lines.append(f"- CLIP extra memory beyond inputs and grads (triton) = {beyond:.0f} MB (bound 2·B·D·4 B + 16 MB "
                      f"= {bound:.0f} MB): " + ("met" if beyond <= bound else "NOT met"))
+    lines += list(parity_lines)
     big = find("one_direction", "triton")
     lines.append("- one-direction B=1,048,576 D=512: " + (f"ran in {big['time_ms']} ms" if big else "did not run"))
     return "\n".join(lines) + "\n"
@@ -186,24 +227,43 @@ def main(argv=None):
     device_name = torch.cuda.get_device_name(0)
     providers = available_providers()
     clip_batch, big_batch = (8192, 65536) if args.quick else (65536, 1048576)
-    rows = []
-    for provider in providers:
-        rows.append(run_case("clip", provider, clip_batch, clip_batch, 512, True, repeats=3))
+    rows, parity_lines = [], []
+
+    def write_outputs():
+        # rewritten after every measurement: a run stopped by a time limit keeps what it measured
+        with open(os.path.join(args.out, "info_nce_gpu.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["device"] + list(rows[0]))
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({"device": device_name, **row})
+        text = summary(rows, device_name, args.quick, parity_lines)
+        with open(os.path.join(args.out, "info_nce_gpu.md"), "w") as f:
+            f.write(text)
+        return text
+
+    # most informative first: the headline comparison, the large run, then the other baselines
+    def clip(provider):
+        if provider in providers:
+            rows.append(run_case("clip", provider, clip_batch, clip_batch, 512, True, repeats=3))
+            write_outputs()
+
+    clip("triton")
+    clip("inf_cl")
     if "triton" in providers:
-        # autotune the one-direction kernels at a size where each trial takes milliseconds; the
-        # choice (keyed by dim and options) is then reused at the large size
+        # autotune the one-direction kernels where each trial takes milliseconds; the choice
+        # (keyed by dim and options) is then reused at the large size
         rows.append(run_case("one_direction", "triton", clip_batch, clip_batch, 512, False, repeats=3))
         rows.append(run_case("one_direction", "triton", big_batch, big_batch, 512, False, repeats=1))
-    path = os.path.join(args.out, "info_nce_gpu.csv")
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["device"] + list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({"device": device_name, **row})
-    text = summary(rows, device_name, args.quick)
-    with open(os.path.join(args.out, "info_nce_gpu.md"), "w") as f:
-        f.write(text)
-    print(text)
+        write_outputs()
+    clip("naive")
+    clip("cuda")
+    if "triton" in providers:
+        try:
+            parity_lines.extend(autotuned_parity())
+        except Exception as error:
+            parity_lines.append(f"- autotuned parity check failed: {type(error).__name__}: {error}")
+            traceback.print_exc()
+    print(write_outputs())
 
 
 if __name__ == "__main__":
