@@ -227,3 +227,27 @@ def test_siglip_matches_naive(dtype):
     assert_close(loss, expected, loss_tolerance, "loss")
     for name, grad, reference in zip(("dimage", "dtext", "dscale", "dbias"), grads, expected_grads):
         assert_close(grad, reference, grad_tolerance, name)
+
+
+@pytest.mark.parametrize("sizes,options", [((1, 3, 5, 0), {"symmetric": True}), ((6, 9, 17, 0), {"hard": 0})],
+                         ids=["single_row_symmetric", "zero_hard_negatives"])
+def test_degenerate_shapes(sizes, options):
+    batch, num_keys, dim, _ = sizes
+    options = dict(options)
+    tensors = make_inputs(torch.float32, batch, num_keys, dim, 0, 0)
+    if options.pop("hard", None) == 0:
+        tensors["hard_negatives"] = torch.zeros(batch, 0, dim, device=DEVICE)
+    results = []
+    for backend in ("triton", "naive"):
+        leaves = {name: t.clone().requires_grad_() for name, t in tensors.items()}
+        if backend == "triton":
+            loss = fastcl.info_nce(**leaves, backend="triton", **options)
+        else:
+            loss = naive.info_nce(**leaves, **options)
+        results.append((loss, torch.autograd.grad(loss, list(leaves.values()))))
+    (loss, grads), (expected, expected_grads) = results
+    assert_close(loss, expected, 1e-5, "loss")
+    for grad, reference in zip(grads, expected_grads):
+        assert grad.shape == reference.shape
+        if reference.numel():
+            assert_close(grad, reference, 1e-4, "gradient")
