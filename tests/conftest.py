@@ -1,4 +1,5 @@
 import os
+import sys
 
 # Busy-waiting OpenMP threads (torch's and the native module's) starve each other on a
 # loaded 2-core CI machine; passive waiting keeps the test run's time predictable.
@@ -6,6 +7,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Without a GPU, Triton kernels run in Triton's CPU interpreter. The variable must be set
+# before triton is first imported (the interpreter hooks into triton.language at import), so
+# it is set here, when pytest loads this file, before any test module imports anything.
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

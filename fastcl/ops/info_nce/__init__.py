@@ -25,6 +25,9 @@ __all__ = ["info_nce", "clip_loss", "nt_xent", "resolve_backend"]
 # Backends implemented for this op beyond the always-present naive/torch; GPU modules add
 # themselves here (name -> callable with the signature of _run_chunked).
 EXTRA_BACKENDS = {}
+from .gpu import register_gpu_backends  # noqa: E402  (needs EXTRA_BACKENDS defined)
+
+register_gpu_backends(EXTRA_BACKENDS)
 
 
 def resolve_backend(backend: str, device: torch.device, extra_backends=None) -> str:

@@ -18,6 +18,9 @@ __all__ = ["siglip_loss", "SigLipFunction"]
 
 # GPU modules add themselves here: name -> fn(image, text, logit_scale, logit_bias)
 EXTRA_BACKENDS = {}
+from .gpu import register_gpu_backends  # noqa: E402  (needs EXTRA_BACKENDS defined)
+
+register_gpu_backends(EXTRA_BACKENDS)
 
 
 def _check_scalar(name: str, value):

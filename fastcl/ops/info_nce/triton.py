@@ -1,0 +1,746 @@
+"""Triton kernels for InfoNCE: every option of :func:`fastcl.info_nce`, fp16/bf16/fp32 inputs.
+
+Maths (one *direction*: anchor rows a_i against candidates c_j and private hard negatives
+h_ih; s = a.c / tau, with a, c, h unit vectors when ``normalize``)::
+
+    mask:     L_i = LSE_{j in C_i} s_ij - (1 - eps) s_{i,pos(i)} - eps mean_{j in C_i} s_ij
+    supcon:   L_i = LSE_{j in C_i} s_ij - mean_{p in P_i} s_ip              (P_i: same label)
+    pairwise: L_i = sum_{p in P_i} softplus(LSE_{n in N_i} s_in - s_ip)      (N_i = C_i \\ P_i)
+
+    dL/ds_ij = w_i (softmax_ij - [j = pos(i)] ...);  da_i = sum_j g_ij c_j / tau,
+    dc_j = sum_i g_ij a_i / tau,  dtau = -sum_ij g_ij s_ij / tau
+
+Passes over the B x N tiles (never stored):
+
+* forward, one pass: an online max / sum per row gives LSE_i. For the symmetric (CLIP) loss
+  the *column* sums come out of the same pass: column j is shifted by its diagonal score
+  s_jj (always in column j's denominator, so the sum is >= 1 and cannot underflow) and the
+  per-tile column sums are added with atomics. Should a column overflow (some s_ij > s_jj + 88
+  in fp32), that direction alone is recomputed with an online max (a second pass, rare).
+  ``pairwise`` needs a second pass (its terms need the finished negative LSE).
+* backward, one pass: each program owns a block of rows, recomputes each tile, forms the
+  gradient of *both* directions for it, accumulates d(anchor) in its own rows and
+  d(candidate) with fp32 atomics; d(hard negatives) and dtau come out of the same pass.
+* for a scalar loss whose inputs need gradients the backward pass runs inside the forward
+  (``backward()`` only scales): the saved state is the gradients, not the inputs.
+
+Options covered by the fused kernels: everything. ``symmetric`` with ``supcon``/``pairwise``
+runs the row kernel once per direction (keys as anchors for the second) instead of fusing
+the columns. float64 inputs go to the chunked PyTorch path (Triton's float64 products are
+slow and the reference already runs in float64).
+
+Example::
+
+    >>> loss = fastcl.info_nce(q.cuda(), k.cuda(), symmetric=True, backend="triton")
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..triton_common import BACKWARD_CONFIGS, FORWARD_CONFIGS, configs, dot_settings, softplus, tile_similarity
+from .chunked import NORM_EPS, count_positives
+from .function import _normalize_backward
+from .gpu import chunked_info_nce
+from .options import MASK, PAIRWISE, SUPCON, InfoNCEOptions
+
+MODES = {MASK: 0, SUPCON: 1, PAIRWISE: 2}
+# fp32 exp overflows above ~88.7: a column whose sum shifted by its diagonal overflowed is
+# recomputed with an online max.
+_KEY = ["dim", "MODE", "STAGE", "FUSED_COLUMNS", "HAS_PRIVATE"]
+
+
+@triton.jit
+def info_nce_fwd_kernel_pair_dot(a_ptr, b_ptr, index_ptr, out_ptr, rows, dim,
+                                 HAS_INDEX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[r] = a[r] . b[index[r]] (b[r] without index) in fp32: norms, positive and diagonal similarities."""
+    pid = tl.program_id(0).to(tl.int64)
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_valid = r < rows
+    if HAS_INDEX:
+        other = tl.load(index_ptr + r, mask=r_valid, other=0)
+    else:
+        other = r
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        m = r_valid[:, None] & (d < dim)[None, :]
+        a = tl.load(a_ptr + r[:, None] * dim + d[None, :], mask=m, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + other[:, None] * dim + d[None, :], mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(a * b, axis=1)
+    tl.store(out_ptr + r, acc, mask=r_valid)
+
+
+@triton.jit
+def _key_tile_masks(raw, rows, cols, row_valid, col_valid, positive, positive_raw, anchor_labels,
+                    candidate_label_ptr, margin,
+                    MODE: tl.constexpr, EXCLUDE_SELF: tl.constexpr, HAS_LABELS: tl.constexpr,
+                    HAS_MARGIN: tl.constexpr):
+    """(candidate, is_positive, same_label) booleans of one key tile for the row direction."""
+    candidate = row_valid[:, None] & col_valid[None, :]
+    if EXCLUDE_SELF:
+        candidate = candidate & (rows[:, None] != cols[None, :])
+    if HAS_LABELS:
+        candidate_labels = tl.load(candidate_label_ptr + cols, mask=col_valid, other=-1)
+        same_label = anchor_labels[:, None] == candidate_labels[None, :]
+    else:
+        same_label = candidate & False
+    if MODE == 0:
+        is_positive = (cols[None, :] == positive[:, None]) & candidate
+        if HAS_LABELS:
+            candidate = candidate & ~(same_label & ~is_positive)
+        if HAS_MARGIN:
+            candidate = candidate & ~((raw > positive_raw[:, None] - margin) & ~is_positive)
+    else:
+        is_positive = same_label & candidate
+    return candidate, is_positive, same_label
+
+
+@triton.jit
+def _column_tile_masks(raw, rows, cols, row_valid, same_label, column_positive_raw, margin, num_column_anchors,
+                       HAS_LABELS: tl.constexpr, HAS_MARGIN: tl.constexpr):
+    """(candidate, is_diagonal) of the key->query direction: column j's positive is query j."""
+    column_valid = cols < num_column_anchors
+    candidate = row_valid[:, None] & column_valid[None, :]
+    is_diagonal = (rows[:, None] == cols[None, :]) & candidate
+    if HAS_LABELS:
+        candidate = candidate & ~(same_label & ~is_diagonal)
+    if HAS_MARGIN:
+        candidate = candidate & ~((raw > column_positive_raw[None, :] - margin) & ~is_diagonal)
+    return candidate, is_diagonal
+
+
+@triton.jit
+def _private_similarity(anchor_ptr, private_ptr, rows, row_valid, slot, num_private, dim, BLOCK_M: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+    """fp32 (BLOCK_M,) similarity of each anchor row with its hard negative number ``slot``."""
+    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        m = row_valid[:, None] & (d < dim)[None, :]
+        a = tl.load(anchor_ptr + rows[:, None] * dim + d[None, :], mask=m, other=0.0).to(tl.float32)
+        h = tl.load(private_ptr + (rows[:, None] * num_private + slot) * dim + d[None, :], mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(a * h, axis=1)
+    return acc
+
+
+@triton.jit
+def _online_update(row_max, row_sum, scores, included):
+    """Fold a (BLOCK_M, BLOCK_N) tile into the running max / sum of exp, only where included."""
+    masked = tl.where(included, scores, float("-inf"))
+    new_max = tl.maximum(row_max, tl.max(masked, axis=1))
+    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # no (-inf) - (-inf)
+    row_sum = row_sum * tl.exp(row_max - safe_max) + tl.sum(tl.exp(masked - safe_max[:, None]), axis=1)
+    return new_max, row_sum
+
+
+@triton.jit
+def _online_update_vector(row_max, row_sum, scores, included):
+    masked = tl.where(included, scores, float("-inf"))
+    new_max = tl.maximum(row_max, masked)
+    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+    row_sum = row_sum * tl.exp(row_max - safe_max) + tl.exp(masked - safe_max)
+    return new_max, row_sum
+
+
+@triton.autotune(configs=configs(FORWARD_CONFIGS), key=_KEY, reset_to_zero=["column_stats_ptr"])
+@triton.jit
+def info_nce_fwd_kernel_rows(
+    anchor_ptr, candidate_ptr, private_ptr,
+    anchor_scale_ptr, candidate_scale_ptr, private_scale_ptr,
+    positive_ptr, positive_raw_ptr, anchor_label_ptr, candidate_label_ptr,
+    row_stats_ptr, column_shift_ptr, column_stats_ptr,
+    num_rows, num_candidates, num_private, dim, num_column_anchors,
+    inv_temperature, margin,
+    MODE: tl.constexpr, STAGE: tl.constexpr, HAS_PRIVATE: tl.constexpr, NORMALIZE: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_MARGIN: tl.constexpr, SMOOTHING: tl.constexpr,
+    FUSED_COLUMNS: tl.constexpr, CAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Row statistics of one direction, row_stats (R, 4) fp32:
+
+    mask / supcon: [LSE over candidates, sum of positive scores, sum of candidate scores, #candidates]
+    pairwise STAGE 1: [LSE over negatives, ...]; STAGE 2 (reads column 0): [.., loss, sum of sigmoids, ..]
+    FUSED_COLUMNS (symmetric, mask): column_stats (B, 3) += [sum exp(s - shift_j), sum of candidate
+    scores, #candidates] over the key->query direction, shift_j = column_shift[j].
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < num_rows
+    positive = tl.load(positive_ptr + rows, mask=row_valid, other=-1) if MODE == 0 else rows * 0 - 1
+    positive_raw = tl.load(positive_raw_ptr + rows, mask=row_valid, other=0.0) if HAS_MARGIN else rows * 0.0
+    anchor_labels = tl.load(anchor_label_ptr + rows, mask=row_valid, other=-2) if HAS_LABELS else rows * 0
+    anchor_scale = tl.load(anchor_scale_ptr + rows, mask=row_valid, other=0.0) if NORMALIZE else rows * 0.0 + 1.0
+    row_max = tl.zeros((BLOCK_M,), dtype=tl.float32) + float("-inf")
+    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    positive_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    candidate_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    candidate_count = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sigma_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    negative_lse = tl.load(row_stats_ptr + rows * 4, mask=row_valid, other=0.0) if STAGE == 2 else rows * 0.0
+
+    for n0 in range(0, num_candidates, BLOCK_N):
+        cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # 64-bit offsets: N * D may pass 2^31
+        col_valid = cols < num_candidates
+        raw = tile_similarity(anchor_ptr, candidate_ptr, rows, cols, row_valid, col_valid, dim,
+                              CAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        if NORMALIZE:
+            candidate_scale = tl.load(candidate_scale_ptr + cols, mask=col_valid, other=0.0)
+            raw = raw * anchor_scale[:, None] * candidate_scale[None, :]
+        scores = raw * inv_temperature
+        candidate, is_positive, same_label = _key_tile_masks(
+            raw, rows, cols, row_valid, col_valid, positive, positive_raw, anchor_labels, candidate_label_ptr,
+            margin, MODE, EXCLUDE_SELF, HAS_LABELS, HAS_MARGIN)
+        if MODE == 2:
+            if STAGE == 1:
+                row_max, row_sum = _online_update(row_max, row_sum, scores, candidate & ~is_positive)
+            else:
+                gap = negative_lse[:, None] - scores
+                positive_sum += tl.sum(tl.where(is_positive, softplus(gap), 0.0), axis=1)
+                sigma_sum += tl.sum(tl.where(is_positive, tl.sigmoid(gap), 0.0), axis=1)
+        else:
+            row_max, row_sum = _online_update(row_max, row_sum, scores, candidate)
+            positive_sum += tl.sum(tl.where(is_positive, scores, 0.0), axis=1)
+            if SMOOTHING:
+                candidate_sum += tl.sum(tl.where(candidate, scores, 0.0), axis=1)
+                candidate_count += tl.sum(candidate.to(tl.float32), axis=1)
+        if FUSED_COLUMNS:
+            if n0 < num_column_anchors:
+                column_valid = cols < num_column_anchors
+                column_positive_raw = tl.load(positive_raw_ptr + cols, mask=column_valid, other=0.0) if HAS_MARGIN else cols * 0.0
+                column_candidate, is_diagonal = _column_tile_masks(
+                    raw, rows, cols, row_valid, same_label, column_positive_raw, margin, num_column_anchors,
+                    HAS_LABELS, HAS_MARGIN)
+                shift = tl.load(column_shift_ptr + cols, mask=column_valid, other=0.0)
+                shifted = tl.where(column_candidate, tl.exp(scores - shift[None, :]), 0.0)
+                tl.atomic_add(column_stats_ptr + cols * 3, tl.sum(shifted, axis=0), mask=column_valid)
+                if SMOOTHING:
+                    tl.atomic_add(column_stats_ptr + cols * 3 + 1,
+                                  tl.sum(tl.where(column_candidate, scores, 0.0), axis=0), mask=column_valid)
+                    tl.atomic_add(column_stats_ptr + cols * 3 + 2,
+                                  tl.sum(column_candidate.to(tl.float32), axis=0), mask=column_valid)
+
+    if HAS_PRIVATE:
+        if STAGE == 1:
+            for slot in range(0, num_private):
+                raw_h = _private_similarity(anchor_ptr, private_ptr, rows, row_valid, slot, num_private, dim,
+                                            BLOCK_M, BLOCK_D)
+                if NORMALIZE:
+                    raw_h = raw_h * anchor_scale * tl.load(private_scale_ptr + rows * num_private + slot,
+                                                           mask=row_valid, other=0.0)
+                scores_h = raw_h * inv_temperature
+                candidate_h = row_valid
+                if HAS_MARGIN:
+                    candidate_h = candidate_h & ~(raw_h > positive_raw - margin)
+                row_max, row_sum = _online_update_vector(row_max, row_sum, scores_h, candidate_h)
+                if SMOOTHING:
+                    candidate_sum += tl.where(candidate_h, scores_h, 0.0)
+                    candidate_count += candidate_h.to(tl.float32)
+
+    if STAGE == 1:
+        lse = row_max + tl.log(row_sum)
+        tl.store(row_stats_ptr + rows * 4, lse, mask=row_valid)
+        tl.store(row_stats_ptr + rows * 4 + 1, positive_sum, mask=row_valid)
+        tl.store(row_stats_ptr + rows * 4 + 2, candidate_sum, mask=row_valid)
+        tl.store(row_stats_ptr + rows * 4 + 3, candidate_count, mask=row_valid)
+    else:
+        tl.store(row_stats_ptr + rows * 4 + 1, positive_sum, mask=row_valid)
+        tl.store(row_stats_ptr + rows * 4 + 2, sigma_sum, mask=row_valid)
+
+
+@triton.autotune(configs=configs(BACKWARD_CONFIGS), key=_KEY, reset_to_zero=["d_anchor_ptr", "d_candidate_ptr"])
+@triton.jit
+def info_nce_bwd_kernel_rows(
+    anchor_ptr, candidate_ptr, private_ptr,
+    anchor_scale_ptr, candidate_scale_ptr, private_scale_ptr,
+    positive_ptr, positive_raw_ptr, anchor_label_ptr, candidate_label_ptr, num_positive_ptr,
+    row_stats_ptr, row_weight_ptr, column_lse_ptr, column_count_ptr, column_weight_ptr,
+    d_anchor_ptr, d_candidate_ptr, d_private_ptr, dtemp_ptr,
+    num_rows, num_candidates, num_private, dim, num_column_anchors,
+    inv_temperature, margin, label_smoothing, grad_scale,
+    MODE: tl.constexpr, STAGE: tl.constexpr, HAS_PRIVATE: tl.constexpr, NORMALIZE: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_MARGIN: tl.constexpr, SMOOTHING: tl.constexpr,
+    FUSED_COLUMNS: tl.constexpr, CAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """d(anchor) (R, D) and d(candidate) (M, D) fp32 (accumulated), d(private) (R, H, D) fp32,
+    dtemp (R,) = sum_j g_ij s_ij; g = dL/ds of this direction plus, with FUSED_COLUMNS, the
+    key->query direction. Products take g rounded to the input dtype, scaled by ``grad_scale``
+    (1 / the largest row weight) so float16 keeps its precision."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < num_rows
+    positive = tl.load(positive_ptr + rows, mask=row_valid, other=-1) if MODE == 0 else rows * 0 - 1
+    positive_raw = tl.load(positive_raw_ptr + rows, mask=row_valid, other=0.0) if HAS_MARGIN else rows * 0.0
+    anchor_labels = tl.load(anchor_label_ptr + rows, mask=row_valid, other=-2) if HAS_LABELS else rows * 0
+    anchor_scale = tl.load(anchor_scale_ptr + rows, mask=row_valid, other=0.0) if NORMALIZE else rows * 0.0 + 1.0
+    lse = tl.load(row_stats_ptr + rows * 4, mask=row_valid, other=0.0)
+    weight = tl.load(row_weight_ptr + rows, mask=row_valid, other=0.0)
+    if MODE == 0:
+        count = tl.load(row_stats_ptr + rows * 4 + 3, mask=row_valid, other=1.0) if SMOOTHING else rows * 0.0 + 1.0
+        smoothing_share = label_smoothing / tl.maximum(count, 1.0)
+        # rows with weight 0 and -inf statistics would give nan through 0 * inf below
+        row_factor = weight
+    elif MODE == 1:
+        num_positive = tl.load(num_positive_ptr + rows, mask=row_valid, other=0).to(tl.float32)
+        row_factor = tl.where(num_positive > 0, weight, 0.0)
+        positive_share = 1.0 / tl.maximum(num_positive, 1.0)
+    else:
+        sigma_sum = tl.load(row_stats_ptr + rows * 4 + 2, mask=row_valid, other=0.0)
+        row_factor = weight
+    dtemp = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    product_scale = inv_temperature / grad_scale
+    element = anchor_ptr.dtype.element_ty
+
+    for n0 in range(0, num_candidates, BLOCK_N):
+        cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # 64-bit offsets: N * D may pass 2^31
+        col_valid = cols < num_candidates
+        raw = tile_similarity(anchor_ptr, candidate_ptr, rows, cols, row_valid, col_valid, dim,
+                              CAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        if NORMALIZE:
+            candidate_scale = tl.load(candidate_scale_ptr + cols, mask=col_valid, other=0.0)
+            raw = raw * anchor_scale[:, None] * candidate_scale[None, :]
+        scores = raw * inv_temperature
+        candidate, is_positive, same_label = _key_tile_masks(
+            raw, rows, cols, row_valid, col_valid, positive, positive_raw, anchor_labels, candidate_label_ptr,
+            margin, MODE, EXCLUDE_SELF, HAS_LABELS, HAS_MARGIN)
+        if MODE == 0:
+            grad = tl.where(candidate, tl.exp(scores - lse[:, None]), 0.0) - (1.0 - label_smoothing) * is_positive.to(tl.float32)
+            if SMOOTHING:
+                grad -= tl.where(candidate, smoothing_share[:, None], 0.0)
+        elif MODE == 1:
+            grad = tl.where(candidate, tl.exp(scores - lse[:, None]), 0.0) - tl.where(is_positive, positive_share[:, None], 0.0)
+        else:
+            negative = candidate & ~is_positive
+            grad = sigma_sum[:, None] * tl.where(negative, tl.exp(scores - lse[:, None]), 0.0)
+            grad -= tl.where(is_positive, tl.sigmoid(lse[:, None] - scores), 0.0)
+        grad = grad * row_factor[:, None]
+        if FUSED_COLUMNS:
+            if n0 < num_column_anchors:
+                column_valid = cols < num_column_anchors
+                column_positive_raw = tl.load(positive_raw_ptr + cols, mask=column_valid, other=0.0) if HAS_MARGIN else cols * 0.0
+                column_candidate, is_diagonal = _column_tile_masks(
+                    raw, rows, cols, row_valid, same_label, column_positive_raw, margin, num_column_anchors,
+                    HAS_LABELS, HAS_MARGIN)
+                column_lse = tl.load(column_lse_ptr + cols, mask=column_valid, other=0.0)
+                column_weight = tl.load(column_weight_ptr + cols, mask=column_valid, other=0.0)
+                column_grad = tl.where(column_candidate, tl.exp(scores - column_lse[None, :]), 0.0)
+                column_grad -= (1.0 - label_smoothing) * is_diagonal.to(tl.float32)
+                if SMOOTHING:
+                    column_count = tl.load(column_count_ptr + cols, mask=column_valid, other=1.0)
+                    column_grad -= tl.where(column_candidate, label_smoothing / tl.maximum(column_count, 1.0)[None, :], 0.0)
+                grad += column_grad * column_weight[None, :]
+        dtemp += tl.sum(grad * scores, axis=1)
+
+        grad_low = (grad * grad_scale).to(element)
+        if CAST_DOT:
+            grad_low = grad_low.to(tl.float32)
+        for d0 in range(0, dim, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_valid = d < dim
+            a_mask = row_valid[:, None] & d_valid[None, :]
+            c_mask = col_valid[:, None] & d_valid[None, :]
+            a = tl.load(anchor_ptr + rows[:, None] * dim + d[None, :], mask=a_mask, other=0.0)
+            c = tl.load(candidate_ptr + cols[:, None] * dim + d[None, :], mask=c_mask, other=0.0)
+            if NORMALIZE:  # gradients wrt the unit vectors: products with the unit vectors
+                a = (a.to(tl.float32) * anchor_scale[:, None]).to(element)
+                c = (c.to(tl.float32) * candidate_scale[:, None]).to(element)
+            if CAST_DOT:
+                a = a.to(tl.float32)
+                c = c.to(tl.float32)
+            d_a = tl.dot(grad_low, c, input_precision=DOT_PRECISION) * product_scale
+            a_ptrs = d_anchor_ptr + rows[:, None] * dim + d[None, :]
+            tl.store(a_ptrs, tl.load(a_ptrs, mask=a_mask, other=0.0) + d_a, mask=a_mask)
+            d_c = tl.dot(tl.trans(grad_low), a, input_precision=DOT_PRECISION) * product_scale
+            tl.atomic_add(d_candidate_ptr + cols[:, None] * dim + d[None, :], d_c, mask=c_mask)
+
+    if HAS_PRIVATE:
+        for slot in range(0, num_private):
+            raw_h = _private_similarity(anchor_ptr, private_ptr, rows, row_valid, slot, num_private, dim,
+                                        BLOCK_M, BLOCK_D)
+            private_scale = tl.load(private_scale_ptr + rows * num_private + slot, mask=row_valid, other=0.0) if NORMALIZE else rows * 0.0 + 1.0
+            raw_h = raw_h * anchor_scale * private_scale
+            scores_h = raw_h * inv_temperature
+            candidate_h = row_valid
+            if HAS_MARGIN:
+                candidate_h = candidate_h & ~(raw_h > positive_raw - margin)
+            grad_h = tl.where(candidate_h, tl.exp(scores_h - lse), 0.0)
+            if MODE == 0:
+                if SMOOTHING:
+                    grad_h -= tl.where(candidate_h, smoothing_share, 0.0)
+            if MODE == 2:
+                grad_h = grad_h * sigma_sum
+            grad_h = grad_h * row_factor
+            dtemp += grad_h * scores_h
+            coefficient = grad_h * inv_temperature
+            for d0 in range(0, dim, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                m = row_valid[:, None] & (d < dim)[None, :]
+                a = tl.load(anchor_ptr + rows[:, None] * dim + d[None, :], mask=m, other=0.0).to(tl.float32)
+                h_offsets = (rows[:, None] * num_private + slot) * dim + d[None, :]
+                h = tl.load(private_ptr + h_offsets, mask=m, other=0.0).to(tl.float32)
+                a_ptrs = d_anchor_ptr + rows[:, None] * dim + d[None, :]
+                previous = tl.load(a_ptrs, mask=m, other=0.0)
+                tl.store(a_ptrs, previous + coefficient[:, None] * h * private_scale[:, None], mask=m)
+                tl.store(d_private_ptr + h_offsets, coefficient[:, None] * a * anchor_scale[:, None], mask=m)
+
+    tl.store(dtemp_ptr + rows, dtemp, mask=row_valid)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+
+
+def _grid(rows):
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),)
+
+
+def pair_dot(a: torch.Tensor, b: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """fp32 (R,) with a[r] . b[index[r]] (or b[r]); a, b contiguous (*, D)."""
+    rows, dim = a.shape
+    out = torch.empty(rows, dtype=torch.float32, device=a.device)
+    block_r = 32
+    info_nce_fwd_kernel_pair_dot[(triton.cdiv(rows, block_r),)](
+        a, b, index if index is not None else a, out, rows, dim,
+        HAS_INDEX=index is not None, BLOCK_R=block_r, BLOCK_D=64 if a.device.type != "cpu" else 32,
+    )
+    return out
+
+
+def inverse_norms(x: torch.Tensor) -> torch.Tensor:
+    """1 / max(|x_r|, eps) in fp32 for the rows of a contiguous (*, D) tensor."""
+    flat = x.reshape(-1, x.shape[-1])
+    return 1.0 / pair_dot(flat, flat).sqrt().clamp_min(NORM_EPS)
+
+
+@dataclass
+class _Direction:
+    """One direction (anchors against candidates) as the kernels see it."""
+
+    anchors: torch.Tensor  # (R, D) contiguous, input dtype
+    candidates: torch.Tensor  # (M, D)
+    private: Optional[torch.Tensor]  # (R, H, D)
+    anchor_scale: Optional[torch.Tensor]  # (R,) fp32 inverse norms when normalize
+    candidate_scale: Optional[torch.Tensor]
+    private_scale: Optional[torch.Tensor]  # (R, H)
+    positive: Optional[torch.Tensor]  # (R,) int64, mask mode
+    positive_raw: Optional[torch.Tensor]  # (R,) fp32 similarity to the positive (margin, symmetric shift)
+    anchor_labels: Optional[torch.Tensor]
+    candidate_labels: Optional[torch.Tensor]
+    num_positive: Optional[torch.Tensor]  # (R,) int64, supcon / pairwise
+    divisor: float  # what "mean" divides the direction's total by
+    exclude_self: bool
+    fused_columns: int = 0  # B when the key->query direction rides along (symmetric, mask mode)
+
+
+def _flags(direction: _Direction, options: InfoNCEOptions, stage: int) -> dict:
+    cast, precision = dot_settings(direction.anchors)
+    return dict(
+        MODE=MODES[options.multi_positive], STAGE=stage, HAS_PRIVATE=direction.private is not None,
+        NORMALIZE=options.normalize, EXCLUDE_SELF=direction.exclude_self,
+        HAS_LABELS=direction.anchor_labels is not None,
+        HAS_MARGIN=options.margin is not None, SMOOTHING=options.label_smoothing > 0,
+        FUSED_COLUMNS=direction.fused_columns > 0, CAST_DOT=cast, DOT_PRECISION=precision,
+    )
+
+
+def _pointers(direction: _Direction):
+    anchors = direction.anchors
+    return [
+        anchors, direction.candidates, direction.private if direction.private is not None else anchors,
+        *(t if t is not None else anchors for t in (direction.anchor_scale, direction.candidate_scale, direction.private_scale)),
+        direction.positive if direction.positive is not None else anchors,
+        direction.positive_raw if direction.positive_raw is not None else anchors,
+        direction.anchor_labels if direction.anchor_labels is not None else anchors,
+        direction.candidate_labels if direction.candidate_labels is not None else anchors,
+    ]
+
+
+def _sizes(direction: _Direction):
+    private = direction.private.shape[1] if direction.private is not None else 0
+    return [direction.anchors.shape[0], direction.candidates.shape[0], private, direction.anchors.shape[1],
+            direction.fused_columns]
+
+
+def _prepare(query, key, hard_negatives, positive, labels, key_labels, options: InfoNCEOptions) -> List[_Direction]:
+    q = query.contiguous()
+    k = key.contiguous()
+    h = hard_negatives.contiguous() if hard_negatives is not None and hard_negatives.shape[1] > 0 else None
+    batch = q.shape[0]
+    q_scale = k_scale = h_scale = None
+    if options.normalize:
+        q_scale, k_scale = inverse_norms(q), inverse_norms(k)
+        h_scale = inverse_norms(h).view(h.shape[0], h.shape[1]) if h is not None else None
+    mode = options.multi_positive
+    if mode == MASK:
+        if positive is None:
+            positive = torch.arange(batch, device=q.device)
+        positive = positive.contiguous()
+        positive_raw = None
+        if options.margin is not None or options.symmetric:
+            positive_raw = pair_dot(q, k, positive)
+            if options.normalize:
+                positive_raw = positive_raw * q_scale * k_scale[positive]
+        if labels is not None:
+            labels, key_labels = labels.contiguous(), key_labels.contiguous()
+        row = _Direction(q, k, h, q_scale, k_scale, h_scale, positive, positive_raw, labels, key_labels, None,
+                         float(batch), options.exclude_self, batch if options.symmetric else 0)
+        return [row]
+    directions = []
+    pairs = [(q, k, h, q_scale, k_scale, h_scale, labels, key_labels)]
+    if options.symmetric:
+        pairs.append((k[:batch], q, None, k_scale[:batch] if k_scale is not None else None, q_scale, None,
+                      key_labels[:batch], labels))
+    for anchors, candidates, private, a_scale, c_scale, p_scale, a_labels, c_labels in pairs:
+        num_positive = count_positives(a_labels, c_labels, options.exclude_self)
+        if mode == SUPCON:
+            divisor = float((num_positive > 0).sum())
+        else:
+            divisor = float(num_positive.sum())
+        directions.append(_Direction(anchors, candidates, private, a_scale, c_scale, p_scale, None, None,
+                                     a_labels.contiguous(), c_labels.contiguous(), num_positive.contiguous(),
+                                     divisor, options.exclude_self))
+    return directions
+
+
+def _column_direction(row: _Direction) -> _Direction:
+    """The key->query direction of a fused symmetric loss as a direction of its own (fallback)."""
+    batch = row.anchors.shape[0]
+    return _Direction(row.candidates[:batch], row.anchors, None,
+                      row.candidate_scale[:batch] if row.candidate_scale is not None else None, row.anchor_scale,
+                      None, torch.arange(batch, device=row.anchors.device), row.positive_raw,
+                      row.candidate_labels[:batch] if row.candidate_labels is not None else None, row.anchor_labels,
+                      None, float(batch), False)
+
+
+def _run_forward(direction: _Direction, options: InfoNCEOptions, inv_temperature: float):
+    """Launch the forward kernel(s). Returns (row_stats (R, 4), column_stats (B, 3) or None, column_shift)."""
+    rows = direction.anchors.shape[0]
+    device = direction.anchors.device
+    row_stats = torch.zeros(rows, 4, dtype=torch.float32, device=device)
+    column_stats = column_shift = None
+    if direction.fused_columns:
+        column_shift = (direction.positive_raw[:direction.fused_columns] * inv_temperature).contiguous()
+        column_stats = torch.zeros(direction.fused_columns, 3, dtype=torch.float32, device=device)
+    stages = (1, 2) if options.multi_positive == PAIRWISE else (1,)
+    margin = options.margin if options.margin is not None else 0.0
+    # never alias row_stats here: the autotuner zeroes column_stats between trials, and the
+    # second pairwise stage reads row_stats
+    unused = torch.zeros(1, dtype=torch.float32, device=device)
+    for stage in stages:
+        info_nce_fwd_kernel_rows[_grid(rows)](
+            *_pointers(direction), row_stats,
+            column_shift if column_shift is not None else unused,
+            column_stats if column_stats is not None else unused,
+            *_sizes(direction), inv_temperature, margin, **_flags(direction, options, stage),
+        )
+    return row_stats, column_stats, column_shift
+
+
+def _row_losses(direction: _Direction, row_stats: torch.Tensor, options: InfoNCEOptions) -> torch.Tensor:
+    lse, positive_sum, candidate_sum, candidate_count = row_stats.unbind(1)
+    mode = options.multi_positive
+    if mode == MASK:
+        eps = options.label_smoothing
+        loss = lse - (1.0 - eps) * positive_sum
+        if eps > 0:
+            loss = loss - eps * candidate_sum / candidate_count.clamp_min(1.0)
+        return loss
+    if mode == SUPCON:
+        valid = direction.num_positive > 0
+        loss = lse - positive_sum / direction.num_positive.clamp_min(1).to(torch.float32)
+        return torch.where(valid, loss, torch.zeros_like(loss))
+    return positive_sum  # pairwise: stage 2 wrote the summed terms there
+
+
+class _Forward:
+    """Everything the backward pass needs from the forward pass, all O(B)."""
+
+    def __init__(self, directions: List[_Direction], options: InfoNCEOptions, inv_temperature: float):
+        self.directions = directions
+        self.losses = []  # per direction (R,) fp32
+        self.row_stats = []
+        self.column_lse = self.column_count = None
+        for direction in directions:
+            row_stats, column_stats, column_shift = _run_forward(direction, options, inv_temperature)
+            self.row_stats.append(row_stats)
+            self.losses.append(_row_losses(direction, row_stats, options))
+            if column_stats is not None:
+                self._finish_columns(direction, column_stats, column_shift, options, inv_temperature)
+
+    def _finish_columns(self, direction, column_stats, column_shift, options, inv_temperature):
+        shifted_sum, candidate_sum, candidate_count = column_stats.unbind(1)
+        eps = options.label_smoothing
+        if bool(torch.isfinite(shifted_sum).all()):
+            lse = column_shift + torch.log(shifted_sum)
+            positive_score = column_shift
+        else:  # some column overflowed its diagonal shift: recompute that direction with an online max
+            column = _column_direction(direction)
+            stats, _, _ = _run_forward(column, options, inv_temperature)
+            lse, positive_score, candidate_sum, candidate_count = stats.unbind(1)
+        loss = lse - (1.0 - eps) * positive_score
+        if eps > 0:
+            loss = loss - eps * candidate_sum / candidate_count.clamp_min(1.0)
+        self.column_lse = lse.contiguous()
+        self.column_count = candidate_count.contiguous()
+        self.losses.append(loss)
+
+    def divisors(self) -> List[float]:
+        divisors = [d.divisor for d in self.directions]
+        if self.column_lse is not None:
+            divisors.append(float(self.column_lse.shape[0]))
+        return divisors
+
+    def reduce(self, reduction: str) -> torch.Tensor:
+        if reduction == "none":
+            return self.losses[0] if len(self.losses) == 1 else 0.5 * (self.losses[0] + self.losses[1])
+        totals = []
+        for loss, divisor in zip(self.losses, self.divisors()):
+            total = loss.sum()
+            if reduction == "mean":
+                total = total / divisor if divisor > 0 else total * 0.0
+            totals.append(total)
+        return totals[0] if len(totals) == 1 else 0.5 * (totals[0] + totals[1])
+
+    def weights(self, options: InfoNCEOptions, grad_rows: Optional[torch.Tensor]) -> List[torch.Tensor]:
+        """dL_total / dL_row for every direction's rows (fp32)."""
+        scale = 0.5 if len(self.losses) == 2 else 1.0
+        out = []
+        for loss, divisor in zip(self.losses, self.divisors()):
+            if options.reduction == "none":
+                out.append((grad_rows[: loss.shape[0]].to(torch.float32) * scale).contiguous())
+                continue
+            value = scale
+            if options.reduction == "mean":
+                value = scale / divisor if divisor > 0 else 0.0
+            out.append(torch.full_like(loss, value))
+        return out
+
+
+def _run_backward(forward: _Forward, options: InfoNCEOptions, inv_temperature: float, weights: List[torch.Tensor]):
+    """Gradients wrt the (unit, when normalize) inputs: per direction (d_anchor, d_candidate, d_private) fp32, and sum g*s."""
+    largest = max(float(w.abs().max()) if w.numel() else 0.0 for w in weights)
+    grad_scale = 1.0 / largest if largest > 0 else 1.0
+    margin = options.margin if options.margin is not None else 0.0
+    results = []
+    dtemp_total = torch.zeros((), dtype=torch.float32, device=weights[0].device)
+    for index, direction in enumerate(forward.directions):
+        rows, dim = direction.anchors.shape
+        device = direction.anchors.device
+        d_anchor = torch.zeros(rows, dim, dtype=torch.float32, device=device)
+        d_candidate = torch.zeros(direction.candidates.shape, dtype=torch.float32, device=device)
+        d_private = torch.empty(direction.private.shape, dtype=torch.float32, device=device) if direction.private is not None else None
+        dtemp = torch.empty(rows, dtype=torch.float32, device=device)
+        fused = direction.fused_columns > 0
+        row_stats = forward.row_stats[index]
+        column_weight = weights[1] if fused else row_stats
+        info_nce_bwd_kernel_rows[_grid(rows)](
+            *_pointers(direction), direction.num_positive if direction.num_positive is not None else row_stats,
+            row_stats, weights[index],
+            forward.column_lse if fused else row_stats, forward.column_count if fused else row_stats, column_weight,
+            d_anchor, d_candidate, d_private if d_private is not None else d_anchor, dtemp,
+            *_sizes(direction), inv_temperature, margin, options.label_smoothing, grad_scale,
+            **_flags(direction, options, 2 if options.multi_positive == PAIRWISE else 1),
+        )
+        results.append((d_anchor, d_candidate, d_private))
+        dtemp_total = dtemp_total + dtemp.sum()
+    return results, dtemp_total
+
+
+def _input_gradients(directions, results, dtemp, inv_temperature, inputs, temperature_meta):
+    """Combine the directions, go back through the normalization, cast to the inputs' dtypes."""
+    query, key, hard_negatives = inputs
+    row = directions[0]
+    d_query, d_key, d_private = results[0]
+    if len(results) == 2:  # composed symmetric: anchors = key[:B], candidates = query
+        batch = query.shape[0]
+        d_key[:batch] += results[1][0]
+        d_query += results[1][1]
+
+    def back(grad, x, scale):
+        if scale is None:
+            return grad
+        norm = (1.0 / scale).reshape(-1, 1)
+        unit = x.reshape(-1, x.shape[-1]).to(torch.float32) * scale.reshape(-1, 1)
+        return _normalize_backward(grad.reshape(unit.shape), unit, norm).reshape(grad.shape)
+
+    grad_query = back(d_query, row.anchors, row.anchor_scale).to(query.dtype)
+    grad_key = back(d_key, row.candidates, row.candidate_scale).to(key.dtype)
+    grad_hard = None
+    if hard_negatives is not None:
+        if d_private is None:  # H == 0
+            grad_hard = torch.zeros_like(hard_negatives)
+        else:
+            grad_hard = back(d_private, row.private, row.private_scale).to(hard_negatives.dtype)
+    grad_temperature = None
+    if temperature_meta is not None:
+        shape, dtype, device = temperature_meta
+        grad_temperature = (-dtemp * inv_temperature).to(device=device, dtype=dtype).reshape(shape)
+    return grad_query, grad_key, grad_hard, grad_temperature
+
+
+class InfoNCETritonFunction(torch.autograd.Function):
+    """InfoNCE on the Triton kernels; saved state O(B) statistics (+ inputs) or the gradients."""
+
+    @staticmethod
+    def forward(ctx, query, key, hard_negatives, temperature, positive, labels, key_labels, options: InfoNCEOptions):
+        if isinstance(temperature, torch.Tensor):
+            inv_temperature = 1.0 / float(temperature.detach().reshape(()))
+        else:
+            inv_temperature = 1.0 / float(temperature)
+        wants_grad = any(ctx.needs_input_grad[:4])
+        ctx.options = options
+        ctx.inv_temperature = inv_temperature
+        ctx.temperature_meta = (
+            (temperature.shape, temperature.dtype, temperature.device) if isinstance(temperature, torch.Tensor) else None
+        )
+        with torch.no_grad():
+            directions = _prepare(query, key, hard_negatives, positive, labels, key_labels, options)
+            forward = _Forward(directions, options, inv_temperature)
+            result = forward.reduce(options.reduction)
+            ctx.fused = wants_grad and options.reduction != "none"
+            ctx.saved_grads = None
+            ctx.forward_state = None
+            if ctx.fused:  # gradients during the forward pass: backward() only scales them
+                results, dtemp = _run_backward(forward, options, inv_temperature, forward.weights(options, None))
+                ctx.saved_grads = _input_gradients(directions, results, dtemp, inv_temperature,
+                                                   (query, key, hard_negatives), ctx.temperature_meta)
+            elif wants_grad:
+                forward.inputs = (query, key, hard_negatives)
+                ctx.forward_state = forward  # O(B) statistics plus references to the inputs
+        return result
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.fused:
+            scale = grad_output.reshape(())
+            grads = [None if g is None else g * scale.to(g.dtype) for g in ctx.saved_grads]
+        else:
+            forward = ctx.forward_state
+            options = ctx.options
+            with torch.no_grad():
+                weights = forward.weights(options, grad_output.reshape(-1))
+                results, dtemp = _run_backward(forward, options, ctx.inv_temperature, weights)
+                grads = list(_input_gradients(forward.directions, results, dtemp, ctx.inv_temperature,
+                                              forward.inputs, ctx.temperature_meta))
+        # saved state is kept (not cleared) so that retain_graph=True allows a second backward;
+        # it goes away with the graph
+        grads = [g if ctx.needs_input_grad[i] else None for i, g in enumerate(grads)]
+        return (*grads, None, None, None, None)
+
+
+def triton_info_nce(query, key, hard_negatives, temperature, positive, labels, key_labels,
+                    options: InfoNCEOptions) -> torch.Tensor:
+    """``info_nce(..., backend="triton")`` with validated arguments (see :mod:`fastcl.ops.info_nce`)."""
+    if query.dtype == torch.float64:
+        # float64 stays on the chunked path: same results, and Triton's fp64 products are slow.
+        return chunked_info_nce(query, key, hard_negatives, temperature, positive, labels, key_labels, options)
+    return _apply(query, key, hard_negatives, temperature, positive, labels, key_labels, options)
+
+
+def _apply(query, key, hard_negatives, temperature, positive, labels, key_labels, options):
+    return InfoNCETritonFunction.apply(query, key, hard_negatives, temperature, positive, labels, key_labels, options)

@@ -1,0 +1,107 @@
+"""What every fastcl Triton kernel shares: tile configurations, the pinned-config switch, the
+interpreter switches, and the small similarity helpers.
+
+Imported lazily (only when a Triton backend runs), so ``import fastcl`` never imports triton.
+
+Configurations: a short fixed list is autotuned on the GPU (the choice is cached per head
+dimension and dtype). ``FASTCL_TRITON_CONFIG="BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages"``
+pins one configuration (tests, reproducible benchmarks, very large runs where autotuning
+would take too long). Under ``TRITON_INTERPRET=1`` a small configuration is pinned unless the
+variable says otherwise: the interpreter would otherwise "benchmark" every configuration.
+"""
+from __future__ import annotations
+
+import os
+from typing import List
+
+import torch
+import triton
+import triton.language as tl
+
+CONFIG_ENV = "FASTCL_TRITON_CONFIG"
+INTERPRETER_CONFIG = (32, 32, 32, 4, 1)
+
+# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages). Forward tiles keep one fp32 BLOCK_M x
+# BLOCK_N similarity block live; backward tiles also hold the gradient block, hence smaller.
+FORWARD_CONFIGS = [
+    (128, 128, 64, 8, 3),
+    (128, 64, 64, 4, 3),
+    (64, 128, 64, 4, 3),
+    (128, 128, 32, 8, 4),
+]
+BACKWARD_CONFIGS = [
+    (128, 64, 64, 8, 2),
+    (64, 64, 64, 4, 2),
+    (64, 128, 64, 8, 2),
+    (128, 128, 32, 8, 2),
+]
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def parse_config(text: str):
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 5 or any(v <= 0 for v in values) or any(v < 16 or v & (v - 1) for v in values[:3]):
+        raise ValueError(
+            f"{CONFIG_ENV} must be 'BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages' with block sizes powers of two >= 16, got {text!r}"
+        )
+    return values
+
+
+def configs(candidates) -> List[triton.Config]:
+    """The autotuning list, or the single pinned configuration."""
+    pinned = os.environ.get(CONFIG_ENV)
+    if pinned:
+        candidates = [parse_config(pinned)]
+    elif interpreting():
+        candidates = [INTERPRETER_CONFIG]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": d}, num_warps=warps, num_stages=stages)
+        for m, n, d, warps, stages in candidates
+    ]
+
+
+def dot_settings(tensor: torch.Tensor):
+    """(CAST_DOT, DOT_PRECISION) for kernels reading ``tensor``.
+
+    CAST_DOT: the interpreter's ``tl.dot`` returns garbage for bfloat16 operands (loads are
+    fine), so on CPU tensors operands are widened to float32 before each product. On the GPU
+    the product stays on the tensor cores in the input dtype. DOT_PRECISION follows torch's own
+    switch for float32 matrix products (TF32 only when the user allowed it); the interpreter
+    always multiplies exactly.
+    """
+    cast = tensor.device.type == "cpu"
+    if cast or (tensor.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32):
+        return cast, "ieee"
+    # fp16 / bf16 operands: "tf32" is Triton's default on NVIDIA and only affects fp32 operands
+    return cast, "tf32"
+
+
+@triton.jit
+def tile_similarity(anchor_ptr, candidate_ptr, rows, cols, row_valid, col_valid, dim,
+                    CAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """fp32 (BLOCK_M, BLOCK_N) block of anchor_rows . candidate_cols over any dim (masked tail)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_valid = d < dim
+        a = tl.load(anchor_ptr + rows[:, None] * dim + d[None, :], mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+        # the candidate block is loaded transposed (BLOCK_D, BLOCK_N), ready for the product
+        c = tl.load(candidate_ptr + cols[None, :] * dim + d[:, None], mask=col_valid[None, :] & d_valid[:, None], other=0.0)
+        if CAST_DOT:
+            a = a.to(tl.float32)
+            c = c.to(tl.float32)
+        acc = tl.dot(a, c, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def softplus(x):
+    """log(1 + exp(x)) without overflow; softplus(-inf) = 0."""
+    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
