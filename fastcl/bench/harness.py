@@ -227,34 +227,41 @@ def plot(rows: List[Measurement], path: str, title: str) -> Optional[str]:
 
 
 def run_suites(suites, device: str, full: bool, out_dir: str, timeout: float = 600.0) -> List[Measurement]:
+    """Run every case of every suite (each in a fresh subprocess); each suite's table, CSV,
+    plot and summary are written as soon as that suite finishes."""
     os.makedirs(out_dir, exist_ok=True)
-    plan = [(suite, case) for suite in suites for case in suite.cases(device, full)]
+    plan = [(suite, suite.cases(device, full)) for suite in suites]
     baselines = {suite.SUITE: suite.BASELINE for suite in suites}
-    print(f"fastcl bench on {device_name(device)}: {len(plan)} cases -> {out_dir}/", flush=True)
-    bar = _progress(len(plan))
+    total = sum(len(cases) for _, cases in plan)
+    print(f"fastcl bench on {device_name(device)}: {total} cases -> {out_dir}/", flush=True)
+    bar = _progress(total)
     results: List[Measurement] = []
-    for suite, case in plan:
-        bar.set_description(f"{case.suite} {case.provider} {case.params}")
-        if case.skip:
-            results.append(Measurement(case.suite, case.provider, case.params, case.x, status=f"skipped: {case.skip}"))
-        else:
-            results.append(_run_worker(case, device, timeout))
-        bar.update(1)
+    for suite, cases in plan:
+        rows = []
+        for case in cases:
+            bar.set_description(f"{case.suite} {case.provider} {case.params}")
+            if case.skip:
+                rows.append(Measurement(case.suite, case.provider, case.params, case.x, status=f"skipped: {case.skip}"))
+            else:
+                rows.append(_run_worker(case, device, timeout))
+            bar.update(1)
+        results.extend(rows)
+        if rows:
+            _report(suite, rows, baselines, device, out_dir)
     bar.close()
-    for suite in suites:
-        rows = [m for m in results if m.suite == suite.SUITE]
-        if not rows:
-            continue
-        print()
-        print(format_table(rows, baselines))
-        write_csv(rows, os.path.join(out_dir, f"{suite.SUITE}.csv"), device, baselines)
-        note = plot(rows, os.path.join(out_dir, f"{suite.SUITE}.png"), f"{suite.SUITE} on {device_name(device)}")
-        if note:
-            print(note)
-        if hasattr(suite, "summarize"):
-            summary = suite.summarize(rows, device)
-            if summary:
-                print(summary)
-                with open(os.path.join(out_dir, f"{suite.SUITE}_summary.txt"), "a") as f:
-                    f.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} on {device_name(device)}\n{summary}\n")
     return results
+
+
+def _report(suite, rows: List[Measurement], baselines: Dict[str, str], device: str, out_dir: str) -> None:
+    print()
+    print(format_table(rows, baselines), flush=True)
+    write_csv(rows, os.path.join(out_dir, f"{suite.SUITE}.csv"), device, baselines)
+    note = plot(rows, os.path.join(out_dir, f"{suite.SUITE}.png"), f"{suite.SUITE} on {device_name(device)}")
+    if note:
+        print(note)
+    if hasattr(suite, "summarize"):
+        summary = suite.summarize(rows, device)
+        if summary:
+            print(summary, flush=True)
+            with open(os.path.join(out_dir, f"{suite.SUITE}_summary.txt"), "a") as f:
+                f.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} on {device_name(device)}\n{summary}\n")
