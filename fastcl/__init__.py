@@ -6,7 +6,10 @@ wrappers; ``backends()`` tells which implementations can run here.
 from ._native import Backend, backends
 from .ops.info_nce import clip_loss, info_nce, nt_xent
 from .ops.siglip import siglip_loss
+from .ops.patches import budget_split, gather_patches, patch_saliency, select_patches
+from .models.ps3 import SelectivePatchEncoder
 
 __version__ = "0.1.0"
 
 __all__ = ["Backend", "backends", "info_nce", "clip_loss", "nt_xent", "siglip_loss", "__version__"]
+__all__ += ["select_patches", "budget_split", "patch_saliency", "gather_patches", "SelectivePatchEncoder"]
