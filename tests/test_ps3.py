@@ -164,3 +164,16 @@ def test_bad_images_raise():
         small_encoder()(torch.randn(3, 45, 45))
     with pytest.raises(ValueError, match="3 channels"):
         small_encoder()(torch.randn(1, 1, 45, 45))
+
+
+def test_timm_weights_give_timm_features_on_the_low_res_view():
+    timm = pytest.importorskip("timm")
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=4, class_token=False, global_pool="",
+        num_classes=0).eval()
+    encoder = small_encoder()
+    encoder.load_timm_state_dict(vit.state_dict())
+    images = torch.randn(2, 3, 16, 16)  # already at low_res: the low-res view is the image
+    with torch.no_grad():
+        low, _, _ = encoder.encode_low_res(images)
+        torch.testing.assert_close(encoder.norm(low), vit.forward_features(images), rtol=1e-5, atol=1e-5)

@@ -235,6 +235,45 @@ class SelectivePatchEncoder(nn.Module):
         pooled = torch.cat([low, high], dim=1).mean(dim=1)
         return PS3Output(high, pooled, low, selection, positions, scale_scores, low_scores)
 
+    def load_timm_state_dict(self, state_dict) -> None:
+        """Load a timm ``VisionTransformer`` state dict (pre-norm blocks, fused qkv, no layer scale)
+        into the shared ViT; the scorer, prompt and per-scale residuals keep their values.
+
+        The Conv2d patch embedding (D, C, P, P) becomes the Linear on (C, P, P)-flattened patches;
+        a class token's position entry is dropped and the position grid is resized bilinearly to
+        ours. timm itself is not needed: pass ``timm_model.state_dict()``.
+        """
+        ours = {}
+        weight = state_dict["patch_embed.proj.weight"]
+        if weight.shape[-1] != self.patch_size or weight[0].numel() != self.patch_embed.in_features:
+            raise ValueError(f"patch embedding {tuple(weight.shape)} does not fit patch_size {self.patch_size} "
+                             f"and {self.patch_embed.in_features} inputs")
+        ours["patch_embed.weight"] = weight.reshape(weight.shape[0], -1)
+        ours["patch_embed.bias"] = state_dict["patch_embed.proj.bias"]
+        positions = state_dict["pos_embed"][0]  # (prefix + g*g, D)
+        side = int(round((positions.shape[0]) ** 0.5))
+        if side * side != positions.shape[0]:
+            positions = positions[1:]  # class token first
+            side = int(round(positions.shape[0] ** 0.5))
+        table = positions.T.reshape(1, -1, side, side)
+        if side != self.grid:
+            table = F.interpolate(table, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
+        ours["pos_embed"] = table
+        renames = {"attn.qkv": "qkv", "attn.proj": "proj", "mlp.fc1": "fc1", "mlp.fc2": "fc2",
+                   "norm1": "norm1", "norm2": "norm2"}
+        for layer in range(len(self.blocks)):
+            for theirs, mine in renames.items():
+                for kind in ("weight", "bias"):
+                    ours[f"blocks.{layer}.{mine}.{kind}"] = state_dict[f"blocks.{layer}.{theirs}.{kind}"]
+        # timm's avg-pool models keep their final LayerNorm as fc_norm (after pooling) and an
+        # identity norm; ours normalizes tokens before pooling, so reuse fc_norm's affine there.
+        final = "norm" if "norm.weight" in state_dict else "fc_norm"
+        ours["norm.weight"], ours["norm.bias"] = state_dict[f"{final}.weight"], state_dict[f"{final}.bias"]
+        missing = [name for name, value in ours.items() if value.shape != self.state_dict()[name].shape]
+        if missing:
+            raise ValueError(f"shapes differ from this encoder's for {missing}")
+        self.load_state_dict(ours, strict=False)
+
     def encode_all_patches(self, images: torch.Tensor, side: Optional[int] = None) -> torch.Tensor:
         """The baseline PS3 avoids: every patch of the image at ``side`` (default the largest
         scale) through the same ViT with full self-attention. Returns (B, D) pooled tokens."""
