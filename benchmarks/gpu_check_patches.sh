@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${1:-python}
-FASTCL_CUDA=ON "$python" -m pip install --no-build-isolation --no-deps . >/dev/null
+# in-place build so `python -m pytest` from this directory imports this tree with its CUDA kernels
+FASTCL_CUDA=ON ./dev_build.sh "$python"
 "$python" -c "import fastcl; print(fastcl.backends())"
-"$python" -m pytest tests/ops/test_patches.py tests/test_ps3.py -q -m "cuda or triton or not cuda"
+"$python" -m pytest tests/ops/test_patches.py tests/test_ps3.py -q -q
 "$python" benchmarks/bench_patches.py --device cuda --out bench_results
