@@ -4,6 +4,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 
 if not torch.cuda.is_available():
@@ -63,6 +65,19 @@ def test_gather_matches_interpolate_unfold_index(case, backend):
     images, index = _case_inputs(H, W, size, patch, channels)
     # "exactly as interpolate" = within 1e-5 relative; values are O(1) so atol = 1e-5 too
     _check_against_naive(images, index, patch, size, backend, rtol=1e-5, atol=1e-5)
+
+
+@given(height=st.integers(3, 40), width=st.integers(3, 40), size_h=st.integers(3, 50), size_w=st.integers(3, 50),
+       patch=st.integers(1, 6), channels=st.integers(1, 4), seed=st.integers(0, 2**16))
+@settings(max_examples=40, deadline=None)
+def test_gather_random_shapes_match_naive(height, width, size_h, size_w, patch, channels, seed):
+    assume(size_h >= patch and size_w >= patch)
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(2, channels, height, width, generator=generator, dtype=torch.float64)
+    grid = (size_h // patch) * (size_w // patch)
+    index = torch.randint(0, grid, (2, 3), generator=generator)
+    for backend in _cpu_backends():
+        _check_against_naive(images, index, patch, (size_h, size_w), backend, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("backend", _cpu_backends())
@@ -242,6 +257,8 @@ def test_budget_split_properties():
     (lambda: fastcl.select_patches(torch.full((1, 2, 2), float("nan")), 2), ValueError, "NaN"),
     (lambda: fastcl.select_patches(torch.randn(1, 2, 2), 5), ValueError, "exceeds"),
     (lambda: fastcl.select_patches(torch.randn(1, 2, 2), 2.5), TypeError, "budget"),
+    (lambda: fastcl.select_patches(torch.randn(1, 2, 2), -1), ValueError, "budget must be >= 0"),
+    (lambda: fastcl.budget_split(3, [2, 0]), ValueError, r"counts\[1\]"),
     (lambda: fastcl.select_patches([torch.randn(1, 2, 2), torch.randn(2, 2, 2)], 2), ValueError, "batch size"),
     (lambda: fastcl.select_patches([torch.randn(1, 2, 2)], [1, 1]), ValueError, "one entry per scale"),
     (lambda: fastcl.select_patches(torch.randn(1, 2, 2), 1, exclude=torch.zeros(1, 2, 2)), TypeError, "bool"),

@@ -83,8 +83,8 @@ def cases(device: str, full: bool):
     for side, size, count in gather_shapes:
         for provider in gather_providers(device):
             out.append(Case(SUITE, provider, MODULE, "make_gather",
-                            {"op": "gather", "side": side, "size": size, "count": count}, x=side, repeats=5))
+                            {"op": "gather", "side": side, "size": size, "count": count}, x=side, repeats=5 if full else 3))
     for provider in ("naive", "selective"):
         out.append(Case(SUITE, provider, MODULE, "make_encoder", {"op": "encoder", **encoder_shape},
-                        x=encoder_shape["side"], repeats=1 if full else 2))
+                        x=encoder_shape["side"], repeats=1))
     return out

@@ -156,11 +156,14 @@ def budget_split(budget: int, counts: Sequence[int]) -> List[int]:
         >>> fastcl.budget_split(2560, [54 * 54, 108 * 108])
         [512, 2048]
     """
-    budget = check_positive_int("budget", budget) if budget != 0 else 0
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise TypeError(f"budget must be an int, got {type(budget).__name__}")
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
     counts = [check_positive_int(f"counts[{i}]", c) for i, c in enumerate(counts)]
-    total = sum(counts)
     if not counts:
         raise ValueError("counts must name at least one scale")
+    total = sum(counts)
     if budget > total:
         raise ValueError(f"budget {budget} exceeds the {total} patches of all scales together (counts {counts})")
     shares = [budget * c // total for c in counts]
