@@ -23,11 +23,12 @@ from ..._native import backends as _backends
 from ..._native import warn_once
 from . import naive
 from .indexed import gather_patches_indexed
+from .op import gather_patches_backward, gather_patches_forward
 from .options import check_budget_list, check_exclude, check_gather_args, check_positive_int, check_scores
 from .sampling import AxisTaps, accumulation_dtype, axis_taps
 
-__all__ = ["gather_patches", "select_patches", "budget_split", "patch_saliency", "GatherPatchesFunction",
-           "resolve_gather_backend"]
+__all__ = ["gather_patches", "select_patches", "budget_split", "patch_saliency", "gather_patches_forward",
+           "gather_patches_backward", "resolve_gather_backend"]
 
 
 def resolve_gather_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -55,38 +56,6 @@ def resolve_gather_backend(backend: str, device: torch.device, dtype: torch.dtyp
     if backend == "cuda" and device.type != "cuda":
         raise ValueError(f"backend='cuda' runs on CUDA tensors, got images on {device}")
     return backend
-
-
-def _kernels(backend: str):
-    if backend == "triton":
-        from .triton import triton_backward, triton_forward
-
-        return triton_forward, triton_backward
-    from .native import native_backward, native_forward
-
-    return native_forward, native_backward
-
-
-class GatherPatchesFunction(torch.autograd.Function):
-    """Autograd for the kernel backends: saves only the index and the tap tables (O(K + Hs + Ws))."""
-
-    @staticmethod
-    def forward(ctx, images, index, patch_size, grid_w, row_taps, col_taps, backend):
-        forward, _ = _kernels(backend)
-        ctx.save_for_backward(index, *row_taps, *col_taps)
-        ctx.meta = (patch_size, grid_w, tuple(images.shape), backend)
-        return forward(images, index, patch_size, grid_w, row_taps, col_taps)
-
-    @staticmethod
-    def backward(ctx, grad_patches):
-        index, *tables = ctx.saved_tensors
-        patch_size, grid_w, image_shape, backend = ctx.meta
-        _, backward = _kernels(backend)
-        grad_images = None
-        if ctx.needs_input_grad[0]:
-            grad_images = backward(grad_patches, index, patch_size, grid_w, AxisTaps(*tables[:3]),
-                                   AxisTaps(*tables[3:]), image_shape)
-        return grad_images, None, None, None, None, None, None
 
 
 def gather_patches(images: torch.Tensor, index: torch.Tensor, patch_size: int,
@@ -139,7 +108,7 @@ def gather_patches(images: torch.Tensor, index: torch.Tensor, patch_size: int,
         # the Triton kernels read the taps as fp32 whatever the image dtype
         row_taps = row_taps._replace(lambda1=row_taps.lambda1.float())
         col_taps = col_taps._replace(lambda1=col_taps.lambda1.float())
-    patches = GatherPatchesFunction.apply(images, index, patch_size, grid_w, row_taps, col_taps, chosen)
+    patches = gather_patches_forward(images, index, *row_taps, *col_taps, patch_size, grid_w, chosen)
     return patches, positions
 
 
