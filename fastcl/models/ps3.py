@@ -4,7 +4,9 @@ low resolution, then only a budget of salient high-resolution patches, with one 
 Pipeline of :class:`SelectivePatchEncoder` for images (B, C, H, W):
 
 1. **Low-res pass.** Patches of the image resized to ``low_res`` (G x G grid, G = low_res / P)
-   run through the ViT; every layer's keys and values of these tokens are kept.
+   run through the ViT; every layer's keys and values of these tokens are kept. The view is
+   sampled like ``interpolate(bilinear, antialias=False)``; for strong downsampling pass an
+   image you have low-pass filtered (or resized with antialias) if aliasing matters.
 2. **Scoring.** The low-res tokens of ``score_layers`` (concatenated) go through an MLP; the
    saliency logit of each low-res patch is ``clamp(5 cos(feature, prompt), -10, 10)`` with a
    learned prompt (bottom-up) or a projected text embedding (top-down). Each scale's score map is
@@ -36,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.patches import budget_split, gather_patches, patch_saliency, select_patches
+from ..ops.patches import gather_patches, patch_saliency, select_patches
 
 
 class PS3Output(NamedTuple):
@@ -147,9 +149,6 @@ class SelectivePatchEncoder(nn.Module):
         self.text_proj = nn.Linear(text_dim, score_dim) if text_dim is not None else None
 
     # -- pieces -------------------------------------------------------------------------------
-    def scale_counts(self) -> List[int]:
-        return [(s // self.patch_size) ** 2 for s in self.scales]
-
     def position_embedding(self, positions: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         """(B, K, D): the (G x G) position embedding resized bilinearly to ``grid`` and read at
         ``positions`` (B, K, 2) (row, col), sampled directly (grid_sample) instead of resizing."""
@@ -219,8 +218,8 @@ class SelectivePatchEncoder(nn.Module):
         grids = [s // self.patch_size for s in self.scales]
         scale_scores = [F.interpolate(low_scores[:, None], size=(g, g), mode="bilinear", align_corners=False)[:, 0]
                         for g in grids]
-        selection = select_patches(scale_scores, budget if isinstance(budget, (list, tuple))
-                                   else budget_split(budget, self.scale_counts()), exclude)
+        # an int budget is split across scales by patch count (largest remainder)
+        selection = select_patches(scale_scores, budget, exclude)
         embedded, positions = [], []
         for s, (side, index) in enumerate(zip(self.scales, selection)):
             tokens, where = self.embed(images, index, side)
