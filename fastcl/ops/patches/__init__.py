@@ -9,8 +9,9 @@
   straight from the original image: never the resized image, never the full patch grid.
 
 Backends of ``gather_patches``: ``naive`` (interpolate + unfold + index, the reference),
-``torch`` (four ``torch.gather`` over the flat image, any device), ``cpu`` (csrc/cpu),
-``cuda`` (csrc/cuda) and ``triton``; ``auto`` picks cuda, then triton on GPUs and cpu on CPUs.
+``torch`` (one ``torch.gather`` of the four bilinear corners, any device), ``cpu`` (csrc/cpu,
+float32/float64), ``cuda`` (csrc/cuda) and ``triton`` (blends in fp32 whatever the dtype);
+``auto`` picks cuda, then triton on GPUs and cpu on CPUs (torch for half types on CPU).
 """
 from __future__ import annotations
 
