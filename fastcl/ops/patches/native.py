@@ -41,7 +41,8 @@ def native_forward(images: torch.Tensor, index: torch.Tensor, patch_size: int, g
     if images.device.type == "cpu":
         getattr(module, f"gather_patches_forward_{suffix}")(*common, torch.get_num_threads())
     else:
-        getattr(module, f"gather_patches_cuda_forward_{suffix}")(*common, torch.cuda.current_stream(images.device).cuda_stream)
+        with torch.cuda.device(images.device):  # launch on the images' GPU, not the current one
+            getattr(module, f"gather_patches_cuda_forward_{suffix}")(*common, torch.cuda.current_stream(images.device).cuda_stream)
     return out
 
 
@@ -65,5 +66,6 @@ def native_backward(grad_out: torch.Tensor, index: torch.Tensor, patch_size: int
     if device.type == "cpu":
         getattr(module, f"gather_patches_backward_{suffix}")(*common, torch.get_num_threads())
     else:
-        getattr(module, f"gather_patches_cuda_backward_{suffix}")(*common, torch.cuda.current_stream(device).cuda_stream)
+        with torch.cuda.device(device):
+            getattr(module, f"gather_patches_cuda_backward_{suffix}")(*common, torch.cuda.current_stream(device).cuda_stream)
     return grad_images.to(grad_out.dtype)

@@ -8,6 +8,8 @@ scatter-adds the four weighted gradients with ``tl.atomic_add`` into an fp32 ima
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -15,6 +17,11 @@ import triton.language as tl
 from .sampling import AxisTaps
 
 BLOCK_PIXELS = 256
+
+
+def _on_device(device: torch.device):
+    """Launch on the tensors' GPU (a no-op for CPU tensors under the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @triton.jit
@@ -96,11 +103,12 @@ def triton_forward(images: torch.Tensor, index: torch.Tensor, patch_size: int, g
     if out.numel() == 0:
         return out
     grid = (batch * num_patches, triton.cdiv(patch_elements, BLOCK_PIXELS))
-    gather_patches_fwd_kernel[grid](
-        images, index.contiguous(), out, *(t.contiguous() for t in (*row_taps, *col_taps)),
-        num_patches, patch_elements, grid_w, *images.stride(),
-        PATCH=patch_size, BLOCK=BLOCK_PIXELS,
-    )
+    with _on_device(images.device):
+        gather_patches_fwd_kernel[grid](
+            images, index.contiguous(), out, *(t.contiguous() for t in (*row_taps, *col_taps)),
+            num_patches, patch_elements, grid_w, *images.stride(),
+            PATCH=patch_size, BLOCK=BLOCK_PIXELS,
+        )
     return out
 
 
@@ -112,9 +120,10 @@ def triton_backward(grad_out: torch.Tensor, index: torch.Tensor, patch_size: int
     grad_images = torch.zeros(image_shape, dtype=torch.float32, device=grad_out.device)
     if grad_out.numel() > 0:
         grid = (batch * num_patches, triton.cdiv(patch_elements, BLOCK_PIXELS))
-        gather_patches_bwd_kernel[grid](
-            grad_out.contiguous(), index.contiguous(), grad_images, *(t.contiguous() for t in (*row_taps, *col_taps)),
-            num_patches, patch_elements, grid_w, channels, height, width,
-            PATCH=patch_size, BLOCK=BLOCK_PIXELS,
-        )
+        with _on_device(grad_out.device):
+            gather_patches_bwd_kernel[grid](
+                grad_out.contiguous(), index.contiguous(), grad_images, *(t.contiguous() for t in (*row_taps, *col_taps)),
+                num_patches, patch_elements, grid_w, channels, height, width,
+                PATCH=patch_size, BLOCK=BLOCK_PIXELS,
+            )
     return grad_images.to(grad_out.dtype)
