@@ -45,7 +45,7 @@ bench-full: $(VENV)/.stamp-bench install
 
 # Compile the CUDA kernels without a GPU (what CI checks): a compile error fails.
 cuda-compile: $(VENV)/.stamp-venv
-	CMAKE_ARGS="-DFASTCL_CUDA=ON" $(PIP) wheel --no-build-isolation --no-deps -w build/cuda-wheel .
+	CMAKE_ARGS="-DFASTCL_CUDA=ON" $(PIP) wheel --no-build-isolation --no-deps --config-settings=build-dir=build/cuda -w build/cuda-wheel .
 
 clean:
 	rm -rf build dist bench_results .pytest_cache
