@@ -100,25 +100,20 @@ def chunk_tokens_for(width: int, bytes_per_element: int, budget: int = DEFAULT_C
 
 
 def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
-    """float32 (y, x_hat, rstd) of a layer norm over the last dimension."""
+    """(y, mean, rstd) of a layer norm over the last dimension, in float32 (float64 stays)."""
     x = _wide(x)
-    mean = x.mean(dim=-1, keepdim=True)
-    centered = x - mean
-    rstd = torch.rsqrt(centered.pow(2).mean(dim=-1, keepdim=True) + eps)
-    x_hat = centered * rstd
-    return torch.addcmul(_wide(bias), x_hat, _wide(weight)), x_hat, rstd
+    return torch.native_layer_norm(x, (x.shape[-1],), _wide(weight), _wide(bias), eps)
 
 
-def _layer_norm_backward(grad_y: torch.Tensor, x_hat: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
-                         grad_weight: torch.Tensor, grad_bias: torch.Tensor) -> torch.Tensor:
-    """dL/dx of a layer norm; adds dL/dweight and dL/dbias into the float32 accumulators."""
-    grad_y = _wide(grad_y)
-    grad_weight += (grad_y * x_hat).sum(0)
-    grad_bias += grad_y.sum(0)
-    grad_x_hat = grad_y * _wide(weight)
-    mean_grad = grad_x_hat.mean(dim=-1, keepdim=True)
-    mean_grad_dot = (grad_x_hat * x_hat).mean(dim=-1, keepdim=True)
-    return (grad_x_hat - mean_grad - x_hat * mean_grad_dot) * rstd
+def _layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                         weight: torch.Tensor, bias: torch.Tensor, grad_weight: torch.Tensor,
+                         grad_bias: torch.Tensor) -> torch.Tensor:
+    """dL/dx of a layer norm (one fused ATen kernel); adds dL/dweight and dL/dbias into the accumulators."""
+    grad_x, dw, db = torch.ops.aten.native_layer_norm_backward(
+        _wide(grad_y), _wide(x), [x.shape[-1]], mean, rstd, _wide(weight), _wide(bias), [True, True, True])
+    grad_weight += dw
+    grad_bias += db
+    return grad_x
 
 
 def _accumulate_product(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -146,8 +141,9 @@ class _Weights:
         self.w1, self.b1 = w1.to(dtype), b1.to(dtype)
         self.w2, self.b2 = w2.to(dtype), b2.to(dtype)
         self.wq, self.wkv, self.wo = wq.to(dtype), wkv.to(dtype), wo.to(dtype)
-        self.context, self.ctx_hat, self.ctx_rstd = _layer_norm(latents, ctx_w, ctx_b, eps)
-        self.ctx_weight = ctx_w
+        self.latents = latents
+        self.context_norm = (ctx_w, ctx_b)
+        self.context, self.ctx_mean, self.ctx_rstd = _layer_norm(latents, ctx_w, ctx_b, eps)
         context = self.context.to(dtype)
         kv = context @ self.wkv.T                                   # (r, 2*H*dh), keys first
         heads, r, dh, d = num_heads, self.num_latents, self.head_dim, self.hidden
@@ -207,7 +203,10 @@ class LatentAttentionFunction(torch.autograd.Function):
             z, _, _ = _layer_norm(y, *weights.ff_norm, eps)
             u = torch.addmm(weights.b1, z.to(dtype), weights.w1.T)
             out = _wide(torch.addmm(weights.b2, kernels.geglu_forward(u), weights.w2.T)) + y
-            pooled.index_add_(0, sequence[start:stop], out * token_weight[start:stop, None])
+            # Masked mean as a (B, n) x (n, d) product: index_add_ is serial and slow on CPU.
+            pooling = torch.zeros(batch, stop - start, dtype=stats, device=out.device)
+            pooling[sequence[start:stop], torch.arange(stop - start, device=out.device)] = token_weight[start:stop]
+            pooled.addmm_(pooling, out)
         ctx.save_for_backward(hidden_states, index, sequence, token_weight, lse, residual, *params)
         ctx.weights = weights
         ctx.kernels = kernels
@@ -243,12 +242,12 @@ class LatentAttentionFunction(torch.autograd.Function):
             stop = min(count, start + ctx.chunk)
             rows = index[start:stop]
             h = _wide(flat_hidden.index_select(0, rows))
-            x, x_hat, rstd = _layer_norm(h, *weights.norm, eps)
+            x, x_mean, x_rstd = _layer_norm(h, *weights.norm, eps)
             x = x.to(dtype)
             probs = x @ weights.score_map
             kernels.softmax_recompute(probs.view(-1, r), lse[start:stop].reshape(-1))
             y = residual[start:stop]
-            z, z_hat, z_rstd = _layer_norm(y, *weights.ff_norm, eps)
+            z, z_mean, z_rstd = _layer_norm(y, *weights.ff_norm, eps)
             z = z.to(dtype)
             u = torch.addmm(weights.b1, z, weights.w1.T)
             # Feed-forward: out = y + GEGLU(u) W2^T + b2, every token weighted by m_t / sum m.
@@ -259,7 +258,7 @@ class LatentAttentionFunction(torch.autograd.Function):
             grad_b2 += grad_out.sum(0)
             _accumulate_product(grad_w1, grad_u.T, z)
             grad_b1 += _wide(grad_u).sum(0)
-            grad_y = grad_out + _layer_norm_backward(grad_u @ weights.w1, z_hat, z_rstd, weights.ff_norm[0],
+            grad_y = grad_out + _layer_norm_backward(grad_u @ weights.w1, y, z_mean, z_rstd, *weights.ff_norm,
                                                      grad_ff_norm_w, grad_ff_norm_b)
             # Attention: y = h + P N, P = softmax(x M) per head.
             grad_y_c = grad_y.to(dtype)
@@ -268,7 +267,8 @@ class LatentAttentionFunction(torch.autograd.Function):
             kernels.softmax_backward(probs.view(-1, r), grad_scores.view(-1, r))
             _accumulate_product(grad_score_map, x.T, grad_scores)
             grad_x = grad_scores @ weights.score_map.T
-            grad_h = grad_y + _layer_norm_backward(grad_x, x_hat, rstd, weights.norm[0], grad_norm_w, grad_norm_b)
+            grad_h = grad_y + _layer_norm_backward(grad_x, h, x_mean, x_rstd, *weights.norm,
+                                                          grad_norm_w, grad_norm_b)
             grad_hidden.index_copy_(0, rows, grad_h.to(grad_hidden.dtype))
 
         grads = _parameter_gradients(weights, grad_score_map, grad_value_map)
@@ -299,7 +299,7 @@ def _parameter_gradients(weights: _Weights, grad_score_map: torch.Tensor, grad_v
     grad_context = _wide(grad_kv @ weights.wkv)
     grad_ctx_w = torch.zeros(d, dtype=grad_context.dtype, device=grad_context.device)
     grad_ctx_b = torch.zeros_like(grad_ctx_w)
-    grad_latents = _layer_norm_backward(grad_context, weights.ctx_hat, weights.ctx_rstd, weights.ctx_weight,
-                                        grad_ctx_w, grad_ctx_b)
+    grad_latents = _layer_norm_backward(grad_context, weights.latents, weights.ctx_mean, weights.ctx_rstd,
+                                        *weights.context_norm, grad_ctx_w, grad_ctx_b)
     return (grad_latents, grad_ctx_w, grad_ctx_b, grad_wq.reshape(heads * dh, d), grad_wkv,
             grad_wo.transpose(0, 1).reshape(d, heads * dh))

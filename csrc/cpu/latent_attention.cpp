@@ -1,0 +1,217 @@
+// Elementwise kernels of the fused latent-attention pooling (fastcl/ops/latent_attention).
+//
+// Python does the matrix products (scores = LN(h) M, output = P N, the feed-forward) on one
+// chunk of tokens at a time; these kernels do what lies between them in one pass over memory
+// each, in place where possible, so a chunk never needs the extra temporaries PyTorch's
+// softmax / GELU / autograd formulas would allocate:
+//   softmax_forward    scores -> probabilities, writes the row log-sum-exp
+//   softmax_recompute  scores -> exp(scores - lse) (backward: no second reduction)
+//   softmax_backward   dP -> dS = P * (dP - sum(P * dP))
+//   geglu_forward      u = [value | gate] -> value * gelu(gate)        (exact erf GELU)
+//   geglu_backward     (u, dgated) -> du and the gated output (needed for the W2 gradient)
+// float32 only (the Python side computes every chunk in float32 on the CPU). Rows are
+// independent: OpenMP splits them across the threads torch uses.
+#include "registry.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace fastcl {
+namespace {
+
+// exp(x) for x <= 0: Cody-Waite range reduction and a degree-6 polynomial (about 2 ulp),
+// branch-free so the loops calling it vectorize (std::exp does not).
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float t = x * 1.44269504088896341f;
+  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float f = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
+  float p = 1.9875691500e-4f;
+  p = p * f + 1.3981999507e-3f;
+  p = p * f + 8.3334519073e-3f;
+  p = p * f + 4.1665795894e-2f;
+  p = p * f + 1.6666665459e-1f;
+  p = p * f + 5.0000001201e-1f;
+  p = p * f * f + f + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+constexpr float kSqrtHalf = 0.70710678118654752f;
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;
+
+// Standard normal CDF Phi(x) = (1 + erf(x / sqrt 2)) / 2 and density phi(x), branch-free.
+// erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7, below float32 resolution of Phi near
+// 1) evaluated on |x| and mirrored; exp(-x^2/2) comes out of the same call as the density.
+struct NormalTerms {
+  float cdf;
+  float density;
+};
+
+inline NormalTerms normal_terms(float x) {
+  const float z = std::fabs(x) * kSqrtHalf;
+  const float t = 1.0f / (1.0f + 0.3275911f * z);
+  float poly = 1.061405429f;
+  poly = poly * t - 1.453152027f;
+  poly = poly * t + 1.421413741f;
+  poly = poly * t - 0.284496736f;
+  poly = poly * t + 0.254829592f;
+  poly *= t;
+  const float gauss = exp_nonpositive(-z * z);  // exp(-x^2 / 2)
+  const float erf_abs = 1.0f - poly * gauss;
+  const float erf_x = x < 0.0f ? -erf_abs : erf_abs;
+  return {0.5f * (1.0f + erf_x), gauss * kInvSqrt2Pi};
+}
+
+void softmax_forward(float* scores, float* lse, int64_t rows, int64_t cols, int threads) {
+#ifdef FASTCL_WITH_OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static)
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = scores + r * cols;
+    float row_max = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : row_max)
+    for (int64_t j = 0; j < cols; ++j) row_max = std::max(row_max, row[j]);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < cols; ++j) {
+      const float e = exp_nonpositive(row[j] - row_max);
+      row[j] = e;
+      sum += e;
+    }
+    const float inv = 1.0f / sum;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) row[j] *= inv;
+    lse[r] = row_max + std::log(sum);
+  }
+  (void)threads;
+}
+
+void softmax_recompute(float* scores, const float* lse, int64_t rows, int64_t cols, int threads) {
+#ifdef FASTCL_WITH_OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static)
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = scores + r * cols;
+    const float shift = lse[r];
+    // s <= lse for every entry; min() keeps rounding from handing exp a tiny positive argument.
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) row[j] = exp_nonpositive(std::min(row[j] - shift, 0.0f));
+  }
+  (void)threads;
+}
+
+void softmax_backward(const float* probs, float* grad, int64_t rows, int64_t cols, int threads) {
+#ifdef FASTCL_WITH_OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static)
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* p = probs + r * cols;
+    float* g = grad + r * cols;
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < cols; ++j) dot += p[j] * g[j];
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) g[j] = p[j] * (g[j] - dot);
+  }
+  (void)threads;
+}
+
+void geglu_forward(const float* u, float* gated, int64_t rows, int64_t width, int threads) {
+#ifdef FASTCL_WITH_OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static)
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* value = u + r * 2 * width;
+    const float* gate = value + width;
+    float* out = gated + r * width;
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) {
+      const NormalTerms n = normal_terms(gate[j]);
+      out[j] = value[j] * gate[j] * n.cdf;
+    }
+  }
+  (void)threads;
+}
+
+void geglu_backward(const float* u, const float* grad_gated, float* grad_u, float* gated, int64_t rows,
+                    int64_t width, int threads) {
+#ifdef FASTCL_WITH_OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static)
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* value = u + r * 2 * width;
+    const float* gate = value + width;
+    const float* g = grad_gated + r * width;
+    float* grad_value = grad_u + r * 2 * width;
+    float* grad_gate = grad_value + width;
+    float* out = gated + r * width;
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) {
+      const float x = gate[j];
+      const NormalTerms n = normal_terms(x);
+      const float gelu = x * n.cdf;
+      grad_value[j] = g[j] * gelu;
+      grad_gate[j] = g[j] * value[j] * (n.cdf + x * n.density);  // gelu'(x) = Phi(x) + x phi(x)
+      out[j] = value[j] * gelu;
+    }
+  }
+  (void)threads;
+}
+
+}  // namespace
+
+FASTCL_REGISTER(latent_attention_cpu) {
+  namespace py = pybind11;
+  using py::arg;
+  using Address = std::uintptr_t;
+  m.def(
+      "latent_softmax_forward_f32",
+      [](Address scores, Address lse, int64_t rows, int64_t cols, int64_t num_threads) {
+        py::gil_scoped_release release;
+        softmax_forward(ptr<float>(scores), ptr<float>(lse), rows, cols, clamp_threads(num_threads));
+      },
+      "Row softmax in place over contiguous (rows, cols) float32 scores; writes the row log-sum-exp.",
+      arg("scores"), arg("lse"), arg("rows"), arg("cols"), arg("num_threads"));
+  m.def(
+      "latent_softmax_recompute_f32",
+      [](Address scores, Address lse, int64_t rows, int64_t cols, int64_t num_threads) {
+        py::gil_scoped_release release;
+        softmax_recompute(ptr<float>(scores), ptr<const float>(lse), rows, cols, clamp_threads(num_threads));
+      },
+      "scores <- exp(scores - lse[row]) in place (probabilities from the saved log-sum-exp).", arg("scores"),
+      arg("lse"), arg("rows"), arg("cols"), arg("num_threads"));
+  m.def(
+      "latent_softmax_backward_f32",
+      [](Address probs, Address grad, int64_t rows, int64_t cols, int64_t num_threads) {
+        py::gil_scoped_release release;
+        softmax_backward(ptr<const float>(probs), ptr<float>(grad), rows, cols, clamp_threads(num_threads));
+      },
+      "grad <- probs * (grad - sum(probs * grad)) in place, row by row.", arg("probs"), arg("grad"), arg("rows"),
+      arg("cols"), arg("num_threads"));
+  m.def(
+      "latent_geglu_forward_f32",
+      [](Address u, Address gated, int64_t rows, int64_t width, int64_t num_threads) {
+        py::gil_scoped_release release;
+        geglu_forward(ptr<const float>(u), ptr<float>(gated), rows, width, clamp_threads(num_threads));
+      },
+      "gated = u[:, :width] * gelu(u[:, width:]) for contiguous (rows, 2*width) u.", arg("u"), arg("gated"),
+      arg("rows"), arg("width"), arg("num_threads"));
+  m.def(
+      "latent_geglu_backward_f32",
+      [](Address u, Address grad_gated, Address grad_u, Address gated, int64_t rows, int64_t width,
+         int64_t num_threads) {
+        py::gil_scoped_release release;
+        geglu_backward(ptr<const float>(u), ptr<const float>(grad_gated), ptr<float>(grad_u), ptr<float>(gated),
+                       rows, width, clamp_threads(num_threads));
+      },
+      "GEGLU backward: grad_u (rows, 2*width) from grad_gated (rows, width); also writes gated.", arg("u"),
+      arg("grad_gated"), arg("grad_u"), arg("gated"), arg("rows"), arg("width"), arg("num_threads"));
+}
+
+}  // namespace fastcl
