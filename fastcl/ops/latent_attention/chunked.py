@@ -127,7 +127,7 @@ def _accumulate_product(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Ten
 class _Weights:
     """The parameters in the compute dtype, plus the per-call latent products."""
 
-    def __init__(self, params, num_heads: int, eps: float, dtype: torch.dtype):
+    def __init__(self, params, num_heads: int, eps: float, dtype: torch.dtype, derived=None):
         (latents, norm_w, norm_b, ctx_w, ctx_b, wq, wkv, wo, ff_norm_w, ff_norm_b, w1, b1, w2, b2) = params
         self.num_heads = num_heads
         self.eps = eps
@@ -143,18 +143,25 @@ class _Weights:
         self.wq, self.wkv, self.wo = wq.to(dtype), wkv.to(dtype), wo.to(dtype)
         self.latents = latents
         self.context_norm = (ctx_w, ctx_b)
-        self.context, self.ctx_mean, self.ctx_rstd = _layer_norm(latents, ctx_w, ctx_b, eps)
-        context = self.context.to(dtype)
-        kv = context @ self.wkv.T                                   # (r, 2*H*dh), keys first
         heads, r, dh, d = num_heads, self.num_latents, self.head_dim, self.hidden
-        self.keys = kv[:, :self.inner].reshape(r, heads, dh).transpose(0, 1)    # (H, r, dh)
-        self.values = kv[:, self.inner:].reshape(r, heads, dh).transpose(0, 1)  # (H, r, dh)
         self.wq_heads = self.wq.view(heads, dh, d)                              # (H, dh, d)
         self.wo_heads = self.wo.view(d, heads, dh).transpose(0, 1)             # (H, d, dh)
+        if derived is not None:  # backward: the forward pass's products, from save_for_backward
+            (self.context, self.ctx_mean, self.ctx_rstd, self.keys, self.values,
+             self.score_map, self.value_map) = derived
+            return
+        self.context, self.ctx_mean, self.ctx_rstd = _layer_norm(latents, ctx_w, ctx_b, eps)
+        kv = self.context.to(dtype) @ self.wkv.T                    # (r, 2*H*dh), keys first
+        self.keys = kv[:, :self.inner].reshape(r, heads, dh).transpose(0, 1)    # (H, r, dh)
+        self.values = kv[:, self.inner:].reshape(r, heads, dh).transpose(0, 1)  # (H, r, dh)
         # M[:, h*r:(h+1)*r] = scale * Wq_h^T K_h^T; N[h*r:(h+1)*r] = V_h Wout_h^T.
         score_map = torch.bmm(self.wq_heads.transpose(1, 2), self.keys.transpose(1, 2)) * self.scale  # (H, d, r)
         self.score_map = score_map.transpose(0, 1).reshape(d, heads * r).contiguous()
         self.value_map = torch.bmm(self.values, self.wo_heads.transpose(1, 2)).reshape(heads * r, d).contiguous()
+
+    def derived(self):
+        """The per-call tensors the backward pass reuses (saved with save_for_backward)."""
+        return (self.context, self.ctx_mean, self.ctx_rstd, self.keys, self.values, self.score_map, self.value_map)
 
 
 def _tokens(pool_mask: torch.Tensor, dtype: torch.dtype):
@@ -207,8 +214,8 @@ class LatentAttentionFunction(torch.autograd.Function):
             pooling = torch.zeros(batch, stop - start, dtype=stats, device=out.device)
             pooling[sequence[start:stop], torch.arange(stop - start, device=out.device)] = token_weight[start:stop]
             pooled.addmm_(pooling, out)
-        ctx.save_for_backward(hidden_states, index, sequence, token_weight, lse, residual, *params)
-        ctx.weights = weights
+        ctx.save_for_backward(hidden_states, index, sequence, token_weight, lse, residual, *params, *weights.derived())
+        ctx.setup = (num_heads, eps, dtype)
         ctx.kernels = kernels
         ctx.chunk = chunk
         ctx.shape = (batch, length, hidden)
@@ -216,10 +223,10 @@ class LatentAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_pooled):
-        hidden_states, index, sequence, token_weight, lse, residual, *params = ctx.saved_tensors
-        weights: _Weights = ctx.weights
+        hidden_states, index, sequence, token_weight, lse, residual, *saved = ctx.saved_tensors
+        params, derived = saved[:14], saved[14:]
+        weights = _Weights([p.detach() for p in params], *ctx.setup, derived=derived)
         kernels: ElementwiseKernels = ctx.kernels
-        ctx.weights = None
         batch, length, hidden = ctx.shape
         dtype, eps = weights.dtype, weights.eps
         heads, r, d = weights.num_heads, weights.num_latents, hidden
