@@ -264,3 +264,13 @@ def test_triton_on_gpu_matches_naive(dtype, small_chunks):
     ours, theirs = _max_error(to_cpu(got), want), _max_error(to_cpu(eager), want)
     factor, floor = LOW_PRECISION.get(dtype, (3.0, 1e-4))
     assert (ours <= factor * theirs + floor).all(), f"ours {ours.tolist()} vs eager {theirs.tolist()}"
+
+
+def test_naive_sdpa_variant_matches_explicit_softmax():
+    """The benchmark's second eager baseline computes the same function."""
+    shape = SHAPES[0]
+    module = _module(shape, torch.float64)
+    hidden, mask = _inputs(shape, torch.float64)
+    explicit = naive.latent_attention_pool(hidden, mask, *module.flat_parameters(), num_heads=3)
+    fused_sdpa = naive.latent_attention_pool(hidden, mask, *module.flat_parameters(), num_heads=3, use_sdpa=True)
+    torch.testing.assert_close(fused_sdpa, explicit)

@@ -1,7 +1,9 @@
 """Latent-attention pooling (NV-Embed): fused backends vs the eager reference module.
 
 The baseline ``naive`` is :class:`fastcl.ops.latent_attention.NaiveLatentAttentionPooling`
-(every intermediate materialized, keys/values of the latents computed once per call). Every
+(every intermediate materialized, keys/values of the latents computed once per call);
+``eager_sdpa`` is the same module with ``F.scaled_dot_product_attention`` for the attention
+(what NV-Embed's own module calls), shown for reference. Every
 provider runs forward + backward with gradients for the hidden states and all parameters
 (parameter gradients are set to None before each step, so they count as extra memory on both
 sides). All tokens are pooled (pool_mask of ones): the fused backends' skipping of unpooled
@@ -27,8 +29,9 @@ def make_step(device: str, provider: str, batch: int, length: int, hidden: int, 
     from fastcl.ops.latent_attention import LatentAttentionPooling, NaiveLatentAttentionPooling
 
     torch.manual_seed(0)
-    if provider == "naive":
-        module = NaiveLatentAttentionPooling(hidden, num_latents=latents, num_heads=heads, head_dim=head_dim)
+    if provider in ("naive", "eager_sdpa"):
+        module = NaiveLatentAttentionPooling(hidden, num_latents=latents, num_heads=heads, head_dim=head_dim,
+                                             use_sdpa=provider == "eager_sdpa")
     else:
         module = LatentAttentionPooling(hidden, num_latents=latents, num_heads=heads, head_dim=head_dim,
                                         backend=provider)
@@ -54,7 +57,7 @@ def cases(device: str, full: bool):
     import fastcl
 
     available = fastcl.backends()
-    providers = ["naive", "torch"]
+    providers = ["naive", "eager_sdpa", "torch"]
     if device == "cpu" and available["cpu"].available:
         providers.append("cpu")
     if device == "cuda" and available["triton"].available:

@@ -35,7 +35,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-DEFAULT_CHUNK_BYTES = 8 * 2**20
+# Large enough that a chunk's products keep the cores busy between synchronizations (on a shared
+# CPU, many small parallel regions cost more than the products), small next to the eager activations.
+DEFAULT_CHUNK_BYTES = 32 * 2**20
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -206,10 +208,14 @@ class LatentAttentionFunction(torch.autograd.Function):
             scores = x.to(dtype) @ weights.score_map                            # (n, H*r)
             lse[start:stop] = kernels.softmax_forward(scores.view(-1, r)).view(-1, heads)
             y = h + _wide(scores @ weights.value_map)                          # attention residual
+            del scores  # chunk buffers are dropped as soon as possible: the peak is one of them, not all
             residual[start:stop] = y
             z, _, _ = _layer_norm(y, *weights.ff_norm, eps)
             u = torch.addmm(weights.b1, z.to(dtype), weights.w1.T)
-            out = _wide(torch.addmm(weights.b2, kernels.geglu_forward(u), weights.w2.T)) + y
+            gated = kernels.geglu_forward(u)
+            del u
+            out = _wide(torch.addmm(weights.b2, gated, weights.w2.T)) + y
+            del gated
             # Masked mean as a (B, n) x (n, d) product: index_add_ is serial and slow on CPU.
             pooling = torch.zeros(batch, stop - start, dtype=stats, device=out.device)
             pooling[sequence[start:stop], torch.arange(stop - start, device=out.device)] = token_weight[start:stop]
@@ -248,34 +254,40 @@ class LatentAttentionFunction(torch.autograd.Function):
         for start in range(0, count, ctx.chunk):
             stop = min(count, start + ctx.chunk)
             rows = index[start:stop]
-            h = _wide(flat_hidden.index_select(0, rows))
-            x, x_mean, x_rstd = _layer_norm(h, *weights.norm, eps)
-            x = x.to(dtype)
-            probs = x @ weights.score_map
-            kernels.softmax_recompute(probs.view(-1, r), lse[start:stop].reshape(-1))
+            # Feed-forward first (its (n, 2F) buffers are freed before the (n, H*r) ones exist):
+            # out = y + GEGLU(u) W2^T + b2, every token weighted by m_t / sum m.
             y = residual[start:stop]
             z, z_mean, z_rstd = _layer_norm(y, *weights.ff_norm, eps)
             z = z.to(dtype)
             u = torch.addmm(weights.b1, z, weights.w1.T)
-            # Feed-forward: out = y + GEGLU(u) W2^T + b2, every token weighted by m_t / sum m.
             grad_out = grad_pooled.index_select(0, sequence[start:stop]) * token_weight[start:stop, None]
             grad_out_c = grad_out.to(dtype)
             grad_u, gated = kernels.geglu_backward(u, grad_out_c @ weights.w2)
+            del u
             _accumulate_product(grad_w2, grad_out_c.T, gated)
+            del gated
             grad_b2 += grad_out.sum(0)
             _accumulate_product(grad_w1, grad_u.T, z)
             grad_b1 += _wide(grad_u).sum(0)
             grad_y = grad_out + _layer_norm_backward(grad_u @ weights.w1, y, z_mean, z_rstd, *weights.ff_norm,
                                                      grad_ff_norm_w, grad_ff_norm_b)
-            # Attention: y = h + P N, P = softmax(x M) per head.
+            del grad_u, z
+            # Attention: y = h + P N with P = softmax(x M) per head, recomputed from the saved lse.
+            h = _wide(flat_hidden.index_select(0, rows))
+            x, x_mean, x_rstd = _layer_norm(h, *weights.norm, eps)
+            x = x.to(dtype)
+            probs = x @ weights.score_map
+            kernels.softmax_recompute(probs.view(-1, r), lse[start:stop].reshape(-1))
             grad_y_c = grad_y.to(dtype)
             _accumulate_product(grad_value_map, probs.T, grad_y_c)
             grad_scores = grad_y_c @ weights.value_map.T
             kernels.softmax_backward(probs.view(-1, r), grad_scores.view(-1, r))
+            del probs
             _accumulate_product(grad_score_map, x.T, grad_scores)
             grad_x = grad_scores @ weights.score_map.T
+            del grad_scores
             grad_h = grad_y + _layer_norm_backward(grad_x, h, x_mean, x_rstd, *weights.norm,
-                                                          grad_norm_w, grad_norm_b)
+                                                   grad_norm_w, grad_norm_b)
             grad_hidden.index_copy_(0, rows, grad_h.to(grad_hidden.dtype))
 
         grads = _parameter_gradients(weights, grad_score_map, grad_value_map)

@@ -45,11 +45,14 @@ def latent_attention_pool(
     num_heads: int,
     normalize: bool = True,
     eps: float = 1e-5,
+    use_sdpa: bool = False,
 ) -> torch.Tensor:
     """Latent-attention pooling with every intermediate materialized; (B, L, d) -> (B, d).
 
     Runs in the dtype of ``hidden_states`` (cast everything to float64 for a high-precision
     reference). Argument checking is done by :func:`fastcl.latent_attention_pool`.
+    ``use_sdpa``: attention by ``F.scaled_dot_product_attention`` (as NV-Embed's own module
+    does) instead of explicit scores and softmax; a second eager baseline for the benchmark.
     """
     batch, length, hidden = hidden_states.shape
     inner = to_q_weight.shape[0]
@@ -61,9 +64,12 @@ def latent_attention_pool(
     q = q.view(batch, length, num_heads, head_dim).transpose(1, 2)      # (B, H, L, dh)
     k = k.view(-1, num_heads, head_dim).transpose(0, 1)                 # (H, r, dh)
     v = v.view(-1, num_heads, head_dim).transpose(0, 1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(head_dim)  # (B, H, L, r)
-    probs = scores.softmax(dim=-1)
-    attended = torch.matmul(probs, v).transpose(1, 2).reshape(batch, length, inner)
+    if use_sdpa:
+        attended = F.scaled_dot_product_attention(q, k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+    else:
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(head_dim)  # (B, H, L, r)
+        attended = torch.matmul(scores.softmax(dim=-1), v)
+    attended = attended.transpose(1, 2).reshape(batch, length, inner)
     y = hidden_states + F.linear(attended, to_out_weight)
     u = F.linear(F.layer_norm(y, (hidden,), ff_norm_weight, ff_norm_bias, eps), ff_in_weight, ff_in_bias)
     value, gate = u.chunk(2, dim=-1)
@@ -153,10 +159,11 @@ class NaiveLatentAttentionPooling(LatentAttentionParameters):
     """Eager reference module: :func:`latent_attention_pool` on its own parameters."""
 
     def __init__(self, hidden_size: int, num_latents: int = 512, num_heads: int = 8,
-                 head_dim: Optional[int] = None, ff_mult: int = 4, normalize: bool = True):
+                 head_dim: Optional[int] = None, ff_mult: int = 4, normalize: bool = True, use_sdpa: bool = False):
         super().__init__(hidden_size, num_latents, num_heads, head_dim, ff_mult)
         self.normalize = normalize
+        self.use_sdpa = use_sdpa
 
     def forward(self, hidden_states: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
         return latent_attention_pool(hidden_states, pool_mask, *self.flat_parameters(),
-                                     num_heads=self.num_heads, normalize=self.normalize)
+                                     num_heads=self.num_heads, normalize=self.normalize, use_sdpa=self.use_sdpa)
