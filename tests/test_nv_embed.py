@@ -13,15 +13,23 @@ WORDS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "Instruct", ":", "Query", "find", "
 HIDDEN = 32
 
 
-def _tokenizer():
+def _tokenizer(bert_style: bool = False):
+    """A word-level fast tokenizer; ``bert_style``: "[BOS] text [EOS]" added by the tokenizer
+    itself (as BERT's [CLS] ... [SEP]) and no eos_token declared."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     vocab = {word: i for i, word in enumerate(WORDS)}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", vocab["[BOS]"])])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="[BOS]", eos_token="[EOS]",
-                                                pad_token="[PAD]", unk_token="[UNK]")
+    specials = [("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])]
+    template = "[BOS] $A [EOS]" if bert_style else "[BOS] $A"
+    tokenizer.post_processor = processors.TemplateProcessing(single=template, special_tokens=specials)
+    names = dict(bos_token="[BOS]", pad_token="[PAD]", unk_token="[UNK]")
+    if bert_style:
+        names["additional_special_tokens"] = ["[EOS]"]
+    else:
+        names["eos_token"] = "[EOS]"
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, **names)
 
 
 def _decoder(family: str, attn_implementation: str):
@@ -94,6 +102,14 @@ def test_tokenize_template_eos_and_instruction_excluded_from_pool_mask():
     plain = embedder.tokenize(["the cat sat"])
     assert [WORDS[i] for i in plain["input_ids"][0].tolist()] == ["[BOS]", "the", "cat", "sat", "[EOS]"]
     assert plain["pool_mask"][0].tolist() == [1] * 5
+
+
+def test_bert_style_tokenizer_trailing_separator_is_pooled_and_nothing_appended():
+    embedder = BidirectionalEmbedder(_bert(), _tokenizer(bert_style=True), num_latents=4, num_heads=2)
+    batch = embedder.tokenize(["the cat"], instruction="find animals")
+    tokens = [WORDS[i] for i in batch["input_ids"][0].tolist()]
+    assert tokens == ["[BOS]", "Instruct", ":", "find", "animals", "Query", ":", "the", "cat", "[EOS]"]
+    assert batch["pool_mask"][0].tolist() == [0] * 7 + [1, 1, 1]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -78,7 +78,8 @@ class BidirectionalEmbedder(nn.Module):
             by default a new one with ``num_latents``, ``num_heads``, ``head_dim``, ``ff_mult``.
         bidirectional: remove the causal mask (True for NV-Embed; encoders are unaffected).
         max_length: tokens per text including the appended EOS.
-        add_eos: append the tokenizer's EOS token to every text (NV-Embed does).
+        add_eos: append the tokenizer's EOS token to every text (NV-Embed does); tokenizers
+            without an EOS token (BERT: its [SEP] ends the text already) append nothing.
 
     ``forward(input_ids, attention_mask, pool_mask) -> (B, d)``; :meth:`tokenize` builds the
     three tensors; :meth:`encode` does both without gradients in batches.
@@ -115,12 +116,9 @@ class BidirectionalEmbedder(nn.Module):
         return self.pooling(hidden.to(pooling_dtype), pool_mask * attention_mask)
 
     def _eos_id(self) -> Optional[int]:
-        if not self.add_eos:
-            return None
-        eos = self.tokenizer.eos_token_id
-        if eos is None:
-            raise ValueError("add_eos=True but the tokenizer has no eos_token; set one or pass add_eos=False")
-        return eos
+        """The token appended to every text: EOS when asked for and the tokenizer has one (BERT-style
+        tokenizers have none and end with their own [SEP])."""
+        return self.tokenizer.eos_token_id if self.add_eos else None
 
     def tokenize(self, texts: Sequence[str], instruction: Optional[str] = None) -> Dict[str, torch.Tensor]:
         """input_ids, attention_mask and pool_mask (instruction tokens 0) for a batch of texts, right-padded."""
@@ -132,7 +130,7 @@ class BidirectionalEmbedder(nn.Module):
         prefix_chars = len(format_query("", instruction)) if instruction else 0
         fast = getattr(self.tokenizer, "is_fast", False)
         encoded = self.tokenizer(full, add_special_tokens=True, truncation=True, max_length=budget,
-                                 return_offsets_mapping=fast)
+                                 return_offsets_mapping=fast, return_special_tokens_mask=fast)
         prefix_tokens = 0
         if instruction and not fast:  # slow tokenizer: count the prefix's own tokens (close, not exact at a merge)
             prefix_tokens = len(self.tokenizer(format_query("", instruction), add_special_tokens=True)["input_ids"])
@@ -142,12 +140,17 @@ class BidirectionalEmbedder(nn.Module):
             if not instruction:
                 pool = [1] * len(ids)
             elif fast:
-                # A token belongs to the instruction when it starts inside the prefix (special tokens
-                # such as BOS have offset (0, 0) and count as instruction).
-                pool = [0 if start < prefix_chars else 1 for start, _ in encoded["offset_mapping"][i]]
+                # A token belongs to the instruction when it starts inside the prefix. Special tokens
+                # have offset (0, 0): one before the text (BOS, [CLS]) counts as instruction, one after
+                # it ([SEP], a tokenizer-added EOS) as text.
+                pool, seen_text = [], False
+                for (start, _), special in zip(encoded["offset_mapping"][i], encoded["special_tokens_mask"][i]):
+                    in_text = seen_text if special else start >= prefix_chars
+                    seen_text = seen_text or in_text
+                    pool.append(int(in_text))
             else:
                 pool = [0 if j < prefix_tokens else 1 for j in range(len(ids))]
-            if eos is not None:
+            if eos is not None and (not ids or ids[-1] != eos):  # some tokenizers add EOS themselves
                 ids.append(eos)
                 pool.append(1)
             rows.append(ids)
