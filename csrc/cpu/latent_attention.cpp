@@ -8,7 +8,7 @@
 //   softmax_recompute  scores -> exp(scores - lse) (backward: no second reduction)
 //   softmax_backward   dP -> dS = P * (dP - sum(P * dP))
 //   geglu_forward      u = [value | gate] -> value * gelu(gate)        (exact erf GELU)
-//   geglu_backward     (u, dgated) -> du and the gated output (needed for the W2 gradient)
+//   geglu_backward     (u, dgated) -> du
 // float32 only (the Python side computes every chunk in float32 on the CPU). Rows are
 // independent: OpenMP splits them across the threads torch uses.
 #include "registry.h"
@@ -139,8 +139,8 @@ void geglu_forward(const float* u, float* gated, int64_t rows, int64_t width, in
   (void)threads;
 }
 
-void geglu_backward(const float* u, const float* grad_gated, float* grad_u, float* gated, int64_t rows,
-                    int64_t width, int threads) {
+void geglu_backward(const float* u, const float* grad_gated, float* grad_u, int64_t rows, int64_t width,
+                    int threads) {
 #ifdef FASTCL_WITH_OPENMP
 #pragma omp parallel for num_threads(threads) schedule(static)
 #endif
@@ -150,15 +150,12 @@ void geglu_backward(const float* u, const float* grad_gated, float* grad_u, floa
     const float* g = grad_gated + r * width;
     float* grad_value = grad_u + r * 2 * width;
     float* grad_gate = grad_value + width;
-    float* out = gated + r * width;
 #pragma omp simd
     for (int64_t j = 0; j < width; ++j) {
       const float x = gate[j];
       const NormalTerms n = normal_terms(x);
-      const float gelu = x * n.cdf;
-      grad_value[j] = g[j] * gelu;
+      grad_value[j] = g[j] * x * n.cdf;
       grad_gate[j] = g[j] * value[j] * (n.cdf + x * n.density);  // gelu'(x) = Phi(x) + x phi(x)
-      out[j] = value[j] * gelu;
     }
   }
   (void)threads;
@@ -204,14 +201,13 @@ FASTCL_REGISTER(latent_attention_cpu) {
       arg("rows"), arg("width"), arg("num_threads"));
   m.def(
       "latent_geglu_backward_f32",
-      [](Address u, Address grad_gated, Address grad_u, Address gated, int64_t rows, int64_t width,
-         int64_t num_threads) {
+      [](Address u, Address grad_gated, Address grad_u, int64_t rows, int64_t width, int64_t num_threads) {
         py::gil_scoped_release release;
-        geglu_backward(ptr<const float>(u), ptr<const float>(grad_gated), ptr<float>(grad_u), ptr<float>(gated),
-                       rows, width, clamp_threads(num_threads));
+        geglu_backward(ptr<const float>(u), ptr<const float>(grad_gated), ptr<float>(grad_u), rows, width,
+                       clamp_threads(num_threads));
       },
-      "GEGLU backward: grad_u (rows, 2*width) from grad_gated (rows, width); also writes gated.", arg("u"),
-      arg("grad_gated"), arg("grad_u"), arg("gated"), arg("rows"), arg("width"), arg("num_threads"));
+      "GEGLU backward: grad_u (rows, 2*width) from grad_gated (rows, width).", arg("u"), arg("grad_gated"),
+      arg("grad_u"), arg("rows"), arg("width"), arg("num_threads"));
 }
 
 }  // namespace fastcl

@@ -1,6 +1,6 @@
 """Fused latent-attention pooling: token chunks, re-associated attention, recomputing backward.
 
-Three ideas make it cheaper than the eager module in time and memory:
+Four ideas make it cheaper than the eager module in time and memory:
 
 1. **Re-association.** The keys and values depend only on the latents, so per call::
 
@@ -12,7 +12,11 @@ Three ideas make it cheaper than the eager module in time and memory:
 2. **Only pooled tokens are computed.** Every step is per token, and a token with pool weight
    0 (padding, instruction) does not reach the output, so only tokens with ``pool_mask != 0``
    are gathered and processed, in chunks of ``chunk_tokens``.
-3. **Backward recomputes.** The forward pass keeps the inputs, the per-call M, N, K, V, the
+3. **The last layer is applied after pooling.** The masked mean is linear and each sequence's
+   weights sum to 1, so mean_t(y_t + g_t W2^T + b2) = mean_t(y_t) + mean_t(g_t) W2^T + b2: one
+   (B, F) x (F, d) product instead of a (tokens, F) x (F, d) one, and in backward dW2 = dpooled^T
+   mean(g) and dg_t = w_t (dpooled W2)_seq(t) without per-token products.
+4. **Backward recomputes.** The forward pass keeps the inputs, the per-call M, N, K, V, the
    per-(token, head) log-sum-exp of the scores and the attention residual y (tokens x d); the
    backward pass recomputes each chunk's scores, probabilities (exp(s - lse), no second
    reduction) and feed-forward pre-activation. The (tokens x H*r) probabilities and the
@@ -30,7 +34,6 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +47,8 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 class ElementwiseKernels:
     """Row softmax and GEGLU in PyTorch ops (any device). Subclasses replace them with kernels.
+
+    The GEGLU is ``value * gelu(gate)`` with exact (erf) GELU.
 
     Shapes: ``scores`` (rows, r) contiguous, ``lse`` (rows,) float32; ``u`` (n, 2F) with the
     GEGLU value in the first half and the gate in the second; ``grad_gated`` (n, F).
@@ -70,15 +75,13 @@ class ElementwiseKernels:
         value, gate = u.chunk(2, dim=-1)
         return (_wide(value) * F.gelu(_wide(gate))).to(u.dtype)
 
-    def geglu_backward(self, u: torch.Tensor, grad_gated: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(dL/du, gated) given dL/dgated; the gated output is returned for the W2 gradient."""
+    def geglu_backward(self, u: torch.Tensor, grad_gated: torch.Tensor) -> torch.Tensor:
+        """dL/du given dL/dgated: [dg * gelu(gate) | dg * value * gelu'(gate)]."""
         value, gate = (_wide(t) for t in u.chunk(2, dim=-1))
         cdf = 0.5 * (1.0 + torch.erf(gate * _SQRT_HALF))
-        gelu = gate * cdf
         grad = _wide(grad_gated)
         gelu_slope = cdf + gate * torch.exp(-0.5 * gate * gate) * _INV_SQRT_2PI
-        grad_u = torch.cat([grad * gelu, grad * value * gelu_slope], dim=-1).to(u.dtype)
-        return grad_u, (value * gelu).to(u.dtype)
+        return torch.cat([grad * gate * cdf, grad * value * gelu_slope], dim=-1).to(u.dtype)
 
 
 def _wide(tensor: torch.Tensor) -> torch.Tensor:
@@ -166,6 +169,14 @@ class _Weights:
         return (self.context, self.ctx_mean, self.ctx_rstd, self.keys, self.values, self.score_map, self.value_map)
 
 
+def _pooling_matrix(sequence: torch.Tensor, token_weight: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B, n) matrix with token t's pooling weight in row sequence[t]: pooled = matrix @ per-token."""
+    count = sequence.numel()
+    matrix = torch.zeros(batch, count, dtype=token_weight.dtype, device=token_weight.device)
+    matrix[sequence, torch.arange(count, device=sequence.device)] = token_weight
+    return matrix
+
+
 def _tokens(pool_mask: torch.Tensor, dtype: torch.dtype):
     """(flat indices of the pooled tokens, their sequence index, their pooling weight m_t / sum m)."""
     batch, length = pool_mask.shape
@@ -199,7 +210,11 @@ class LatentAttentionFunction(torch.autograd.Function):
         count = index.numel()
         lse = torch.empty(count, heads, dtype=stats, device=hidden_states.device)
         residual = torch.empty(count, hidden, dtype=stats, device=hidden_states.device)
-        pooled = torch.zeros(batch, hidden, dtype=stats, device=hidden_states.device)
+        # The masked mean is linear, so the second feed-forward layer is applied to the pooled
+        # GEGLU output (B, F) once instead of to every token: mean(y + g W2^T + b2) = mean(y) +
+        # mean(g) W2^T + b2 (the pooling weights of a sequence sum to 1).
+        pooled_residual = torch.zeros(batch, hidden, dtype=stats, device=hidden_states.device)
+        pooled_gated = torch.zeros(batch, weights.w2.shape[1], dtype=stats, device=hidden_states.device)
         for start in range(0, count, chunk):
             stop = min(count, start + chunk)
             rows = index[start:stop]
@@ -214,13 +229,14 @@ class LatentAttentionFunction(torch.autograd.Function):
             u = torch.addmm(weights.b1, z.to(dtype), weights.w1.T)
             gated = kernels.geglu_forward(u)
             del u
-            out = _wide(torch.addmm(weights.b2, gated, weights.w2.T)) + y
+            # Masked mean as a (B, n) x (n, .) product: index_add_ is serial and slow on CPU.
+            pooling = _pooling_matrix(sequence[start:stop], token_weight[start:stop], batch)
+            pooled_residual.addmm_(pooling, y)
+            _accumulate_product(pooled_gated, pooling.to(dtype), gated)
             del gated
-            # Masked mean as a (B, n) x (n, d) product: index_add_ is serial and slow on CPU.
-            pooling = torch.zeros(batch, stop - start, dtype=stats, device=out.device)
-            pooling[sequence[start:stop], torch.arange(stop - start, device=out.device)] = token_weight[start:stop]
-            pooled.addmm_(pooling, out)
-        ctx.save_for_backward(hidden_states, index, sequence, token_weight, lse, residual, *params, *weights.derived())
+        pooled = pooled_residual + _wide(torch.addmm(weights.b2, pooled_gated.to(dtype), weights.w2.T))
+        ctx.save_for_backward(hidden_states, index, sequence, token_weight, lse, residual, pooled_gated, *params,
+                              *weights.derived())
         ctx.setup = (num_heads, eps, dtype)
         ctx.kernels = kernels
         ctx.chunk = chunk
@@ -229,7 +245,7 @@ class LatentAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_pooled):
-        hidden_states, index, sequence, token_weight, lse, residual, *saved = ctx.saved_tensors
+        hidden_states, index, sequence, token_weight, lse, residual, pooled_gated, *saved = ctx.saved_tensors
         params, derived = saved[:14], saved[14:]
         weights = _Weights([p.detach() for p in params], *ctx.setup, derived=derived)
         kernels: ElementwiseKernels = ctx.kernels
@@ -246,7 +262,10 @@ class LatentAttentionFunction(torch.autograd.Function):
         grad_score_map = zeros(d, heads * r)
         grad_value_map = zeros(heads * r, d)
         grad_w1, grad_b1 = zeros(*weights.w1.shape), zeros(weights.w1.shape[0])
-        grad_w2, grad_b2 = zeros(*weights.w2.shape), zeros(weights.w2.shape[0])
+        # Second feed-forward layer, applied to the pooled GEGLU output in forward.
+        grad_w2 = grad_pooled.T @ pooled_gated
+        grad_b2 = grad_pooled.sum(0)
+        grad_pooled_w2 = grad_pooled.to(dtype) @ weights.w2                      # (B, F)
         grad_norm_w, grad_norm_b = zeros(d), zeros(d)
         grad_ff_norm_w, grad_ff_norm_b = zeros(d), zeros(d)
         grad_hidden = torch.zeros(batch * length, hidden, dtype=hidden_states.dtype, device=device)
@@ -260,13 +279,11 @@ class LatentAttentionFunction(torch.autograd.Function):
             z, z_mean, z_rstd = _layer_norm(y, *weights.ff_norm, eps)
             z = z.to(dtype)
             u = torch.addmm(weights.b1, z, weights.w1.T)
-            grad_out = grad_pooled.index_select(0, sequence[start:stop]) * token_weight[start:stop, None]
-            grad_out_c = grad_out.to(dtype)
-            grad_u, gated = kernels.geglu_backward(u, grad_out_c @ weights.w2)
-            del u
-            _accumulate_product(grad_w2, grad_out_c.T, gated)
-            del gated
-            grad_b2 += grad_out.sum(0)
+            token_scale = token_weight[start:stop, None]
+            grad_out = grad_pooled.index_select(0, sequence[start:stop]) * token_scale
+            grad_gated = grad_pooled_w2.index_select(0, sequence[start:stop]) * token_scale.to(dtype)
+            grad_u = kernels.geglu_backward(u, grad_gated)
+            del u, grad_gated
             _accumulate_product(grad_w1, grad_u.T, z)
             grad_b1 += _wide(grad_u).sum(0)
             grad_y = grad_out + _layer_norm_backward(grad_u @ weights.w1, y, z_mean, z_rstd, *weights.ff_norm,

@@ -6,8 +6,6 @@ torch uses for the matrix products around them.
 """
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 
 from ..._native import native_module
@@ -57,13 +55,12 @@ class NativeKernels(ElementwiseKernels):
         self.module.latent_geglu_forward_f32(u.data_ptr(), gated.data_ptr(), rows, width, torch.get_num_threads())
         return gated
 
-    def geglu_backward(self, u: torch.Tensor, grad_gated: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def geglu_backward(self, u: torch.Tensor, grad_gated: torch.Tensor) -> torch.Tensor:
         _check("u", u)
         grad_gated = grad_gated.contiguous()
         _check("grad_gated", grad_gated)
         rows, width = u.shape[0], u.shape[1] // 2
         grad_u = torch.empty_like(u)
-        gated = torch.empty(rows, width, dtype=torch.float32)
-        self.module.latent_geglu_backward_f32(u.data_ptr(), grad_gated.data_ptr(), grad_u.data_ptr(),
-                                              gated.data_ptr(), rows, width, torch.get_num_threads())
-        return grad_u, gated
+        self.module.latent_geglu_backward_f32(u.data_ptr(), grad_gated.data_ptr(), grad_u.data_ptr(), rows, width,
+                                              torch.get_num_threads())
+        return grad_u

@@ -10,8 +10,6 @@ computing in float32. No ``tl.dot`` is involved, so the interpreter computes the
 from __future__ import annotations
 
 import math
-from typing import Tuple
-
 import torch
 import triton
 import triton.language as tl
@@ -71,7 +69,7 @@ def latent_attention_fwd_kernel_geglu(u_ptr, gated_ptr, width, SQRT_HALF: tl.con
 
 
 @triton.jit
-def latent_attention_bwd_kernel_geglu(u_ptr, grad_gated_ptr, grad_u_ptr, gated_ptr, width,
+def latent_attention_bwd_kernel_geglu(u_ptr, grad_gated_ptr, grad_u_ptr, width,
                                       SQRT_HALF: tl.constexpr, INV_SQRT_2PI: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     columns = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -85,7 +83,6 @@ def latent_attention_bwd_kernel_geglu(u_ptr, grad_gated_ptr, grad_u_ptr, gated_p
     out_type = grad_u_ptr.dtype.element_ty
     tl.store(grad_u_ptr + row * 2 * width + columns, (grad * gelu).to(out_type), mask=inside)
     tl.store(grad_u_ptr + row * 2 * width + width + columns, (grad * value * slope).to(out_type), mask=inside)
-    tl.store(gated_ptr + row * width + columns, (value * gelu).to(gated_ptr.dtype.element_ty), mask=inside)
 
 
 def _check(name: str, tensor: torch.Tensor) -> None:
@@ -128,14 +125,13 @@ class TritonKernels(ElementwiseKernels):
                                                                              BLOCK=block)
         return gated
 
-    def geglu_backward(self, u: torch.Tensor, grad_gated: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def geglu_backward(self, u: torch.Tensor, grad_gated: torch.Tensor) -> torch.Tensor:
         _check("u", u)
         grad_gated = grad_gated.contiguous()
         _check("grad_gated", grad_gated)
         rows, width = u.shape[0], u.shape[1] // 2
         grad_u = torch.empty_like(u)
-        gated = torch.empty(rows, width, dtype=u.dtype, device=u.device)
         block = min(_GEGLU_BLOCK, triton.next_power_of_2(width))
         latent_attention_bwd_kernel_geglu[(rows, triton.cdiv(width, block))](
-            u, grad_gated, grad_u, gated, width, SQRT_HALF=_SQRT_HALF, INV_SQRT_2PI=_INV_SQRT_2PI, BLOCK=block)
-        return grad_u, gated
+            u, grad_gated, grad_u, width, SQRT_HALF=_SQRT_HALF, INV_SQRT_2PI=_INV_SQRT_2PI, BLOCK=block)
+        return grad_u
