@@ -122,11 +122,22 @@ def _layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tens
 
 
 def _accumulate_product(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """accumulator += a @ b, in place when the dtypes allow (no temporary on the float32 path)."""
+    """accumulator += a @ b without a temporary of the accumulator's size where possible.
+
+    Same dtypes: in-place addmm. 16-bit operands into a float32 accumulator on CUDA: cuBLAS
+    reads and writes the float32 accumulator directly (``addmm`` with ``out_dtype``, torch >= 2.8);
+    elsewhere (older torch) a 16-bit product is added (one temporary).
+    """
     if accumulator.dtype == a.dtype:
         accumulator.addmm_(a, b)
-    else:
-        accumulator += _wide(a @ b)
+        return
+    if accumulator.is_cuda:
+        try:
+            torch.addmm(accumulator, a, b, out_dtype=accumulator.dtype, out=accumulator)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    accumulator += _wide(a @ b)
 
 
 class _Weights:
@@ -263,7 +274,7 @@ class LatentAttentionFunction(torch.autograd.Function):
         grad_value_map = zeros(heads * r, d)
         grad_w1, grad_b1 = zeros(*weights.w1.shape), zeros(weights.w1.shape[0])
         # Second feed-forward layer, applied to the pooled GEGLU output in forward.
-        grad_w2 = grad_pooled.T @ pooled_gated
+        grad_w2 = grad_pooled.to(dtype).T @ pooled_gated.to(dtype)  # a sum over B only: compute dtype is enough
         grad_b2 = grad_pooled.sum(0)
         grad_pooled_w2 = grad_pooled.to(dtype) @ weights.w2                      # (B, F)
         grad_norm_w, grad_norm_b = zeros(d), zeros(d)
