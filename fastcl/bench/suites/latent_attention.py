@@ -79,5 +79,5 @@ def cases(device: str, full: bool):
             if provider == "torch" and device == "cpu" and available["cpu"].available and not full:
                 skip = "same algorithm as 'cpu' with PyTorch elementwise ops; measured with --full"
             out.append(Case(SUITE, provider, MODULE, "make_step", dict(shape), x=shape["batch"] * shape["length"],
-                            skip=skip, repeats=2 if device == "cpu" else 5))
+                            skip=skip, repeats=3 if device == "cpu" else 5))
     return out
