@@ -243,7 +243,7 @@ class LatentAttentionFunction(torch.autograd.Function):
             # Masked mean as a (B, n) x (n, .) product: index_add_ is serial and slow on CPU.
             pooling = _pooling_matrix(sequence[start:stop], token_weight[start:stop], batch)
             pooled_residual.addmm_(pooling, y)
-            _accumulate_product(pooled_gated, pooling.to(dtype), gated)
+            pooled_gated.addmm_(pooling, _wide(gated))  # float32 weights: 1/count is rarely exact in 16 bits
             del gated
         pooled = pooled_residual + _wide(torch.addmm(weights.b2, pooled_gated.to(dtype), weights.w2.T))
         ctx.save_for_backward(hidden_states, index, sequence, token_weight, lse, residual, pooled_gated, *params,
