@@ -11,8 +11,9 @@ How the causal mask is removed (transformers 4.5x / 5.x): every attention module
 ``is_causal`` flag is set to False (flash-attention and SDPA read it when no mask is given)
 and the model gets a 4-D additive padding mask ``(B, 1, L, L)`` (0 where the key is a real
 token, the dtype's minimum where it is padding). ``create_causal_mask`` returns a 4-D mask
-unchanged, so no causal triangle is added. Flash-attention-2 implementations take no 4-D mask:
-load the backbone with ``attn_implementation="sdpa"`` or ``"eager"``.
+unchanged, so no causal triangle is added (nor a sliding window: Mistral-style configs attend
+over the whole text). Flash-attention-2 implementations take no 4-D mask: load the backbone with
+``attn_implementation="sdpa"`` or ``"eager"``.
 
 Example::
 
