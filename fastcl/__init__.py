@@ -1,13 +1,16 @@
 """fastcl: fused, memory-efficient kernels for contrastive learning.
 
-Functional ops (``info_nce``, ``clip_loss``, ``nt_xent``, ``siglip_loss``, patch selection and
-gathering) and ``nn.Module`` wrappers; ``backends()`` tells which implementations can run here.
+Functional ops (``info_nce``, ``clip_loss``, ``nt_xent``, ``siglip_loss``, latent-attention
+pooling, patch selection and gathering) and ``nn.Module`` wrappers; ``backends()`` tells which
+implementations can run here.
 """
 from ._native import Backend, backends
 from .ops.info_nce import clip_loss, info_nce, nt_xent
 from .ops.siglip import siglip_loss
 from .modules import InfoNCELoss, SigLipLoss
 from .ops.patches import budget_split, gather_patches, patch_saliency, select_patches
+from .ops.latent_attention import LatentAttentionPooling, latent_attention_pool
+from . import models
 from .models.ps3 import SelectivePatchEncoder
 
 __version__ = "0.1.0"
@@ -15,3 +18,4 @@ __version__ = "0.1.0"
 __all__ = ["Backend", "backends", "info_nce", "clip_loss", "nt_xent", "siglip_loss", "InfoNCELoss", "SigLipLoss",
            "__version__"]
 __all__ += ["select_patches", "budget_split", "patch_saliency", "gather_patches", "SelectivePatchEncoder"]
+__all__ += ["latent_attention_pool", "LatentAttentionPooling", "models"]
