@@ -69,6 +69,17 @@ def _rss_bytes(field_name: str) -> int:
     raise RuntimeError(f"{field_name} not in /proc/self/status")
 
 
+def _release_freed_memory() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them after the warm-up; without this,
+    the timed runs would reuse them and the peak would read low)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak_rss() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -91,6 +102,7 @@ def measure_in_process(case: Case, device: str) -> Measurement:
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
+        _release_freed_memory()
         before = _rss_bytes("VmRSS")
         if not _reset_peak_rss():
             before = None
