@@ -349,7 +349,8 @@ class GradCache:
                     with contextlib.nullcontext() if syncing else encoder.no_sync():
                         chunk = _slice(value, start, stop, width)
                         rep = self._representation(index, _call(encoder, chunk), chunk, stop - start)
-                        rep.backward(gradient=rep_grads[index][start:stop].to(rep.dtype))
+                        if rep.requires_grad:  # an encoder without trainable parameters has nothing to learn
+                            rep.backward(gradient=rep_grads[index][start:stop].to(rep.dtype))
         finally:
             # continue the random stream as if each chunk had run once
             state_after_forward.restore()
