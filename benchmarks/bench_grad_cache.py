@@ -13,7 +13,7 @@ Each provider runs in a fresh subprocess: load the model, warm up on a batch of 
 resident memory (VmHWM after resetting it, minus VmRSS before the step, once malloc has
 returned its free memory to the OS). Writes
 `<out>/grad_cache.csv` (appended, one row per provider, with the machine and the load average)
-and `<out>/grad_cache.md` (readable table of the latest run).
+and `<out>/grad_cache.md` (a readable table per run, appended).
 """
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ def main(argv=None) -> None:
         return "-" if value is None else f"{value:.{digits}f}"
 
     lines = [
-        f"# GradCache benchmark ({stamp})", "",
+        f"## GradCache benchmark, {stamp}", "",
         f"- machine: {machine}; torch {torch.__version__}",
         f"- encoder: {encoder}",
         f"- one training step on {args.batch} sentence pairs of {args.seq_len} tokens; chunk / mini_batch_size {args.chunk}; "
@@ -161,8 +161,9 @@ def main(argv=None) -> None:
         lines.append(f"| {r['provider']} | {fmt(r.get('time_s'), 1)} | {fmt(r.get('peak_mb'), 0)} | "
                      f"{fmt(r.get('time_ratio'), 2)} | {fmt(r.get('memory_ratio'), 3)} | {load} | {r['status']} |")
     table = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out, "grad_cache.md"), "w") as f:
-        f.write(table)
+    markdown = os.path.join(args.out, "grad_cache.md")
+    with open(markdown, "a") as f:  # one section per run, newest last
+        f.write(("\n" if os.path.exists(markdown) and os.path.getsize(markdown) else "") + table)
     print()
     print(table)
 

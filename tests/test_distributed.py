@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch import nn
 
 import fastcl
@@ -177,7 +178,14 @@ def case_grad_cache_with_ddp(rank, world, local_rows):
     expected_loss.backward()
 
     torch.manual_seed(5)
-    model = nn.parallel.DistributedDataParallel(Encoder().double())
+    model = nn.parallel.DistributedDataParallel(Encoder().double(), bucket_cap_mb=25)
+    all_reduces = []
+
+    def counting_allreduce(state, bucket):
+        all_reduces.append(bucket.index())
+        return default_hooks.allreduce_hook(None, bucket)
+
+    model.register_comm_hook(None, counting_allreduce)
     temperature = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)  # outside the DDP module
     cache = fastcl.GradCache(model, chunk_size=3, loss_fn=fastcl.distributed.info_nce, temperature=temperature)
     sizes = [local_rows] * world
@@ -186,6 +194,8 @@ def case_grad_cache_with_ddp(rank, world, local_rows):
     for (name, p), p_ref in zip(model.module.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, **TOLERANCE, msg=lambda m: f"GradCache+DDP {name} (rank {rank}): {m}")
     torch.testing.assert_close(temperature.grad, temperature_all.grad, **TOLERANCE)
+    # 2 inputs x 2 chunks replayed, one bucket: no_sync leaves a single all-reduce per step
+    assert all_reduces == [0], all_reduces
 
 
 def worker(rank, world, port, sizes):
