@@ -190,6 +190,12 @@ def info_nce(
         if low < 0 or high >= num_keys:
             raise ValueError(f"positive indexes this rank's keys: values must be in [0, N_r) = [0, {num_keys}), got [{low}, {high}]")
 
+    if symmetric:
+        if positive is not None:
+            raise ValueError("positive must be None when symmetric=True (each rank's first B_r keys are the positives, in order)")
+        if num_keys < batch:
+            raise ValueError(f"symmetric=True needs at least B_r keys on every rank: this rank has N_r = {num_keys} < B_r = {batch}")
+
     per_rank = _gather_ints([batch, num_keys, query.shape[1]], query.device, group)
     _check_uniform("the embedding size D", [s[2] for s in per_rank])
     query_sizes = [s[0] for s in per_rank]
@@ -210,10 +216,6 @@ def info_nce(
     directions = [(rows, labels, all_key_labels, query_sizes)]
 
     if symmetric:
-        if positive is not None:
-            raise ValueError("positive must be None when symmetric=True (each rank's first B_r keys are the positives, in order)")
-        if num_keys < batch:
-            raise ValueError(f"symmetric=True needs at least B_r keys on every rank: this rank has N_r = {num_keys} < B_r = {batch}")
         all_queries = all_gather_rows(query, group=group, local_first=True, sizes=query_sizes)
         all_query_labels = None
         anchor_labels = None

@@ -221,3 +221,25 @@ def test_needs_an_initialized_process_group():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="init_process_group"):
         fastcl.distributed.info_nce(torch.randn(3, 4), torch.randn(3, 4))
+
+
+@pytest.fixture
+def single_rank_group():
+    """A one-process gloo group in this process, for argument checks (no spawn needed)."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_bad_arguments_raise_clear_errors(single_rank_group):
+    query, key = torch.randn(4, 3), torch.randn(6, 3)
+    with pytest.raises(ValueError, match=r"positive indexes this rank's keys.*\[0, 6\)"):
+        fastcl.distributed.info_nce(query, key, positive=torch.tensor([0, 1, 2, 6]))
+    with pytest.raises(ValueError, match="positive must be None when symmetric=True"):
+        fastcl.distributed.info_nce(query, key, positive=torch.tensor([0, 1, 2, 3]), symmetric=True)
+    with pytest.raises(ValueError, match="needs at least B_r keys"):
+        fastcl.distributed.info_nce(key, query, symmetric=True)
+    with pytest.raises(ValueError, match="same shape"):
+        fastcl.distributed.clip_loss(query, key, 10.0)
+    with pytest.raises(TypeError, match="logit_bias"):
+        fastcl.distributed.siglip_loss(query, query, 10.0, "bias")

@@ -219,3 +219,9 @@ def test_bad_arguments_raise_clear_errors():
         fastcl.GradCache(encoder).step({"x": batch(4, 0), "y": batch(5, 0)})
     with pytest.raises(ValueError, match="chunk_tokens needs"):
         fastcl.GradCache(encoder, chunk_tokens=10).step(torch.randn(4), torch.randn(4))
+
+
+def test_batchnorm_encoder_warns_that_it_is_not_exact():
+    encoder = nn.Sequential(nn.Linear(DIM_IN, DIM_OUT), nn.BatchNorm1d(DIM_OUT))
+    with pytest.warns(UserWarning, match="BatchNorm"):
+        fastcl.GradCache(encoder, chunk_size=4).step(batch(8, 30), batch(8, 31))
