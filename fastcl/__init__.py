@@ -12,6 +12,8 @@ from .ops.patches import budget_split, gather_patches, patch_saliency, select_pa
 from .ops.latent_attention import LatentAttentionPooling, latent_attention_pool
 from . import models
 from .models.ps3 import SelectivePatchEncoder
+from . import distributed
+from .grad_cache import GradCache
 
 __version__ = "0.1.0"
 
@@ -19,3 +21,4 @@ __all__ = ["Backend", "backends", "info_nce", "clip_loss", "nt_xent", "siglip_lo
            "__version__"]
 __all__ += ["select_patches", "budget_split", "patch_saliency", "gather_patches", "SelectivePatchEncoder"]
 __all__ += ["latent_attention_pool", "LatentAttentionPooling", "models"]
+__all__ += ["GradCache", "distributed"]

@@ -1,0 +1,245 @@
+"""fastcl.distributed against the single-process run on the concatenated batch.
+
+The spawned tests start 2 and 3 gloo processes (one spawn each runs every case, to keep the
+process start-up cost down). Every rank builds the same global data from a fixed seed, keeps
+its own rows (uneven sizes with 3 ranks), and checks, for each case:
+- the mean over ranks of the returned losses equals the single-process loss;
+- the gradient of its local rows divided by the world size (what DDP's averaging does to the
+  parameters downstream) equals the single-process gradient of those rows;
+- a learnable temperature / scale / bias gets the single-process gradient on every rank.
+"""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch import nn
+
+import fastcl
+
+DIM = 6
+TOLERANCE = dict(atol=1e-9, rtol=1e-7)  # float64 data: only summation order differs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def split(tensor, sizes, rank):
+    start = sum(sizes[:rank])
+    return tensor[start:start + sizes[rank]]
+
+
+def mean_over_ranks(value):
+    value = value.detach().clone().reshape(1)
+    dist.all_reduce(value)
+    return value[0] / dist.get_world_size()
+
+
+def leaf(tensor):
+    return tensor.detach().clone().requires_grad_()
+
+
+def check_case(name, rank, world, local_loss, expected_loss, pairs):
+    """pairs: (local leaf, expected single-process gradient of those rows, scale)."""
+    torch.testing.assert_close(mean_over_ranks(local_loss), expected_loss.detach(), **TOLERANCE,
+                               msg=lambda m: f"{name} (rank {rank}/{world}) loss: {m}")
+    for index, (tensor, expected, scale) in enumerate(pairs):
+        torch.testing.assert_close(tensor.grad / scale, expected, **TOLERANCE,
+                                   msg=lambda m: f"{name} (rank {rank}/{world}) gradient {index}: {m}")
+
+
+def case_plain_and_hard_negatives(rank, world, sizes):
+    generator = torch.Generator().manual_seed(1)
+    total, hard = sum(sizes), 2
+    queries = torch.randn(total, DIM, generator=generator, dtype=torch.float64)
+    keys = torch.randn(total, DIM, generator=generator, dtype=torch.float64)
+    hard_negatives = torch.randn(total, hard, DIM, generator=generator, dtype=torch.float64)
+
+    # plain: default positives (local arange = global diagonal)
+    q_all, k_all = leaf(queries), leaf(keys)
+    expected = fastcl.info_nce(q_all, k_all, temperature=0.3, backend="naive")
+    expected.backward()
+    q, k = leaf(split(queries, sizes, rank)), leaf(split(keys, sizes, rank))
+    loss = fastcl.distributed.info_nce(q, k, temperature=0.3)
+    loss.backward()
+    check_case("plain", rank, world, loss, expected,
+               [(q, split(q_all.grad, sizes, rank), world), (k, split(k_all.grad, sizes, rank), world)])
+
+    # hard negatives + learnable temperature + cosine similarity
+    temperature_all = torch.tensor(0.25, dtype=torch.float64, requires_grad=True)
+    q_all, k_all, h_all = leaf(queries), leaf(keys), leaf(hard_negatives)
+    expected = fastcl.info_nce(q_all, k_all, hard_negatives=h_all, temperature=temperature_all, normalize=True,
+                               backend="naive")
+    expected.backward()
+    temperature = torch.tensor(0.25, dtype=torch.float64, requires_grad=True)
+    q, k, h = leaf(split(queries, sizes, rank)), leaf(split(keys, sizes, rank)), leaf(split(hard_negatives, sizes, rank))
+    loss = fastcl.distributed.info_nce(q, k, hard_negatives=h, temperature=temperature, normalize=True)
+    loss.backward()
+    check_case("hard negatives", rank, world, loss, expected,
+               [(q, split(q_all.grad, sizes, rank), world), (k, split(k_all.grad, sizes, rank), world),
+                (h, split(h_all.grad, sizes, rank), world), (temperature, temperature_all.grad, 1)])
+
+
+def case_symmetric_with_extra_keys(rank, world, sizes):
+    """CLIP-style symmetric loss where every rank also holds extra keys (DPR: positives, then
+    negatives); the single-process batch puts all positives first, then all extras."""
+    generator = torch.Generator().manual_seed(2)
+    total = sum(sizes)
+    queries = torch.randn(total, DIM, generator=generator, dtype=torch.float64)
+    positives = torch.randn(total, DIM, generator=generator, dtype=torch.float64)
+    extras = torch.randn(total, DIM, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 4, (total,), generator=generator)
+    extra_labels = torch.randint(0, 4, (total,), generator=generator)
+
+    q_all, p_all, e_all = leaf(queries), leaf(positives), leaf(extras)
+    expected = fastcl.info_nce(q_all, torch.cat([p_all, e_all]), temperature=0.5, symmetric=True,
+                               labels=labels, key_labels=torch.cat([labels, extra_labels]), backend="naive")
+    expected.backward()
+    q, p, e = (leaf(split(t, sizes, rank)) for t in (queries, positives, extras))
+    local_labels = split(labels, sizes, rank)
+    loss = fastcl.distributed.info_nce(q, torch.cat([p, e]), temperature=0.5, symmetric=True, labels=local_labels,
+                                       key_labels=torch.cat([local_labels, split(extra_labels, sizes, rank)]))
+    loss.backward()
+    check_case("symmetric + extra keys + label mask", rank, world, loss, expected,
+               [(t, split(ref.grad, sizes, rank), world) for t, ref in ((q, q_all), (p, p_all), (e, e_all))])
+
+    # supcon: the "mean" divides by a global count of anchors that have a positive
+    q_all, p_all = leaf(queries), leaf(positives)
+    expected = fastcl.info_nce(q_all, p_all, temperature=0.5, labels=labels, key_labels=labels,
+                               multi_positive="supcon", backend="naive")
+    expected.backward()
+    q, p = leaf(split(queries, sizes, rank)), leaf(split(positives, sizes, rank))
+    loss = fastcl.distributed.info_nce(q, p, temperature=0.5, labels=local_labels, key_labels=local_labels,
+                                       multi_positive="supcon")
+    loss.backward()
+    check_case("supcon", rank, world, loss, expected,
+               [(q, split(q_all.grad, sizes, rank), world), (p, split(p_all.grad, sizes, rank), world)])
+
+
+def case_clip_and_siglip(rank, world, sizes):
+    generator = torch.Generator().manual_seed(3)
+    total = sum(sizes)
+    images = torch.nn.functional.normalize(torch.randn(total, DIM, generator=generator, dtype=torch.float64), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(total, DIM, generator=generator, dtype=torch.float64), dim=-1)
+
+    scale_all = torch.tensor(8.0, dtype=torch.float64, requires_grad=True)
+    i_all, t_all = leaf(images), leaf(texts)
+    expected = fastcl.clip_loss(i_all, t_all, scale_all, backend="naive")
+    expected.backward()
+    scale = torch.tensor(8.0, dtype=torch.float64, requires_grad=True)
+    i, t = leaf(split(images, sizes, rank)), leaf(split(texts, sizes, rank))
+    loss = fastcl.distributed.clip_loss(i, t, scale)
+    loss.backward()
+    check_case("clip", rank, world, loss, expected,
+               [(i, split(i_all.grad, sizes, rank), world), (t, split(t_all.grad, sizes, rank), world),
+                (scale, scale_all.grad, 1)])
+
+    scale_all = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
+    bias_all = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
+    i_all, t_all = leaf(images), leaf(texts)
+    expected = fastcl.siglip_loss(i_all, t_all, scale_all, bias_all, backend="naive")
+    expected.backward()
+    scale = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
+    i, t = leaf(split(images, sizes, rank)), leaf(split(texts, sizes, rank))
+    loss = fastcl.distributed.siglip_loss(i, t, scale, bias)
+    loss.backward()
+    check_case("siglip", rank, world, loss, expected,
+               [(i, split(i_all.grad, sizes, rank), world), (t, split(t_all.grad, sizes, rank), world),
+                (scale, scale_all.grad, 1), (bias, bias_all.grad, 1)])
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, DIM))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def case_grad_cache_with_ddp(rank, world, local_rows):
+    """GradCache(DDP(encoder), loss_fn=fastcl.distributed.info_nce): the DDP-averaged gradients
+    equal single-process plain backward on the concatenated batch."""
+    generator = torch.Generator().manual_seed(4)
+    total = local_rows * world
+    queries = torch.randn(total, 5, generator=generator, dtype=torch.float64)
+    keys = torch.randn(total, 5, generator=generator, dtype=torch.float64)
+    torch.manual_seed(5)
+    reference = Encoder().double()
+    temperature_all = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    expected_loss = fastcl.info_nce(reference(queries), reference(keys), temperature=temperature_all, backend="naive")
+    expected_loss.backward()
+
+    torch.manual_seed(5)
+    model = nn.parallel.DistributedDataParallel(Encoder().double(), bucket_cap_mb=25)
+    all_reduces = []
+
+    def counting_allreduce(state, bucket):
+        all_reduces.append(bucket.index())
+        return default_hooks.allreduce_hook(None, bucket)
+
+    model.register_comm_hook(None, counting_allreduce)
+    temperature = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)  # outside the DDP module
+    cache = fastcl.GradCache(model, chunk_size=3, loss_fn=fastcl.distributed.info_nce, temperature=temperature)
+    sizes = [local_rows] * world
+    loss = cache.step(split(queries, sizes, rank), split(keys, sizes, rank))
+    torch.testing.assert_close(mean_over_ranks(loss), expected_loss.detach(), **TOLERANCE)
+    for (name, p), p_ref in zip(model.module.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, **TOLERANCE, msg=lambda m: f"GradCache+DDP {name} (rank {rank}): {m}")
+    torch.testing.assert_close(temperature.grad, temperature_all.grad, **TOLERANCE)
+    # 2 inputs x 2 chunks replayed, one bucket: no_sync leaves a single all-reduce per step
+    assert all_reduces == [0], all_reduces
+
+
+def worker(rank, world, port, sizes):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        case_plain_and_hard_negatives(rank, world, sizes)
+        case_symmetric_with_extra_keys(rank, world, sizes)
+        case_clip_and_siglip(rank, world, sizes)
+        case_grad_cache_with_ddp(rank, world, local_rows=5)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("sizes", [[5, 5], [3, 6, 4]], ids=["2 ranks", "3 ranks uneven"])
+def test_matches_single_process_on_concatenated_batch(sizes):
+    mp.spawn(worker, args=(len(sizes), free_port(), sizes), nprocs=len(sizes), join=True)
+
+
+def test_needs_an_initialized_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        fastcl.distributed.info_nce(torch.randn(3, 4), torch.randn(3, 4))
+
+
+@pytest.fixture
+def single_rank_group():
+    """A one-process gloo group in this process, for argument checks (no spawn needed)."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_bad_arguments_raise_clear_errors(single_rank_group):
+    query, key = torch.randn(4, 3), torch.randn(6, 3)
+    with pytest.raises(ValueError, match=r"positive indexes this rank's keys.*\[0, 6\)"):
+        fastcl.distributed.info_nce(query, key, positive=torch.tensor([0, 1, 2, 6]))
+    with pytest.raises(ValueError, match="positive must be None when symmetric=True"):
+        fastcl.distributed.info_nce(query, key, positive=torch.tensor([0, 1, 2, 3]), symmetric=True)
+    with pytest.raises(ValueError, match="needs at least B_r keys"):
+        fastcl.distributed.info_nce(key, query, symmetric=True)
+    with pytest.raises(ValueError, match="same shape"):
+        fastcl.distributed.clip_loss(query, key, 10.0)
+    with pytest.raises(TypeError, match="logit_bias"):
+        fastcl.distributed.siglip_loss(query, query, 10.0, "bias")
