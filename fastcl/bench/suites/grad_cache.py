@@ -156,10 +156,16 @@ def cases(device: str, full: bool):
     else:
         settings = [dict(batch=256, seq_len=32, chunk=32, encoder="tiny")]
     out = []
+    try:
+        import transformers  # noqa: F401
+
+        missing = None
+    except ImportError:
+        missing = "transformers not installed (pip install 'fastcl[bench]')"
     for params in settings:
         for provider in PROVIDERS:
-            skip = None
-            if provider == "sentence-transformers":
+            skip = missing
+            if provider == "sentence-transformers" and skip is None:
                 try:
                     import sentence_transformers  # noqa: F401
                 except ImportError:
