@@ -83,30 +83,46 @@ def _(query, key, hard_negatives, temperature, positive, labels, key_labels, gra
     return torch.empty_like(query), torch.empty_like(key), grad_h, torch.empty_like(temperature)
 
 
+def _plain_eager(*tensors) -> bool:
+    """True outside every tracer (dynamo, AOT autograd's fake/functional tensors, make_fx)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+            and all(type(t) is torch.Tensor for t in tensors))
+
+
 def _setup_context(ctx, inputs, output):
     query, key, hard_negatives, temperature, positive, labels, key_labels = inputs[:7]
     ctx.static = inputs[7:15]
     ctx.fused = inputs[15]
+    ctx.consumed = False
     ctx.has_hard = hard_negatives is not None
+    saved = [query, key, hard_negatives, temperature, positive, labels, key_labels]
     if ctx.fused:
-        ctx.save_for_backward(*output[1:])
-    else:
-        ctx.save_for_backward(query, key, hard_negatives, temperature, positive, labels, key_labels)
+        saved += list(output[1:])
+    ctx.save_for_backward(*saved)
 
 
 def _backward(ctx, grad_loss, *_unused_grads_of_gradients):
-    if ctx.fused:
-        grad_q, grad_k, grad_h, grad_t = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    if ctx.fused and not ctx.consumed:
+        grads = list(saved[7:])
         scale = grad_loss.reshape(())
-        grads = [grad_q * scale.to(grad_q.dtype), grad_k * scale.to(grad_k.dtype),
-                 grad_h * scale.to(grad_h.dtype) if ctx.has_hard else None,
-                 grad_t * scale.to(device=grad_t.device, dtype=grad_t.dtype)]
+        if not _plain_eager(grad_loss, *grads):
+            grads = [g * scale.to(device=g.device, dtype=g.dtype) for g in grads]
+        else:
+            # Scale in place: no second copy of the gradients (at B = 65536, D = 256 that is
+            # 128 MB). The unit gradients are gone afterwards, so a second backward through
+            # this node (retain_graph=True) recomputes them below.
+            ctx.consumed = True
+            for g in grads:
+                g.data.mul_(scale.to(device=g.device, dtype=g.dtype))
     else:
-        query, key, hard_negatives, temperature, positive, labels, key_labels = ctx.saved_tensors
+        query, key, hard_negatives, temperature, positive, labels, key_labels = saved[:7]
         grads = list(info_nce_backward(query, key, hard_negatives, temperature, positive, labels, key_labels,
                                        grad_loss, *ctx.static))
-        if not ctx.has_hard:
-            grads[2] = None
+    if not ctx.has_hard:
+        grads[2] = None
     return (*grads, *([None] * 12))
 
 
@@ -117,7 +133,8 @@ def info_nce_op(query, key, hard_negatives, temperature, positive, labels, key_l
                 backend: str) -> Tensor:
     """Run the registered op; gradients are computed in the forward pass when they will be needed."""
     if not isinstance(temperature, Tensor):
-        temperature = torch.tensor(float(temperature), dtype=torch.float32)
+        # float64 holds the Python float exactly (a float32 tensor would round tau)
+        temperature = torch.tensor(float(temperature), dtype=torch.float64)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (query, key, hard_negatives, temperature))
     compute_grads = needs_grad and options.reduction != "none"
