@@ -7,6 +7,7 @@
 // with respect to the raw similarity) and returns sum_j dL/dS_ij * S_ij for the temperature
 // gradient. Rows are independent: OpenMP splits them across the threads torch uses.
 #include "registry.h"
+#include "cpu/fast_math.h"
 
 #include <algorithm>
 #include <cmath>
@@ -20,25 +21,8 @@ namespace {
 
 enum Mode : int { kMask = 0, kSupCon = 1, kPairwise = 2 };
 
-// exp for x <= 0 (arguments are s - max): Cody-Waite range reduction and a degree-6
-// polynomial, about 2 ulp, written so the compiler vectorizes the loops that call it.
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float t = x * 1.44269504088896341f;
-  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float f = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
-  float p = 1.9875691500e-4f;
-  p = p * f + 1.3981999507e-3f;
-  p = p * f + 8.3334519073e-3f;
-  p = p * f + 4.1665795894e-2f;
-  p = p * f + 1.6666665459e-1f;
-  p = p * f + 5.0000001201e-1f;
-  p = p * f * f + f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
+// exp for x <= 0: the float version from fast_math.h (vectorizable), exact for float64.
+using ::fastcl::exp_nonpositive;
 inline double exp_nonpositive(double x) { return std::exp(x); }
 
 template <typename T>
