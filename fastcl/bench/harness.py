@@ -204,6 +204,15 @@ def write_csv(rows: List[Measurement], path: str, device: str, baselines: Dict[s
                              t_ratio, m_ratio, m.status, json.dumps(m.extra, sort_keys=True)])
 
 
+def read_csv(path: str) -> List[Measurement]:
+    """Measurements back from a CSV written by :func:`write_csv` (e.g. to plot them again)."""
+    with open(path, newline="") as f:
+        return [Measurement(row["suite"], row["provider"], json.loads(row["params"]), int(row["x"]),
+                            float(row["time_ms"]) if row["time_ms"] else None,
+                            float(row["peak_mb"]) if row["peak_mb"] else None, row["status"])
+                for row in csv.DictReader(f)]
+
+
 def plot(rows: List[Measurement], path: str, title: str) -> Optional[str]:
     """Time and memory against the swept size, log-log. Returns a reason when it cannot plot."""
     try:
@@ -217,7 +226,8 @@ def plot(rows: List[Measurement], path: str, title: str) -> Optional[str]:
     groups: Dict[str, List[Measurement]] = {}
     for m in rows:
         if m.status == "ok":
-            other = ",".join(f"{k}={v}" for k, v in m.params.items() if k not in ("batch", "dtype") and not isinstance(v, bool))
+            other = ",".join(k if v is True else f"{k}={v}" for k, v in m.params.items()
+                             if k not in ("batch", "dtype") and v is not False)
             groups.setdefault(f"{m.provider} {other}".strip(), []).append(m)
     for label, ms in sorted(groups.items()):
         ms = sorted(ms, key=lambda m: m.x)
