@@ -15,15 +15,16 @@ from typing import Optional
 import torch
 
 from ..._native import backends as _backends
-from ..._native import native_module, warn_once
+from ..._native import warn_once
 from . import naive
 from .op import info_nce_op
-from .options import MASK, check_embeddings, check_info_nce_args, check_same_device
+from .options import check_embeddings, check_scalar, check_info_nce_args, check_same_device
 
 __all__ = ["info_nce", "clip_loss", "nt_xent", "resolve_backend"]
 
 # Backends implemented for this op beyond the always-present naive/torch; GPU modules add
-# themselves here (name -> callable with the signature of _run_chunked).
+# themselves here: name -> fn(query, key, hard_negatives, temperature, positive, labels,
+# key_labels, options) -> loss.
 EXTRA_BACKENDS = {}
 from .gpu import register_gpu_backends  # noqa: E402  (needs EXTRA_BACKENDS defined)
 
@@ -151,17 +152,10 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
 
 
 def _inverse_scale(logit_scale):
-    if isinstance(logit_scale, torch.Tensor):
-        if logit_scale.numel() != 1:
-            raise ValueError(f"logit_scale must be a float or a scalar tensor, got shape {tuple(logit_scale.shape)}")
-        if not logit_scale.is_floating_point():
-            raise TypeError(f"logit_scale must be floating point, got {logit_scale.dtype}")
-        return 1.0 / logit_scale
-    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
-        raise TypeError(f"logit_scale must be a float or a scalar tensor, got {type(logit_scale).__name__}")
-    if not logit_scale > 0:
+    logit_scale = check_scalar("logit_scale", logit_scale)
+    if not isinstance(logit_scale, torch.Tensor) and not logit_scale > 0:
         raise ValueError(f"logit_scale must be > 0, got {logit_scale}")
-    return 1.0 / float(logit_scale)
+    return 1.0 / logit_scale
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, *, normalize: bool = True, backend: str = "auto") -> torch.Tensor:

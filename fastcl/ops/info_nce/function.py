@@ -9,7 +9,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .options import MASK, PAIRWISE, SUPCON, InfoNCEOptions
+from .options import MASK, SUPCON, InfoNCEOptions
 from .chunked import NORM_EPS, Direction, RowKernel, count_positives, run_direction
 
 
@@ -45,7 +45,7 @@ class _Prepared:
         self.h, self.h_norm = (None, None)
         if hard_negatives is not None and hard_negatives.shape[1] > 0:
             self.h, self.h_norm = _normalized(hard_negatives, dtype, options.normalize)
-        batch, num_keys = self.q.shape[0], self.k.shape[0]
+        batch = self.q.shape[0]
         self.directions: List[Direction] = []
         mode = options.multi_positive
         if mode == MASK and positive is None:
@@ -57,7 +57,6 @@ class _Prepared:
             self.directions.append(
                 self._direction(self.k[:batch], self.q, None, column_positive, column_labels, labels, options)
             )
-        del num_keys
 
     @staticmethod
     def _direction(anchors, candidates, private, positive, anchor_labels, candidate_labels, options) -> Direction:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .chunked import torch_row_kernel
-from .function import chunked_backward, chunked_forward
+from .function import chunked_backward, chunked_forward, compute_dtype
 from .options import InfoNCEOptions
 
 
@@ -32,9 +32,8 @@ def _empty(like: Tensor) -> Tensor:
 
 
 def _loss_like(query: Tensor, reduction: str) -> Tensor:
-    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     shape = (query.shape[0],) if reduction == "none" else ()
-    return query.new_empty(shape, dtype=dtype)
+    return query.new_empty(shape, dtype=compute_dtype(query))
 
 
 @torch.library.custom_op("fastcl::info_nce_forward", mutates_args=())

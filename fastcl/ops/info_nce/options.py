@@ -52,21 +52,29 @@ def check_same_device(**tensors) -> None:
         raise ValueError(f"all inputs must be on the same device, got {listing}")
 
 
+def check_scalar(name: str, value):
+    """A Python number (returned as float) or a one-element floating tensor (returned as is)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a float or a scalar tensor, got a tensor of shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} tensor must be floating point, got {value.dtype}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or a scalar tensor, got {type(value).__name__}")
+    return float(value)
+
+
 def check_temperature(temperature, name: str = "temperature"):
     """A positive float, or a scalar floating tensor (whose gradient the op computes)."""
+    temperature = check_scalar(name, temperature)
     if isinstance(temperature, torch.Tensor):
-        if temperature.numel() != 1:
-            raise ValueError(f"{name} must be a float or a scalar tensor, got a tensor of shape {tuple(temperature.shape)}")
-        if not temperature.is_floating_point():
-            raise TypeError(f"{name} tensor must be floating point, got {temperature.dtype}")
         if _checking_values() and not bool(temperature.detach().reshape(()) > 0):
             raise ValueError(f"{name} must be > 0, got {float(temperature)}")
         return temperature
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"{name} must be a float or a scalar tensor, got {type(temperature).__name__}")
     if not (temperature > 0) or math.isinf(temperature):
         raise ValueError(f"{name} must be a finite value > 0, got {temperature}")
-    return float(temperature)
+    return temperature
 
 
 def _check_index_vector(name: str, tensor, length: int, length_name: str) -> None:

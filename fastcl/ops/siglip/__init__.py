@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..info_nce import resolve_backend
-from ..info_nce.options import BACKENDS, check_embeddings, check_same_device
+from ..info_nce.options import BACKENDS, check_embeddings, check_same_device, check_scalar
 from . import naive
 from .chunked import SigLipFunction
 
@@ -21,18 +21,6 @@ EXTRA_BACKENDS = {}
 from .gpu import register_gpu_backends  # noqa: E402  (needs EXTRA_BACKENDS defined)
 
 register_gpu_backends(EXTRA_BACKENDS)
-
-
-def _check_scalar(name: str, value):
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a float or a scalar tensor, got shape {tuple(value.shape)}")
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be floating point, got {value.dtype}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float or a scalar tensor, got {type(value).__name__}")
-    return float(value)
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias, *,
@@ -52,8 +40,8 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     if image_features.dtype != text_features.dtype:
         raise TypeError(f"image_features and text_features must have the same dtype, got {image_features.dtype} and {text_features.dtype}")
     check_same_device(image_features=image_features, text_features=text_features)
-    logit_scale = _check_scalar("logit_scale", logit_scale)
-    logit_bias = _check_scalar("logit_bias", logit_bias)
+    logit_scale = check_scalar("logit_scale", logit_scale)
+    logit_bias = check_scalar("logit_bias", logit_bias)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     chosen = resolve_backend(backend, image_features.device, EXTRA_BACKENDS)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..info_nce.chunked import block_rows_for
+from ..info_nce.function import compute_dtype
 
 
 def siglip_blocks(image: torch.Tensor, text: torch.Tensor, scale: float, bias: float, with_grad: bool):
@@ -48,7 +49,7 @@ def siglip_blocks(image: torch.Tensor, text: torch.Tensor, scale: float, bias: f
 class SigLipFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image_features, text_features, logit_scale, logit_bias):
-        dtype = torch.float64 if image_features.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(image_features)
         image = image_features.to(dtype)
         text = text_features.to(dtype)
         scale = float(logit_scale) if not isinstance(logit_scale, torch.Tensor) else float(logit_scale.detach().reshape(()))
