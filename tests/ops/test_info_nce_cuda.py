@@ -12,6 +12,7 @@ import torch
 import fastcl
 from fastcl.ops.info_nce import naive
 from fastcl.ops.info_nce import native_cuda
+from fastcl.ops.info_nce.op import info_nce_op
 from fastcl.ops.info_nce.options import InfoNCEOptions
 
 TOLERANCE = {  # (loss, gradients), relative to the largest reference magnitude
@@ -210,8 +211,9 @@ def test_cuda_glue_matches_naive_with_emulated_kernels(monkeypatch, options, siz
         temperature = torch.tensor(0.3, requires_grad=True)
         if which == "glue":
             full = InfoNCEOptions(**options)
-            loss = native_cuda.CudaInfoNCEFunction.apply(leaves["query"], leaves["key"], leaves.get("hard_negatives"),
-                                                         temperature, positive, full)
+            # the registered custom op with backend="cuda": the same path as fastcl.info_nce on a GPU
+            loss = info_nce_op(leaves["query"], leaves["key"], leaves.get("hard_negatives"), temperature, positive,
+                               None, None, full, "cuda")
         else:
             loss = naive.info_nce(**leaves, temperature=temperature, positive=positive, **options)
         grad_output = torch.tensor(0.8) if loss.dim() == 0 else torch.linspace(-1, 1, loss.numel())
@@ -233,8 +235,7 @@ def test_cuda_glue_column_overflow_fallback(monkeypatch):
     monkeypatch.setattr(native_cuda, "launch_backward", _fake_backward)
     query = torch.randn(11, 8)
     key = -query  # diagonal far below the rest at a tiny temperature: shifted sums overflow
-    loss = native_cuda.CudaInfoNCEFunction.apply(query, key, None, 0.002, None,
-                                                 InfoNCEOptions(symmetric=True, normalize=True))
+    loss = info_nce_op(query, key, None, 0.002, None, None, None, InfoNCEOptions(symmetric=True, normalize=True), "cuda")
     assert calls == [11, 0], "expected the fused pass, then the column direction on its own"
     assert_close(loss, naive.info_nce(query, key, temperature=0.002, symmetric=True, normalize=True), 1e-5, "loss")
 
@@ -242,5 +243,29 @@ def test_cuda_glue_column_overflow_fallback(monkeypatch):
 def test_cuda_backend_names_the_unsupported_options():
     options = InfoNCEOptions(multi_positive="supcon", label_smoothing=0.0, margin=0.1)
     with pytest.raises(ValueError, match=r"multi_positive='supcon'.*labels.*false_negative_margin.*backend='triton'"):
-        native_cuda.cuda_info_nce(torch.randn(4, 8), torch.randn(4, 8), None, 0.1, None,
-                                  torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long), options)
+        native_cuda.check_cuda_options(torch.randn(4, 8), options, torch.zeros(4, dtype=torch.long))
+
+
+def test_cuda_glue_compiles_without_graph_breaks(monkeypatch):
+    """backend="cuda" runs inside the registered op: a fullgraph compile traces through it."""
+    monkeypatch.setattr(native_cuda, "launch_forward", _fake_forward)
+    monkeypatch.setattr(native_cuda, "launch_backward", _fake_backward)
+    torch._dynamo.reset()
+    options = InfoNCEOptions(symmetric=True, normalize=True)
+
+    def loss_fn(query, key, temperature):
+        return info_nce_op(query, key, None, temperature, None, None, None, options, "cuda") * 2.0
+
+    tensors = make_inputs("cpu", torch.float32, 9, 9, 8, 0)
+    outputs = []
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True, backend="aot_eager")):
+        leaves = [tensors["query"].clone().requires_grad_(), tensors["key"].clone().requires_grad_(),
+                  torch.tensor(0.3, requires_grad=True)]
+        loss = fn(*leaves)
+        outputs.append((loss, torch.autograd.grad(loss, leaves)))
+    (compiled, compiled_grads), (eager, eager_grads) = outputs[1], outputs[0]
+    expected = 2.0 * naive.info_nce(tensors["query"], tensors["key"], temperature=0.3, symmetric=True, normalize=True)
+    assert_close(eager, expected, 1e-5, "eager loss")
+    assert_close(compiled, eager, 1e-6, "compiled loss")
+    for got, want in zip(compiled_grads, eager_grads):
+        assert_close(got, want, 1e-6, "compiled gradient")

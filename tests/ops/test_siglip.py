@@ -47,3 +47,48 @@ def test_siglip_float_scale_and_gradcheck():
     bias = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda i, t, s, b: fastcl.siglip_loss(i, t, s, b, backend="torch"), (image, text, scale, bias))
     torch.testing.assert_close(fastcl.siglip_loss(image, text, 2.0, -1.0), naive.siglip_loss(image, text, 2.0, -1.0))
+
+
+def _compile_cases():
+    cases = list(BACKENDS)
+    if fastcl.backends()["triton"].available:
+        cases.append(pytest.param("triton", marks=pytest.mark.triton))
+    return cases
+
+
+def _device(backend):
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backend", _compile_cases())
+def test_siglip_compiles_without_graph_breaks(backend, compiler):
+    torch._dynamo.reset()
+    device = _device(backend)
+    image, text = torch.randn(11, 6, device=device), torch.randn(11, 6, device=device)
+
+    def loss_fn(image, text, scale, bias):
+        return fastcl.siglip_loss(F.normalize(image, dim=-1), F.normalize(text, dim=-1), scale.exp(), bias,
+                                  backend=backend) * 3.0
+
+    outputs = []
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True, backend=compiler)):
+        leaves = [image.clone().requires_grad_(), text.clone().requires_grad_(),
+                  torch.tensor(2.0, device=device, requires_grad=True), torch.tensor(-3.0, device=device, requires_grad=True)]
+        loss = fn(*leaves)
+        outputs.append((loss, torch.autograd.grad(loss, leaves)))
+    (eager, eager_grads), (compiled, compiled_grads) = outputs
+    expected = 3.0 * naive.siglip_loss(F.normalize(image, dim=-1), F.normalize(text, dim=-1), torch.tensor(2.0).exp(), -3.0)
+    torch.testing.assert_close(eager.cpu(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled, eager)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", _compile_cases())
+@pytest.mark.parametrize("compute_grads", [True, False])
+def test_siglip_opcheck(backend, compute_grads):
+    device = _device(backend)
+    args = (torch.randn(5, 4, device=device, requires_grad=True), torch.randn(5, 4, device=device, requires_grad=True),
+            torch.tensor(4.0, requires_grad=True), torch.tensor(-2.0, requires_grad=True), backend, compute_grads)
+    torch.library.opcheck(torch.ops.fastcl.siglip_forward.default, args)

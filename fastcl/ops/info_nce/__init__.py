@@ -22,9 +22,8 @@ from .options import check_embeddings, check_scalar, check_info_nce_args, check_
 
 __all__ = ["info_nce", "clip_loss", "nt_xent", "resolve_backend"]
 
-# Backends implemented for this op beyond the always-present naive/torch; GPU modules add
-# themselves here: name -> fn(query, key, hard_negatives, temperature, positive, labels,
-# key_labels, options) -> loss.
+# GPU backends implemented for this op (beyond naive / torch / cpu); gpu.py adds them here:
+# name -> check(query, options, labels) raising ValueError for what that backend refuses.
 EXTRA_BACKENDS = {}
 from .gpu import register_gpu_backends  # noqa: E402  (needs EXTRA_BACKENDS defined)
 
@@ -126,7 +125,7 @@ def info_nce(
             reduction=options.reduction,
         )
     if chosen in EXTRA_BACKENDS:
-        return EXTRA_BACKENDS[chosen](query, key, hard_negatives, temperature, positive, labels, key_labels, options)
+        EXTRA_BACKENDS[chosen](query, options, labels)  # what this GPU backend refuses
     return info_nce_op(query, key, hard_negatives, temperature, positive, labels, key_labels, options, chosen)
 
 

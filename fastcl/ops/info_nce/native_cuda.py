@@ -26,7 +26,6 @@ import torch
 from ..._native import native_module
 from .chunked import NORM_EPS
 from .function import _normalize_backward
-from .gpu import chunked_info_nce
 from .options import MASK, InfoNCEOptions
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -197,50 +196,49 @@ class _State:
         return grad if norm is None else _normalize_backward(grad, unit, norm)
 
 
-class CudaInfoNCEFunction(torch.autograd.Function):
-    """InfoNCE on the native CUDA kernels; gradients computed in the forward pass for a scalar loss."""
-
-    @staticmethod
-    def forward(ctx, query, key, hard_negatives, temperature, positive, options: InfoNCEOptions):
-        if isinstance(temperature, torch.Tensor):
-            inv_temperature = 1.0 / float(temperature.detach().reshape(()))
-        else:
-            inv_temperature = 1.0 / float(temperature)
-        ctx.temperature_meta = (
-            (temperature.shape, temperature.dtype, temperature.device) if isinstance(temperature, torch.Tensor) else None
-        )
-        wants_grad = any(ctx.needs_input_grad[:4])
-        with torch.no_grad():
-            state = _State(query, key, hard_negatives, positive, options, inv_temperature)
-            result = state.forward()
-            ctx.fused = wants_grad and options.reduction != "none"
-            ctx.saved_grads = state.gradients(None, ctx.temperature_meta) if ctx.fused else None
-            ctx.state = state if wants_grad and not ctx.fused else None
-        return result
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        if ctx.fused:
-            scale = grad_output.reshape(())
-            grads = [None if g is None else g * scale.to(g.dtype) for g in ctx.saved_grads]
-        else:
-            with torch.no_grad():
-                grads = list(ctx.state.gradients(grad_output, ctx.temperature_meta))
-        grads = [g if ctx.needs_input_grad[i] else None for i, g in enumerate(grads)]
-        return (*grads, None, None)
+def _inverse_temperature(temperature: torch.Tensor) -> float:
+    return 1.0 / float(temperature.detach().reshape(()))
 
 
-def cuda_info_nce(query, key, hard_negatives, temperature, positive, labels, key_labels,
-                  options: InfoNCEOptions) -> torch.Tensor:
-    """``info_nce(..., backend="cuda")`` with validated arguments (see the module docstring)."""
+def _temperature_meta(temperature: torch.Tensor):
+    return temperature.shape, temperature.dtype, temperature.device
+
+
+def cuda_forward(query, key, hard_negatives, temperature: torch.Tensor, positive, labels, key_labels,
+                 options: InfoNCEOptions, compute_grads: bool):
+    """Loss and, when ``compute_grads``, the gradients of the scalar loss computed in this forward
+    pass: the body of the ``fastcl::info_nce_forward`` custom op for ``backend="cuda"``.
+    ``labels`` / ``key_labels`` are unsupported here (:func:`check_cuda_options` says so first)."""
+    inv_temperature = _inverse_temperature(temperature)
+    with torch.no_grad():
+        state = _State(query, key, hard_negatives, positive, options, inv_temperature)
+        loss = state.forward()
+        grads = state.gradients(None, _temperature_meta(temperature)) if compute_grads else None
+    return loss, grads
+
+
+def cuda_backward(query, key, hard_negatives, temperature: torch.Tensor, positive, labels, key_labels,
+                  options: InfoNCEOptions, grad_output: torch.Tensor):
+    """Gradients given dL_total/dloss: the forward statistics are recomputed (one forward pass)."""
+    inv_temperature = _inverse_temperature(temperature)
+    per_row = options.reduction == "none"
+    with torch.no_grad():
+        state = _State(query, key, hard_negatives, positive, options, inv_temperature)
+        state.forward()
+        grads = state.gradients(grad_output if per_row else None, _temperature_meta(temperature))
+        if not per_row:  # gradients of the unit loss, scaled
+            scale = grad_output.detach().reshape(())
+            grads = tuple(None if g is None else g * scale.to(device=g.device, dtype=g.dtype) for g in grads)
+    return grads
+
+
+def check_cuda_options(query, options: InfoNCEOptions, labels) -> None:
+    """What ``backend="cuda"`` refuses, with the reason (float64 runs on the chunked path)."""
     unsupported = unsupported_options(options, labels)
     if unsupported:
         raise ValueError(
             f"backend='cuda' does not implement {', '.join(unsupported)}; use backend='triton' (every option) "
             "or 'torch'"
         )
-    if query.dtype == torch.float64:
-        return chunked_info_nce(query, key, hard_negatives, temperature, positive, labels, key_labels, options)
-    if query.device.type != "cuda":
+    if query.dtype != torch.float64 and query.device.type != "cuda":
         raise ValueError(f"backend='cuda' runs on CUDA tensors, got query on {query.device}")
-    return CudaInfoNCEFunction.apply(query, key, hard_negatives, temperature, positive, options)

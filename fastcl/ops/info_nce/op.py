@@ -4,8 +4,10 @@ traces through ``fastcl.info_nce`` without graph breaks.
 ``fastcl::info_nce_forward`` returns the loss and, when asked, the gradients of the scalar loss
 (computed during the forward pass); autograd then only scales them. ``fastcl::info_nce_backward``
 recomputes the similarity blocks for a per-row loss (``reduction="none"``). Both take the
-static options as plain arguments and dispatch to the chunked driver with the PyTorch or the
-native CPU row kernel.
+static options as plain arguments and dispatch on ``backend``: the chunked driver with the
+PyTorch or the native CPU row kernel, or the Triton / native CUDA kernels (float64 inputs of
+those two take the chunked PyTorch path). Every backend runs inside the same two ops, so a
+compiled graph holds one opaque op whatever the device.
 """
 from __future__ import annotations
 
@@ -27,6 +29,23 @@ def _row_kernel(backend: str):
     return torch_row_kernel
 
 
+def _implementation(backend: str, query: Tensor):
+    """(forward, backward) with the signatures of ``chunked_forward`` / ``chunked_backward`` less the row kernel."""
+    if backend in ("triton", "cuda") and query.dtype != torch.float64:
+        from .gpu import gpu_implementation
+
+        return gpu_implementation(backend)
+    row_kernel = _row_kernel(backend)
+
+    def forward(*args):
+        return chunked_forward(*args[:-1], row_kernel, args[-1])
+
+    def backward(*args):
+        return chunked_backward(*args[:-1], row_kernel, args[-1])
+
+    return forward, backward
+
+
 def _empty(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
@@ -44,8 +63,8 @@ def info_nce_forward(
     label_smoothing: float, reduction: str, backend: str, compute_grads: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     options = InfoNCEOptions(normalize, symmetric, exclude_self, multi_positive, margin, label_smoothing, reduction)
-    loss, grads = chunked_forward(query, key, hard_negatives, temperature, positive, labels, key_labels, options,
-                                  _row_kernel(backend), compute_grads)
+    forward, _ = _implementation(backend, query)
+    loss, grads = forward(query, key, hard_negatives, temperature, positive, labels, key_labels, options, compute_grads)
     if grads is None:
         return loss, _empty(query), _empty(key), _empty(query), _empty(temperature)
     grad_q, grad_k, grad_h, grad_t = grads
@@ -70,8 +89,9 @@ def info_nce_backward(
     label_smoothing: float, reduction: str, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     options = InfoNCEOptions(normalize, symmetric, exclude_self, multi_positive, margin, label_smoothing, reduction)
-    grad_q, grad_k, grad_h, grad_t = chunked_backward(query, key, hard_negatives, temperature, positive, labels,
-                                                      key_labels, options, _row_kernel(backend), grad_output)
+    _, backward = _implementation(backend, query)
+    grad_q, grad_k, grad_h, grad_t = backward(query, key, hard_negatives, temperature, positive, labels, key_labels,
+                                              options, grad_output)
     return grad_q, grad_k, grad_h if grad_h is not None else _empty(query), grad_t
 
 

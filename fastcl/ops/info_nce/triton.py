@@ -45,7 +45,6 @@ import triton.language as tl
 from ..triton_common import BACKWARD_CONFIGS, FORWARD_CONFIGS, configs, dot_settings, softplus, tile_similarity
 from .chunked import NORM_EPS, count_positives
 from .function import _normalize_backward
-from .gpu import chunked_info_nce
 from .options import MASK, PAIRWISE, SUPCON, InfoNCEOptions
 
 MODES = {MASK: 0, SUPCON: 1, PAIRWISE: 2}
@@ -683,64 +682,46 @@ def _input_gradients(directions, results, dtemp, inv_temperature, inputs, temper
     return grad_query, grad_key, grad_hard, grad_temperature
 
 
-class InfoNCETritonFunction(torch.autograd.Function):
-    """InfoNCE on the Triton kernels; saved state O(B) statistics (+ inputs) or the gradients."""
-
-    @staticmethod
-    def forward(ctx, query, key, hard_negatives, temperature, positive, labels, key_labels, options: InfoNCEOptions):
-        if isinstance(temperature, torch.Tensor):
-            inv_temperature = 1.0 / float(temperature.detach().reshape(()))
-        else:
-            inv_temperature = 1.0 / float(temperature)
-        wants_grad = any(ctx.needs_input_grad[:4])
-        ctx.options = options
-        ctx.inv_temperature = inv_temperature
-        ctx.temperature_meta = (
-            (temperature.shape, temperature.dtype, temperature.device) if isinstance(temperature, torch.Tensor) else None
-        )
-        with torch.no_grad():
-            directions = _prepare(query, key, hard_negatives, positive, labels, key_labels, options)
-            forward = _Forward(directions, options, inv_temperature)
-            result = forward.reduce(options.reduction)
-            ctx.fused = wants_grad and options.reduction != "none"
-            ctx.saved_grads = None
-            ctx.forward_state = None
-            if ctx.fused:  # gradients during the forward pass: backward() only scales them
-                results, dtemp = _run_backward(forward, options, inv_temperature, forward.weights(options, None))
-                ctx.saved_grads = _input_gradients(directions, results, dtemp, inv_temperature,
-                                                   (query, key, hard_negatives), ctx.temperature_meta)
-            elif wants_grad:
-                forward.inputs = (query, key, hard_negatives)
-                ctx.forward_state = forward  # O(B) statistics plus references to the inputs
-        return result
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        if ctx.fused:
-            scale = grad_output.reshape(())
-            grads = [None if g is None else g * scale.to(g.dtype) for g in ctx.saved_grads]
-        else:
-            forward = ctx.forward_state
-            options = ctx.options
-            with torch.no_grad():
-                weights = forward.weights(options, grad_output.reshape(-1))
-                results, dtemp = _run_backward(forward, options, ctx.inv_temperature, weights)
-                grads = list(_input_gradients(forward.directions, results, dtemp, ctx.inv_temperature,
-                                              forward.inputs, ctx.temperature_meta))
-        # saved state is kept (not cleared) so that retain_graph=True allows a second backward;
-        # it goes away with the graph
-        grads = [g if ctx.needs_input_grad[i] else None for i, g in enumerate(grads)]
-        return (*grads, None, None, None, None)
+def _inverse_temperature(temperature: torch.Tensor) -> float:
+    return 1.0 / float(temperature.detach().reshape(()))
 
 
-def triton_info_nce(query, key, hard_negatives, temperature, positive, labels, key_labels,
-                    options: InfoNCEOptions) -> torch.Tensor:
-    """``info_nce(..., backend="triton")`` with validated arguments (see :mod:`fastcl.ops.info_nce`)."""
-    if query.dtype == torch.float64:
-        # float64 stays on the chunked path: same results, and Triton's fp64 products are slow.
-        return chunked_info_nce(query, key, hard_negatives, temperature, positive, labels, key_labels, options)
-    return _apply(query, key, hard_negatives, temperature, positive, labels, key_labels, options)
+def _temperature_meta(temperature: torch.Tensor):
+    return temperature.shape, temperature.dtype, temperature.device
 
 
-def _apply(query, key, hard_negatives, temperature, positive, labels, key_labels, options):
-    return InfoNCETritonFunction.apply(query, key, hard_negatives, temperature, positive, labels, key_labels, options)
+def triton_forward(query, key, hard_negatives, temperature: torch.Tensor, positive, labels, key_labels,
+                   options: InfoNCEOptions, compute_grads: bool):
+    """Loss and, when ``compute_grads``, the gradients of the scalar loss wrt (query, key,
+    hard_negatives, temperature), computed in this forward pass. The body of the
+    ``fastcl::info_nce_forward`` custom op for ``backend="triton"``; arguments validated."""
+    inv_temperature = _inverse_temperature(temperature)
+    with torch.no_grad():
+        directions = _prepare(query, key, hard_negatives, positive, labels, key_labels, options)
+        forward = _Forward(directions, options, inv_temperature)
+        loss = forward.reduce(options.reduction)
+        grads = None
+        if compute_grads:
+            results, dtemp = _run_backward(forward, options, inv_temperature, forward.weights(options, None))
+            grads = _input_gradients(directions, results, dtemp, inv_temperature, (query, key, hard_negatives),
+                                     _temperature_meta(temperature))
+    return loss, grads
+
+
+def triton_backward(query, key, hard_negatives, temperature: torch.Tensor, positive, labels, key_labels,
+                    options: InfoNCEOptions, grad_output: torch.Tensor):
+    """Gradients wrt (query, key, hard_negatives, temperature) given dL_total/dloss. The forward
+    statistics (O(B)) are recomputed with one forward pass, then one backward pass."""
+    inv_temperature = _inverse_temperature(temperature)
+    per_row = options.reduction == "none"
+    with torch.no_grad():
+        directions = _prepare(query, key, hard_negatives, positive, labels, key_labels, options)
+        forward = _Forward(directions, options, inv_temperature)
+        weights = forward.weights(options, grad_output.reshape(-1) if per_row else None)
+        results, dtemp = _run_backward(forward, options, inv_temperature, weights)
+        grads = _input_gradients(directions, results, dtemp, inv_temperature, (query, key, hard_negatives),
+                                 _temperature_meta(temperature))
+        if not per_row:  # gradients of the unit loss, scaled
+            scale = grad_output.detach().reshape(())
+            grads = tuple(None if g is None else g * scale.to(device=g.device, dtype=g.dtype) for g in grads)
+    return grads

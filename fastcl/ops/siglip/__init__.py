@@ -12,11 +12,12 @@ import torch
 from ..info_nce import resolve_backend
 from ..info_nce.options import BACKENDS, check_embeddings, check_same_device, check_scalar
 from . import naive
-from .chunked import SigLipFunction
+from .op import siglip_op
 
-__all__ = ["siglip_loss", "SigLipFunction"]
+__all__ = ["siglip_loss"]
 
-# GPU modules add themselves here: name -> fn(image, text, logit_scale, logit_bias)
+# GPU backends implemented for this op; gpu.py adds them here: name -> check(image, ...)
+# raising ValueError for what that backend refuses.
 EXTRA_BACKENDS = {}
 from .gpu import register_gpu_backends  # noqa: E402  (needs EXTRA_BACKENDS defined)
 
@@ -48,7 +49,6 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     if chosen == "naive":
         return naive.siglip_loss(image_features, text_features, logit_scale, logit_bias)
     if chosen in EXTRA_BACKENDS:
-        return EXTRA_BACKENDS[chosen](image_features, text_features, logit_scale, logit_bias)
-    # "cpu": the block products dominate and the elementwise part is a single pass, so the
-    # native backend shares the chunked PyTorch implementation for this op.
-    return SigLipFunction.apply(image_features, text_features, logit_scale, logit_bias)
+        EXTRA_BACKENDS[chosen](image_features)
+    # every other backend runs in the fastcl::siglip_forward custom op
+    return siglip_op(image_features, text_features, logit_scale, logit_bias, chosen)

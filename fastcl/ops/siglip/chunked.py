@@ -2,7 +2,7 @@
 
 L = -(1/B) sum_ij log sigmoid(y_ij z_ij), z_ij = t x_i.y_j + b, y = +1 on the diagonal, -1
 elsewhere. dL/dz_ij = -(1/B) y_ij sigmoid(-y_ij z_ij). The gradients are computed during the
-forward pass (inputs need grad) and only scaled in backward.
+forward pass (inputs need grad) and only scaled in backward (see :mod:`.op`).
 """
 from __future__ import annotations
 
@@ -46,26 +46,15 @@ def siglip_blocks(image: torch.Tensor, text: torch.Tensor, scale: float, bias: f
     return total / batch, d_image, d_text, d_scale, d_bias
 
 
-class SigLipFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, image_features, text_features, logit_scale, logit_bias):
-        dtype = compute_dtype(image_features)
+def chunked_siglip(image_features, text_features, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
+                   compute_grads: bool):
+    """(loss, (d_image, d_text, d_scale, d_bias) or None) on the chunked PyTorch path."""
+    dtype = compute_dtype(image_features)
+    with torch.no_grad():
         image = image_features.to(dtype)
         text = text_features.to(dtype)
-        scale = float(logit_scale) if not isinstance(logit_scale, torch.Tensor) else float(logit_scale.detach().reshape(()))
-        bias = float(logit_bias) if not isinstance(logit_bias, torch.Tensor) else float(logit_bias.detach().reshape(()))
-        with_grad = any(ctx.needs_input_grad)
-        loss, d_image, d_text, d_scale, d_bias = siglip_blocks(image, text, scale, bias, with_grad)
-        if with_grad:
-            grads = [d_image.to(image_features.dtype), d_text.to(text_features.dtype)]
-            for value, grad in ((logit_scale, d_scale), (logit_bias, d_bias)):
-                grads.append(grad.to(device=value.device, dtype=value.dtype).reshape(value.shape)
-                             if isinstance(value, torch.Tensor) else None)
-            ctx.saved_grads = grads
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        scale = grad_output.reshape(())
-        grads = [None if g is None else g * scale.to(device=g.device, dtype=g.dtype) for g in ctx.saved_grads]
-        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
+        scale, bias = float(logit_scale.reshape(())), float(logit_bias.reshape(()))
+        loss, d_image, d_text, d_scale, d_bias = siglip_blocks(image, text, scale, bias, compute_grads)
+    if not compute_grads:
+        return loss, None
+    return loss, (d_image.to(image_features.dtype), d_text.to(text_features.dtype), d_scale, d_bias)

@@ -1,17 +1,13 @@
-"""Registration of the SigLIP GPU backends without importing them (see ``info_nce/gpu.py``)."""
+"""Registration of the SigLIP GPU backends (see ``info_nce/gpu.py``): Triton only.
+
+The native CUDA kernels cover InfoNCE; SigLIP's chunked path already runs on any CUDA device,
+and its Triton kernel is a single pass.
+"""
 from __future__ import annotations
 
-from ..info_nce.gpu import triton_installed
-
-
-def _triton_siglip_loss(*args):
-    from .triton import triton_siglip_loss
-
-    return triton_siglip_loss(*args)
+from ..info_nce.gpu import check_triton_device, triton_installed
 
 
 def register_gpu_backends(extra_backends: dict) -> None:
-    # Only Triton: the native CUDA kernels cover InfoNCE (SigLIP's chunked path already runs
-    # on any CUDA device, and its Triton kernel is a single pass).
     if triton_installed():
-        extra_backends["triton"] = _triton_siglip_loss
+        extra_backends["triton"] = check_triton_device

@@ -74,47 +74,25 @@ def siglip_fwd_kernel_rows(
     tl.store(row_stats_ptr + rows * 3 + 2, d_scale, mask=row_valid)
 
 
-def _scalar(value) -> float:
-    return float(value.detach().reshape(())) if isinstance(value, torch.Tensor) else float(value)
-
-
-class SigLipTritonFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, image_features, text_features, logit_scale, logit_bias):
-        image = image_features.contiguous()
-        text = text_features.contiguous()
-        batch, dim = image.shape
-        scale, bias = _scalar(logit_scale), _scalar(logit_bias)
-        with_grad = any(ctx.needs_input_grad)
-        device = image.device
-        row_stats = torch.empty(batch, 3, dtype=torch.float32, device=device)
-        d_image = torch.zeros(batch, dim, dtype=torch.float32, device=device) if with_grad else row_stats
-        d_text = torch.zeros(batch, dim, dtype=torch.float32, device=device) if with_grad else row_stats
-        cast, precision = dot_settings(image)
-        siglip_fwd_kernel_rows[lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]),)](
-            image, text, row_stats, d_image, d_text, batch, dim, scale, bias,
-            WITH_GRAD=with_grad, CAST_DOT=cast, DOT_PRECISION=precision,
-        )
-        totals = row_stats.sum(0) / batch
-        if with_grad:
-            grads = [(d_image / batch).to(image_features.dtype), (d_text / batch).to(text_features.dtype)]
-            for value, grad in ((logit_scale, totals[2]), (logit_bias, totals[1])):
-                grads.append(grad.to(device=value.device, dtype=value.dtype).reshape(value.shape)
-                             if isinstance(value, torch.Tensor) else None)
-            ctx.saved_grads = grads
-        return totals[0]
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        scale = grad_output.reshape(())
-        grads = [None if g is None else g * scale.to(device=g.device, dtype=g.dtype) for g in ctx.saved_grads]
-        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
-
-
-def triton_siglip_loss(image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
-    """``siglip_loss(..., backend="triton")`` with validated arguments; float64 stays on the chunked path."""
-    if image_features.dtype == torch.float64:
-        from . import siglip_loss  # the public function: follows whatever the chunked path is
-
-        return siglip_loss(image_features, text_features, logit_scale, logit_bias, backend="torch")
-    return SigLipTritonFunction.apply(image_features, text_features, logit_scale, logit_bias)
+def triton_siglip(image_features, text_features, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
+                  compute_grads: bool):
+    """(loss, (d_image, d_text, d_scale, d_bias) or None): one kernel pass, loss and gradients
+    together. The body of the ``fastcl::siglip_forward`` custom op for ``backend="triton"``."""
+    image = image_features.contiguous()
+    text = text_features.contiguous()
+    batch, dim = image.shape
+    scale, bias = float(logit_scale.detach().reshape(())), float(logit_bias.detach().reshape(()))
+    device = image.device
+    row_stats = torch.empty(batch, 3, dtype=torch.float32, device=device)
+    d_image = torch.zeros(batch, dim, dtype=torch.float32, device=device) if compute_grads else row_stats
+    d_text = torch.zeros(batch, dim, dtype=torch.float32, device=device) if compute_grads else row_stats
+    cast, precision = dot_settings(image)
+    siglip_fwd_kernel_rows[lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]),)](
+        image, text, row_stats, d_image, d_text, batch, dim, scale, bias,
+        WITH_GRAD=compute_grads, CAST_DOT=cast, DOT_PRECISION=precision,
+    )
+    # (loss, dL/db, dL/dt): separate tensors, since a custom op's outputs may not alias each other
+    loss, d_bias, d_scale = (row_stats[:, column].sum() / batch for column in range(3))
+    if not compute_grads:
+        return loss, None
+    return loss, ((d_image / batch).to(image_features.dtype), (d_text / batch).to(text_features.dtype), d_scale, d_bias)

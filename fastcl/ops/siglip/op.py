@@ -1,0 +1,80 @@
+"""SigLIP registered as a ``torch.library`` custom op (every backend), so
+``torch.compile(fullgraph=True)`` traces through ``fastcl.siglip_loss`` without graph breaks.
+
+``fastcl::siglip_forward`` returns the loss and, when asked, its gradients wrt (image, text,
+logit_scale, logit_bias), computed in the same pass: the loss is elementwise over B x B, so
+nothing has to be finished before the gradients. Autograd then only scales them.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from ..info_nce.function import compute_dtype
+from .chunked import chunked_siglip
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty((0,))
+
+
+@torch.library.custom_op("fastcl::siglip_forward", mutates_args=())
+def siglip_forward(image_features: Tensor, text_features: Tensor, logit_scale: Tensor, logit_bias: Tensor,
+                   backend: str, compute_grads: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if backend == "triton" and image_features.dtype != torch.float64:
+        from .triton import triton_siglip as implementation
+    else:  # "torch" / "cpu" (the block products dominate: the native backend shares this path), float64
+        implementation = chunked_siglip
+    loss, grads = implementation(image_features, text_features, logit_scale, logit_bias, compute_grads)
+    if grads is None:
+        return loss, _empty(image_features), _empty(text_features), _empty(logit_scale), _empty(logit_bias)
+    d_image, d_text, d_scale, d_bias = grads
+    # the scalar gradients in the scalars' own dtype / device / shape
+    d_scale = d_scale.to(device=logit_scale.device, dtype=logit_scale.dtype).reshape(logit_scale.shape)
+    d_bias = d_bias.to(device=logit_bias.device, dtype=logit_bias.dtype).reshape(logit_bias.shape)
+    return loss, d_image, d_text, d_scale, d_bias
+
+
+@siglip_forward.register_fake
+def _(image_features, text_features, logit_scale, logit_bias, backend, compute_grads):
+    loss = image_features.new_empty((), dtype=compute_dtype(image_features))
+    if not compute_grads:
+        return loss, _empty(image_features), _empty(text_features), _empty(logit_scale), _empty(logit_bias)
+    return (loss, torch.empty_like(image_features), torch.empty_like(text_features), torch.empty_like(logit_scale),
+            torch.empty_like(logit_bias))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.backend = inputs[4]
+    ctx.fused = inputs[5]
+    # the gradients when they were computed in the forward pass, else the inputs to recompute them
+    ctx.save_for_backward(*(output[1:] if ctx.fused else inputs[:4]))
+
+
+def _backward(ctx, grad_loss, *_unused_grads_of_gradients):
+    saved = ctx.saved_tensors
+    if ctx.fused:
+        grads = saved
+    else:  # the forward ran without gradients (e.g. under a tracer that did not ask): one more pass
+        grads = torch.ops.fastcl.siglip_forward(*saved, ctx.backend, True)[1:]
+    scale = grad_loss.reshape(())
+    return (*(g * scale.to(device=g.device, dtype=g.dtype) for g in grads), None, None)
+
+
+siglip_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _as_tensor(value) -> Tensor:
+    # float64 holds the Python float exactly
+    return value if isinstance(value, Tensor) else torch.tensor(float(value), dtype=torch.float64)
+
+
+def siglip_op(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias, backend: str) -> Tensor:
+    """Run the registered op; gradients are computed in the forward pass when they will be needed."""
+    logit_scale, logit_bias = _as_tensor(logit_scale), _as_tensor(logit_bias)
+    compute_grads = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (image_features, text_features, logit_scale, logit_bias))
+    return torch.ops.fastcl.siglip_forward(image_features, text_features, logit_scale, logit_bias, backend,
+                                           compute_grads)[0]
