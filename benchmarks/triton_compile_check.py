@@ -57,27 +57,41 @@ def rows_flags(**overrides):
     return flags
 
 
+def backward_flags(**overrides):
+    flags = rows_flags(**overrides)
+    flags.pop("HAS_PRIVATE")
+    return flags
+
+
 def plan(quick: bool):
     forward = info_nce_kernels.info_nce_fwd_kernel_rows.fn
     backward = info_nce_kernels.info_nce_bwd_kernel_rows.fn
-    siglip = siglip_kernels.siglip_fwd_kernel_rows.fn
+    columns = info_nce_kernels.info_nce_bwd_kernel_columns.fn
+    private = info_nce_kernels.info_nce_bwd_kernel_private
+    siglip = siglip_kernels.siglip_kernel_rows.fn
+    siglip_columns = siglip_kernels.siglip_kernel_columns.fn
     pair_dot = info_nce_kernels.info_nce_fwd_kernel_pair_dot
-    everything_mask = dict(HAS_PRIVATE=True, NORMALIZE=True, HAS_LABELS=True, HAS_MARGIN=True, SMOOTHING=True,
-                           FUSED_COLUMNS=True)
-    fwd_tiles, bwd_tiles = info_nce_kernels.FORWARD_CONFIGS[0], info_nce_kernels.BACKWARD_CONFIGS[0]
+    everything = dict(NORMALIZE=True, HAS_LABELS=True, HAS_MARGIN=True, SMOOTHING=True, FUSED_COLUMNS=True)
+    fwd_tiles = info_nce_kernels.FORWARD_CONFIGS[0]
+    rows_tiles, columns_tiles = info_nce_kernels.BACKWARD_ROWS_CONFIGS[0], info_nce_kernels.BACKWARD_COLUMNS_CONFIGS[0]
+    private_flags = dict(MODE=0, NORMALIZE=True, HAS_LABELS=True, HAS_MARGIN=True, SMOOTHING=True, BLOCK_M=32, BLOCK_D=64)
     items = [
         ("fwd clip", forward, "bfloat16", rows_flags(FUSED_COLUMNS=True), fwd_tiles),
-        ("bwd clip", backward, "bfloat16", rows_flags(FUSED_COLUMNS=True), bwd_tiles),
-        ("fwd mask all options", forward, "bfloat16", rows_flags(**everything_mask), fwd_tiles),
-        ("bwd mask all options", backward, "bfloat16", rows_flags(**everything_mask), bwd_tiles),
+        ("bwd rows clip", backward, "bfloat16", backward_flags(FUSED_COLUMNS=True), rows_tiles),
+        ("bwd columns clip", columns, "bfloat16", backward_flags(FUSED_COLUMNS=True), columns_tiles),
+        ("fwd mask all options", forward, "bfloat16", rows_flags(HAS_PRIVATE=True, **everything), fwd_tiles),
+        ("bwd rows all options", backward, "bfloat16", backward_flags(**everything), rows_tiles),
+        ("bwd columns all options", columns, "bfloat16", backward_flags(**everything), columns_tiles),
+        ("bwd hard negatives", private, "bfloat16", private_flags, None),
         ("fwd supcon", forward, "float16", rows_flags(MODE=1, HAS_LABELS=True, EXCLUDE_SELF=True, HAS_PRIVATE=True), fwd_tiles),
-        ("bwd supcon", backward, "float16", rows_flags(MODE=1, HAS_LABELS=True, EXCLUDE_SELF=True, HAS_PRIVATE=True), bwd_tiles),
+        ("bwd rows supcon", backward, "float16", backward_flags(MODE=1, HAS_LABELS=True, EXCLUDE_SELF=True), rows_tiles),
         ("fwd pairwise 1", forward, "bfloat16", rows_flags(MODE=2, HAS_LABELS=True, HAS_PRIVATE=True), fwd_tiles),
         ("fwd pairwise 2", forward, "bfloat16", rows_flags(MODE=2, STAGE=2, HAS_LABELS=True), fwd_tiles),
-        ("bwd pairwise", backward, "bfloat16", rows_flags(MODE=2, STAGE=2, HAS_LABELS=True, HAS_PRIVATE=True), bwd_tiles),
+        ("bwd columns pairwise", columns, "bfloat16", backward_flags(MODE=2, STAGE=2, HAS_LABELS=True), columns_tiles),
         ("fwd fp32 ieee", forward, "float32", rows_flags(DOT_PRECISION="ieee", FUSED_COLUMNS=True), (64, 64, 32, 4, 2)),
-        ("bwd fp32 ieee", backward, "float32", rows_flags(DOT_PRECISION="ieee", FUSED_COLUMNS=True), (64, 64, 32, 4, 2)),
-        ("siglip grad", siglip, "bfloat16", dict(WITH_GRAD=True, CAST_DOT=False, DOT_PRECISION="tf32"), fwd_tiles),
+        ("bwd rows fp32 ieee", backward, "float32", backward_flags(DOT_PRECISION="ieee", FUSED_COLUMNS=True), (32, 64, 32, 128, 4, 2)),
+        ("siglip grad", siglip, "bfloat16", dict(WITH_GRAD=True, CAST_DOT=False, DOT_PRECISION="tf32"), rows_tiles),
+        ("siglip columns", siglip_columns, "bfloat16", dict(CAST_DOT=False, DOT_PRECISION="tf32"), columns_tiles),
         ("pair dot", pair_dot, "bfloat16", dict(HAS_INDEX=True, BLOCK_R=32, BLOCK_D=64), None),
     ]
     if quick:
@@ -95,9 +109,11 @@ def main(argv=None) -> int:
         for name, fn, dtype, flags, tiles in plan(args.quick):
             constexprs = dict(flags)
             options = {}
-            if tiles is not None:
-                block_m, block_n, block_d, warps, stages = tiles
+            if tiles is not None:  # (BLOCK_M, BLOCK_N, BLOCK_D[, ACC_D], num_warps, num_stages)
+                block_m, block_n, block_d, *width, warps, stages = tiles
                 constexprs.update(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+                if width:
+                    constexprs["ACC_D"] = width[0]
                 options = dict(num_warps=warps, num_stages=stages)
             start = time.time()
             try:

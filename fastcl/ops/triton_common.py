@@ -22,19 +22,77 @@ CONFIG_ENV = "FASTCL_TRITON_CONFIG"
 INTERPRETER_CONFIG = (32, 32, 32, 4, 1)
 
 # (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages). Forward tiles keep one fp32 BLOCK_M x
-# BLOCK_N similarity block live; backward tiles also hold the gradient block, hence smaller.
+# BLOCK_N similarity block live. ptxas (sm_90, bf16, CLIP flags): no spills for the 2nd and 3rd,
+# under 300 bytes for the others; 4-warp variants spilled 700-900 bytes and were dropped.
 FORWARD_CONFIGS = [
     (128, 128, 64, 8, 3),
-    (128, 64, 64, 4, 3),
-    (64, 128, 64, 4, 3),
+    (128, 64, 64, 8, 3),
     (128, 128, 32, 8, 4),
+    (64, 128, 64, 8, 3),
 ]
-BACKWARD_CONFIGS = [
-    (128, 64, 64, 8, 2),
-    (64, 64, 64, 4, 2),
-    (64, 128, 64, 8, 2),
-    (128, 128, 32, 8, 2),
+# Backward kernels: (BLOCK_M, BLOCK_N, BLOCK_D, ACC_D, num_warps, num_stages). The rows kernel
+# keeps a BLOCK_M x ACC_D fp32 gradient accumulator on chip, the columns kernel a BLOCK_N x
+# ACC_D one, for the embedding slice [g * ACC_D, (g + 1) * ACC_D) of program group g; each
+# slice recomputes the similarity tiles, so ACC_D >= D (one slice) costs the least arithmetic
+# but the most registers. The lists mix both ends; ptxas reports (sm_90, bf16) no or small
+# spills for each, and the autotuner picks on the device. ACC_D is clamped to D's power of two.
+# The last entry of each list is small enough for float32 inputs on an A100 (40 KB of shared
+# memory); the others need up to 192 KB in float32 (the autotuner skips what does not fit).
+BACKWARD_ROWS_CONFIGS = [
+    (64, 64, 64, 256, 8, 2),
+    (64, 64, 64, 256, 8, 3),
+    (32, 64, 64, 512, 8, 2),
+    (64, 128, 64, 256, 16, 2),
+    (32, 64, 32, 128, 4, 2),
 ]
+BACKWARD_COLUMNS_CONFIGS = [
+    (64, 64, 64, 256, 8, 2),
+    (64, 64, 64, 256, 8, 3),
+    (64, 32, 64, 512, 8, 2),
+    (128, 64, 64, 256, 16, 2),
+    (64, 32, 32, 128, 4, 2),
+]
+ACC_D_MAX = 512
+# In the interpreter a small slice, so the tests' D (24, 40) cover one slice and several.
+INTERPRETER_ACC_D = 32
+
+
+def accumulator_width(dim: int) -> int:
+    """The embedding slice a backward program accumulates when the tile configuration is pinned."""
+    limit = INTERPRETER_ACC_D if interpreting() else ACC_D_MAX
+    return max(16, min(triton.next_power_of_2(dim), limit))
+
+
+def accumulator_configs(candidates) -> List[triton.Config]:
+    """The backward autotuning list; with a pinned configuration one entry per slice width
+    (:func:`prune_accumulator` keeps the one for the call's D); in the interpreter one entry."""
+    pinned = os.environ.get(CONFIG_ENV)
+    if pinned or interpreting():
+        m, n, d, warps, stages = parse_config(pinned) if pinned else INTERPRETER_CONFIG
+        widths = [INTERPRETER_ACC_D] if not pinned else [16 << i for i in range(ACC_D_MAX.bit_length() - 4)]
+        candidates = [(m, n, d, width, warps, stages) for width in widths]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": d, "ACC_D": width}, num_warps=warps, num_stages=stages)
+        for m, n, d, width, warps, stages in candidates
+    ]
+
+
+def prune_accumulator(configs, named_args, **_kwargs):
+    """Autotuner hook: ACC_D no wider than D's power of two (duplicates dropped); a pinned
+    configuration keeps exactly the slice width :func:`accumulator_width` gives."""
+    dim = named_args["dim"]
+    if os.environ.get(CONFIG_ENV):
+        width = accumulator_width(dim)
+        return [c for c in configs if c.kwargs["ACC_D"] == width][:1] or configs[:1]
+    limit = max(16, triton.next_power_of_2(dim))
+    kept, seen = [], set()
+    for config in configs:
+        kwargs = dict(config.kwargs, ACC_D=min(config.kwargs["ACC_D"], limit))
+        signature = (tuple(sorted(kwargs.items())), config.num_warps, config.num_stages)
+        if signature not in seen:
+            seen.add(signature)
+            kept.append(triton.Config(kwargs, num_warps=config.num_warps, num_stages=config.num_stages))
+    return kept
 
 
 def interpreting() -> bool:

@@ -206,6 +206,26 @@ def test_pinned_config_is_parsed_and_checked(monkeypatch):
             triton_common.configs(triton_common.FORWARD_CONFIGS)
 
 
+def test_backward_slice_width_follows_the_embedding_size(monkeypatch):
+    """The backward configurations' ACC_D (embedding slice accumulated on chip) is clamped to D's
+    power of two when autotuning; a pinned tile configuration gets exactly one slice width."""
+    import triton
+
+    from fastcl.ops import triton_common as common
+
+    monkeypatch.delenv(common.CONFIG_ENV, raising=False)
+    tuned = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "ACC_D": width}, num_warps=8, num_stages=2)
+             for width in (256, 512)]
+    (kept,) = common.prune_accumulator(tuned, {"dim": 100})  # both clamp to 128: one left
+    assert kept.kwargs["ACC_D"] == 128
+    assert [c.kwargs["ACC_D"] for c in common.prune_accumulator(tuned, {"dim": 768})] == [256, 512]
+    monkeypatch.setenv(common.CONFIG_ENV, "64,32,16,4,2")
+    pinned = common.accumulator_configs(common.BACKWARD_ROWS_CONFIGS)
+    assert sorted(c.kwargs["ACC_D"] for c in pinned) == [16, 32, 64, 128, 256, 512]
+    (chosen,) = common.prune_accumulator(pinned, {"dim": 40})
+    assert chosen.kwargs == {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 16, "ACC_D": common.accumulator_width(40)}
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_siglip_matches_naive(dtype):
     generator = torch.Generator().manual_seed(1)

@@ -3,9 +3,10 @@
     z_ij = t x_i.y_j + b,  y_ij = +1 on the diagonal, -1 elsewhere
     L = (1/B) sum_ij softplus(-y_ij z_ij),   dL/dz_ij = -(1/B) y_ij sigmoid(-y_ij z_ij)
 
-The loss is elementwise, so no normalizer is needed before the gradient: each program owns a
-block of image rows, accumulates d(image) for them, adds d(text) with fp32 atomics, and writes
-per-row partial sums for the loss, dt and db. ``backward()`` only scales the saved gradients.
+The loss is elementwise, so no normalizer is needed before the gradient: the loss and the
+gradients come out of the forward call. Two kernels, no atomics: one owns image rows (loss,
+dt, db and d(image), accumulated on chip), the other owns text rows (d(text)); each
+recomputes the similarity tiles. ``backward()`` only scales the saved gradients.
 
 Example::
 
@@ -17,80 +18,128 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import FORWARD_CONFIGS, configs, dot_settings, softplus, tile_similarity
+from ..triton_common import (BACKWARD_COLUMNS_CONFIGS, BACKWARD_ROWS_CONFIGS, accumulator_configs, dot_settings,
+                             prune_accumulator, softplus, tile_similarity)
 
 
-@triton.autotune(configs=configs(FORWARD_CONFIGS), key=["dim", "WITH_GRAD"], reset_to_zero=["d_image_ptr", "d_text_ptr"])
 @triton.jit
-def siglip_fwd_kernel_rows(
-    image_ptr, text_ptr, row_stats_ptr, d_image_ptr, d_text_ptr,
+def _siglip_tile(raw, rows, cols, row_valid, col_valid, logit_scale, logit_bias):
+    """(softplus(-y z), B * dL/dz) of one tile, zero outside the matrix; y = +1 on the diagonal."""
+    valid = row_valid[:, None] & col_valid[None, :]
+    sign = tl.where(rows[:, None] == cols[None, :], 1.0, -1.0)
+    signed = sign * (raw * logit_scale + logit_bias)
+    # per-pair gradient times B: in [-1, 1], safe to round to the input dtype
+    return tl.where(valid, softplus(-signed), 0.0), tl.where(valid, -sign * tl.sigmoid(-signed), 0.0)
+
+
+@triton.autotune(configs=accumulator_configs(BACKWARD_ROWS_CONFIGS), key=["dim", "WITH_GRAD"],
+                 prune_configs_by={"early_config_prune": prune_accumulator})
+@triton.jit
+def siglip_kernel_rows(
+    image_ptr, text_ptr, row_stats_ptr, d_image_ptr,
     batch, dim, logit_scale, logit_bias,
-    WITH_GRAD: tl.constexpr, CAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WITH_GRAD: tl.constexpr, CAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """row_stats (B, 3) fp32 = [sum_j softplus(-y z), sum_j dl/dz, sum_j dl/dz * raw] (dl = B dL);
-    with WITH_GRAD, d_image / d_text (B, D) fp32 accumulate B * dL/dx, B * dL/dy."""
+    with WITH_GRAD, d_image (B, D) fp32 = B * dL/dx for the embedding slice of the program's
+    group, accumulated on chip and written once."""
     pid = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = rows < batch
     loss = tl.zeros((BLOCK_M,), dtype=tl.float32)
     d_bias = tl.zeros((BLOCK_M,), dtype=tl.float32)
     d_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc_d = group * ACC_D + tl.arange(0, ACC_D)
+    acc_valid = acc_d < dim
+    acc = tl.zeros((BLOCK_M, ACC_D), dtype=tl.float32)
     element = image_ptr.dtype.element_ty
     for n0 in range(0, batch, BLOCK_N):
         cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # 64-bit offsets: N * D may pass 2^31
         col_valid = cols < batch
         raw = tile_similarity(image_ptr, text_ptr, rows, cols, row_valid, col_valid, dim,
                               CAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
-        valid = row_valid[:, None] & col_valid[None, :]
-        sign = tl.where(rows[:, None] == cols[None, :], 1.0, -1.0)
-        signed = sign * (raw * logit_scale + logit_bias)
-        loss += tl.sum(tl.where(valid, softplus(-signed), 0.0), axis=1)
+        terms, grad = _siglip_tile(raw, rows, cols, row_valid, col_valid, logit_scale, logit_bias)
+        loss += tl.sum(terms, axis=1)
         if WITH_GRAD:
-            # per-pair gradient times B: in [-1, 1], safe to round to the input dtype
-            grad = tl.where(valid, -sign * tl.sigmoid(-signed), 0.0)
             d_bias += tl.sum(grad, axis=1)
             d_scale += tl.sum(grad * raw, axis=1)
             grad_low = grad.to(element)
+            y = tl.load(text_ptr + cols[:, None] * dim + acc_d[None, :], mask=col_valid[:, None] & acc_valid[None, :],
+                        other=0.0)
             if CAST_DOT:
                 grad_low = grad_low.to(tl.float32)
-            for d0 in range(0, dim, BLOCK_D):
-                d = d0 + tl.arange(0, BLOCK_D)
-                d_valid = d < dim
-                a_mask = row_valid[:, None] & d_valid[None, :]
-                c_mask = col_valid[:, None] & d_valid[None, :]
-                x = tl.load(image_ptr + rows[:, None] * dim + d[None, :], mask=a_mask, other=0.0)
-                y = tl.load(text_ptr + cols[:, None] * dim + d[None, :], mask=c_mask, other=0.0)
-                if CAST_DOT:
-                    x = x.to(tl.float32)
-                    y = y.to(tl.float32)
-                x_ptrs = d_image_ptr + rows[:, None] * dim + d[None, :]
-                d_x = tl.dot(grad_low, y, input_precision=DOT_PRECISION) * logit_scale
-                tl.store(x_ptrs, tl.load(x_ptrs, mask=a_mask, other=0.0) + d_x, mask=a_mask)
-                d_y = tl.dot(tl.trans(grad_low), x, input_precision=DOT_PRECISION) * logit_scale
-                tl.atomic_add(d_text_ptr + cols[:, None] * dim + d[None, :], d_y, mask=c_mask)
-    tl.store(row_stats_ptr + rows * 3, loss, mask=row_valid)
-    tl.store(row_stats_ptr + rows * 3 + 1, d_bias, mask=row_valid)
-    tl.store(row_stats_ptr + rows * 3 + 2, d_scale, mask=row_valid)
+                y = y.to(tl.float32)
+            acc = tl.dot(grad_low, y, acc, input_precision=DOT_PRECISION)
+    if WITH_GRAD:
+        tl.store(d_image_ptr + rows[:, None] * dim + acc_d[None, :], acc * logit_scale,
+                 mask=row_valid[:, None] & acc_valid[None, :])
+    if group == 0:
+        tl.store(row_stats_ptr + rows * 3, loss, mask=row_valid)
+        tl.store(row_stats_ptr + rows * 3 + 1, d_bias, mask=row_valid)
+        tl.store(row_stats_ptr + rows * 3 + 2, d_scale, mask=row_valid)
+
+
+@triton.autotune(configs=accumulator_configs(BACKWARD_COLUMNS_CONFIGS), key=["dim"],
+                 prune_configs_by={"early_config_prune": prune_accumulator})
+@triton.jit
+def siglip_kernel_columns(
+    image_ptr, text_ptr, d_text_ptr,
+    batch, dim, logit_scale, logit_bias,
+    CAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """d_text (B, D) fp32 = B * dL/dy: program (j, group) owns BLOCK_N text rows, walks over the
+    image tiles and accumulates g^T x for its embedding slice on chip (no atomics)."""
+    pid = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_valid = cols < batch
+    acc_d = group * ACC_D + tl.arange(0, ACC_D)
+    acc_valid = acc_d < dim
+    acc = tl.zeros((BLOCK_N, ACC_D), dtype=tl.float32)
+    element = image_ptr.dtype.element_ty
+    for m0 in range(0, batch, BLOCK_M):
+        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        row_valid = rows < batch
+        raw = tile_similarity(image_ptr, text_ptr, rows, cols, row_valid, col_valid, dim,
+                              CAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        _, grad = _siglip_tile(raw, rows, cols, row_valid, col_valid, logit_scale, logit_bias)
+        grad_low = grad.to(element)
+        x = tl.load(image_ptr + rows[:, None] * dim + acc_d[None, :], mask=row_valid[:, None] & acc_valid[None, :],
+                    other=0.0)
+        if CAST_DOT:
+            grad_low = grad_low.to(tl.float32)
+            x = x.to(tl.float32)
+        acc = tl.dot(tl.trans(grad_low), x, acc, input_precision=DOT_PRECISION)
+    tl.store(d_text_ptr + cols[:, None] * dim + acc_d[None, :], acc * logit_scale,
+             mask=col_valid[:, None] & acc_valid[None, :])
 
 
 def triton_siglip(image_features, text_features, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
                   compute_grads: bool):
-    """(loss, (d_image, d_text, d_scale, d_bias) or None): one kernel pass, loss and gradients
-    together. The body of the ``fastcl::siglip_forward`` custom op for ``backend="triton"``."""
+    """(loss, (d_image, d_text, d_scale, d_bias) or None): the loss alone is one kernel; with
+    gradients a second kernel owns the text rows. The body of the ``fastcl::siglip_forward``
+    custom op for ``backend="triton"``."""
     image = image_features.contiguous()
     text = text_features.contiguous()
     batch, dim = image.shape
     scale, bias = float(logit_scale.detach().reshape(())), float(logit_bias.detach().reshape(()))
     device = image.device
     row_stats = torch.empty(batch, 3, dtype=torch.float32, device=device)
-    d_image = torch.zeros(batch, dim, dtype=torch.float32, device=device) if compute_grads else row_stats
-    d_text = torch.zeros(batch, dim, dtype=torch.float32, device=device) if compute_grads else row_stats
+    d_image = torch.empty(batch, dim, dtype=torch.float32, device=device) if compute_grads else row_stats
     cast, precision = dot_settings(image)
-    siglip_fwd_kernel_rows[lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]),)](
-        image, text, row_stats, d_image, d_text, batch, dim, scale, bias,
+    groups = (lambda meta: triton.cdiv(dim, meta["ACC_D"])) if compute_grads else (lambda meta: 1)
+    siglip_kernel_rows[lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]), groups(meta))](
+        image, text, row_stats, d_image, batch, dim, scale, bias,
         WITH_GRAD=compute_grads, CAST_DOT=cast, DOT_PRECISION=precision,
     )
+    if compute_grads:
+        d_text = torch.empty(batch, dim, dtype=torch.float32, device=device)
+        siglip_kernel_columns[lambda meta: (triton.cdiv(batch, meta["BLOCK_N"]), triton.cdiv(dim, meta["ACC_D"]))](
+            image, text, d_text, batch, dim, scale, bias, CAST_DOT=cast, DOT_PRECISION=precision,
+        )
     # (loss, dL/db, dL/dt): separate tensors, since a custom op's outputs may not alias each other
     loss, d_bias, d_scale = (row_stats[:, column].sum() / batch for column in range(3))
     if not compute_grads:
