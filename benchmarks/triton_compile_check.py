@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from fastcl.ops.info_nce import triton as info_nce_kernels  # noqa: E402
 from fastcl.ops.siglip import triton as siglip_kernels  # noqa: E402
 
-FLOAT_SCALARS = {"inv_temperature", "margin", "label_smoothing", "grad_scale", "logit_scale", "logit_bias"}
+FLOAT_SCALARS = {"inv_temperature", "margin", "label_smoothing", "grad_scale", "logit_scale", "logit_bias",
+                 "grad_factor"}
 INDEX_POINTERS = {"positive_ptr", "anchor_label_ptr", "candidate_label_ptr", "num_positive_ptr", "index_ptr"}
 EMBEDDING_POINTERS = {"anchor_ptr", "candidate_ptr", "private_ptr", "image_ptr", "text_ptr", "a_ptr", "b_ptr"}
 TYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}

@@ -345,7 +345,7 @@ def info_nce_bwd_kernel_rows(
     FUSED_COLUMNS: tl.constexpr, CAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """d(anchor) (R, D) fp32 and dtemp (R,) = sum_j g_ij s_ij over the candidates (hard
+    """d(anchor) (R, D) (fp32, or the inputs' dtype) and dtemp (R,) = sum_j g_ij s_ij over the candidates (hard
     negatives: :func:`info_nce_bwd_kernel_private`, launched after this one).
 
     Program (i, group) owns BLOCK_M anchor rows and the embedding columns
@@ -392,7 +392,8 @@ def info_nce_bwd_kernel_rows(
         acc = tl.dot(grad_low, c, acc, input_precision=DOT_PRECISION)
     acc = acc * (inv_temperature / grad_scale)
 
-    tl.store(d_anchor_ptr + rows[:, None] * dim + acc_d[None, :], acc, mask=row_valid[:, None] & acc_valid[None, :])
+    tl.store(d_anchor_ptr + rows[:, None] * dim + acc_d[None, :], acc.to(d_anchor_ptr.dtype.element_ty),
+             mask=row_valid[:, None] & acc_valid[None, :])
     if group == 0:
         tl.store(dtemp_ptr + rows, dtemp, mask=row_valid)
 
@@ -501,7 +502,8 @@ def info_nce_bwd_kernel_columns(
             a = a.to(tl.float32)
         acc = tl.dot(tl.trans(grad_low), a, acc, input_precision=DOT_PRECISION)
     acc = acc * (inv_temperature / grad_scale)
-    tl.store(d_candidate_ptr + cols[:, None] * dim + acc_d[None, :], acc, mask=col_valid[:, None] & acc_valid[None, :])
+    tl.store(d_candidate_ptr + cols[:, None] * dim + acc_d[None, :], acc.to(d_candidate_ptr.dtype.element_ty),
+             mask=col_valid[:, None] & acc_valid[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -749,8 +751,12 @@ def _run_backward(forward: _Forward, options: InfoNCEOptions, inv_temperature: f
         rows, dim = direction.anchors.shape
         num_candidates = direction.candidates.shape[0]
         device = direction.anchors.device
-        d_anchor = torch.empty(rows, dim, dtype=torch.float32, device=device)
-        d_candidate = torch.empty(direction.candidates.shape, dtype=torch.float32, device=device)
+        # the kernels write the gradients in the inputs' dtype when nothing comes after them (no
+        # normalization to go back through, no second direction or hard negatives to add)
+        direct = not options.normalize and len(forward.directions) == 1 and direction.private is None
+        grad_dtype = direction.anchors.dtype if direct else torch.float32
+        d_anchor = torch.empty(rows, dim, dtype=grad_dtype, device=device)
+        d_candidate = torch.empty(direction.candidates.shape, dtype=grad_dtype, device=device)
         d_private = torch.empty(direction.private.shape, dtype=torch.float32, device=device) if direction.private is not None else None
         dtemp = torch.empty(rows, dtype=torch.float32, device=device)
         fused = direction.fused_columns > 0

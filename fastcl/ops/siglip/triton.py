@@ -37,13 +37,13 @@ def _siglip_tile(raw, rows, cols, row_valid, col_valid, logit_scale, logit_bias)
 @triton.jit
 def siglip_kernel_rows(
     image_ptr, text_ptr, row_stats_ptr, d_image_ptr,
-    batch, dim, logit_scale, logit_bias,
+    batch, dim, logit_scale, logit_bias, grad_factor,
     WITH_GRAD: tl.constexpr, CAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """row_stats (B, 3) fp32 = [sum_j softplus(-y z), sum_j dl/dz, sum_j dl/dz * raw] (dl = B dL);
-    with WITH_GRAD, d_image (B, D) fp32 = B * dL/dx for the embedding slice of the program's
-    group, accumulated on chip and written once."""
+    with WITH_GRAD, d_image (B, D) = dL/dx (``grad_factor`` = t / B) in d_image's dtype for the
+    embedding slice of the program's group, accumulated on chip in fp32 and written once."""
     pid = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -73,8 +73,8 @@ def siglip_kernel_rows(
                 y = y.to(tl.float32)
             acc = tl.dot(grad_low, y, acc, input_precision=DOT_PRECISION)
     if WITH_GRAD:
-        tl.store(d_image_ptr + rows[:, None] * dim + acc_d[None, :], acc * logit_scale,
-                 mask=row_valid[:, None] & acc_valid[None, :])
+        d_image = (acc * grad_factor).to(d_image_ptr.dtype.element_ty)
+        tl.store(d_image_ptr + rows[:, None] * dim + acc_d[None, :], d_image, mask=row_valid[:, None] & acc_valid[None, :])
     if group == 0:
         tl.store(row_stats_ptr + rows * 3, loss, mask=row_valid)
         tl.store(row_stats_ptr + rows * 3 + 1, d_bias, mask=row_valid)
@@ -86,11 +86,11 @@ def siglip_kernel_rows(
 @triton.jit
 def siglip_kernel_columns(
     image_ptr, text_ptr, d_text_ptr,
-    batch, dim, logit_scale, logit_bias,
+    batch, dim, logit_scale, logit_bias, grad_factor,
     CAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """d_text (B, D) fp32 = B * dL/dy: program (j, group) owns BLOCK_N text rows, walks over the
+    """d_text (B, D) = dL/dy: program (j, group) owns BLOCK_N text rows, walks over the
     image tiles and accumulates g^T x for its embedding slice on chip (no atomics)."""
     pid = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
@@ -113,8 +113,8 @@ def siglip_kernel_columns(
             grad_low = grad_low.to(tl.float32)
             x = x.to(tl.float32)
         acc = tl.dot(tl.trans(grad_low), x, acc, input_precision=DOT_PRECISION)
-    tl.store(d_text_ptr + cols[:, None] * dim + acc_d[None, :], acc * logit_scale,
-             mask=col_valid[:, None] & acc_valid[None, :])
+    d_text = (acc * grad_factor).to(d_text_ptr.dtype.element_ty)
+    tl.store(d_text_ptr + cols[:, None] * dim + acc_d[None, :], d_text, mask=col_valid[:, None] & acc_valid[None, :])
 
 
 def triton_siglip(image_features, text_features, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
@@ -128,20 +128,20 @@ def triton_siglip(image_features, text_features, logit_scale: torch.Tensor, logi
     scale, bias = float(logit_scale.detach().reshape(())), float(logit_bias.detach().reshape(()))
     device = image.device
     row_stats = torch.empty(batch, 3, dtype=torch.float32, device=device)
-    d_image = torch.empty(batch, dim, dtype=torch.float32, device=device) if compute_grads else row_stats
+    d_image = torch.empty(batch, dim, dtype=image_features.dtype, device=device) if compute_grads else row_stats
     cast, precision = dot_settings(image)
     groups = (lambda meta: triton.cdiv(dim, meta["ACC_D"])) if compute_grads else (lambda meta: 1)
     siglip_kernel_rows[lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]), groups(meta))](
-        image, text, row_stats, d_image, batch, dim, scale, bias,
+        image, text, row_stats, d_image, batch, dim, scale, bias, scale / batch,
         WITH_GRAD=compute_grads, CAST_DOT=cast, DOT_PRECISION=precision,
     )
     if compute_grads:
-        d_text = torch.empty(batch, dim, dtype=torch.float32, device=device)
+        d_text = torch.empty(batch, dim, dtype=text_features.dtype, device=device)
         siglip_kernel_columns[lambda meta: (triton.cdiv(batch, meta["BLOCK_N"]), triton.cdiv(dim, meta["ACC_D"]))](
-            image, text, d_text, batch, dim, scale, bias, CAST_DOT=cast, DOT_PRECISION=precision,
+            image, text, d_text, batch, dim, scale, bias, scale / batch, CAST_DOT=cast, DOT_PRECISION=precision,
         )
     # (loss, dL/db, dL/dt): separate tensors, since a custom op's outputs may not alias each other
     loss, d_bias, d_scale = (row_stats[:, column].sum() / batch for column in range(3))
     if not compute_grads:
         return loss, None
-    return loss, ((d_image / batch).to(image_features.dtype), (d_text / batch).to(text_features.dtype), d_scale, d_bias)
+    return loss, (d_image, d_text, d_scale, d_bias)
