@@ -25,7 +25,9 @@ def _cases():
     if available["cpu"].available:
         cases.append(pytest.param("cpu", "cpu", id="cpu"))
     if available["triton"].available:
-        cases.append(pytest.param("triton", "cuda" if ON_GPU else "cpu", id="triton", marks=pytest.mark.triton))
+        # on a GPU also `cuda`: benchmarks/gpu_check.sh runs `pytest -m cuda`
+        marks = [pytest.mark.triton] + ([pytest.mark.cuda] if ON_GPU else [])
+        cases.append(pytest.param("triton", "cuda" if ON_GPU else "cpu", id="triton", marks=marks))
     cases.append(pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda))
     return cases
 

@@ -52,7 +52,9 @@ def test_siglip_float_scale_and_gradcheck():
 def _compile_cases():
     cases = list(BACKENDS)
     if fastcl.backends()["triton"].available:
-        cases.append(pytest.param("triton", marks=pytest.mark.triton))
+        # on a GPU also `cuda`: benchmarks/gpu_check.sh runs `pytest -m cuda`
+        marks = [pytest.mark.triton] + ([pytest.mark.cuda] if torch.cuda.is_available() else [])
+        cases.append(pytest.param("triton", marks=marks))
     return cases
 
 
