@@ -79,7 +79,7 @@ def run_case(case, provider, batch, num_keys, dim, symmetric, repeats, dtype=tor
 
         loss = once()  # warm-up: compilation, autotuning
         sync()
-        row["loss"] = f"{float(loss):.6f}"
+        row["loss"] = f"{float(loss.detach()):.6f}"
         query.grad = key.grad = None
         del loss
         if on_gpu:

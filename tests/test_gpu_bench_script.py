@@ -1,0 +1,48 @@
+"""The GPU check's scripts, smoke-tested on CPU: a GPU session has minutes, not time to debug them.
+
+benchmarks/bench_info_nce_gpu.py runs its measurement loop here on CPU tensors (the Triton
+kernels in the interpreter) at a tiny size, and its summary is built from the rows; the shell
+script is parsed by bash.
+"""
+import importlib.util
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import fastcl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_info_nce_gpu", os.path.join(ROOT, "benchmarks", "bench_info_nce_gpu.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log")
+def test_bench_rows_and_summary_on_cpu():
+    bench = _load_bench()
+    providers = ["naive"] + (["triton"] if fastcl.backends()["triton"].available else [])
+    rows = [bench.run_case("clip", provider, 24, 24, 16, True, repeats=1, dtype=torch.float32, device="cpu")
+            for provider in providers]
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert float(row["time_ms"]) > 0
+    if len(rows) == 2:  # the same loss from both providers
+        assert float(rows[0]["loss"]) == pytest.approx(float(rows[1]["loss"]), rel=1e-4)
+    text = bench.summary(rows, "cpu", quick=True)
+    assert "| clip | naive | 24 | 24 | 16 |" in text
+    assert "CLIP time triton / naive" in text
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_gpu_check_scripts_parse():
+    for script in ("gpu_check.sh", "gpu_check_patches.sh"):
+        path = os.path.join(ROOT, "benchmarks", script)
+        if os.path.exists(path):
+            subprocess.run(["bash", "-n", path], check=True)
