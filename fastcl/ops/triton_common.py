@@ -99,6 +99,36 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _triton_version():
+    return tuple(int(part) for part in triton.__version__.split("+")[0].split(".")[:2])
+
+
+def _fix_interpreter_scalar_index() -> None:
+    """Let triton < 3.7's interpreter use scalar kernel arguments as loop bounds with numpy >= 2.4.
+
+    That interpreter turns a scalar argument into a Python int with ``int(array([x]))``, which
+    numpy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"), so every
+    ``range(0, n, BLOCK)`` over a runtime size fails (triton-lang/triton#9171). Triton 3.7.1 and
+    later squeeze the array first; this applies the same one-line change to the older interpreter.
+    """
+    from triton.runtime import interpreter
+
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "_fastcl_squeezes", False):
+        return
+
+    def patch_tensor_squeezing(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_tensor_squeezing._fastcl_squeezes = True
+    interpreter._patch_lang_tensor = patch_tensor_squeezing
+
+
+if interpreting() and _triton_version() < (3, 7):
+    _fix_interpreter_scalar_index()
+
+
 def parse_config(text: str):
     try:
         values = tuple(int(part) for part in text.split(","))
