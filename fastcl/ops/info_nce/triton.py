@@ -56,6 +56,7 @@ MODES = {MASK: 0, SUPCON: 1, PAIRWISE: 2}
 # fp32 exp overflows above ~88.7: a column whose sum shifted by its diagonal overflowed is
 # recomputed with an online max.
 _KEY = ["dim", "MODE", "STAGE", "FUSED_COLUMNS", "HAS_PRIVATE"]
+_TILE_KEY = ["dim", "MODE", "STAGE", "FUSED_COLUMNS"]  # the backward tile kernels (no hard negatives)
 
 
 @triton.jit
@@ -329,7 +330,7 @@ def _grad_tile(raw, rows, cols, row_valid, col_valid, n0, positive, positive_raw
     return grad, scores
 
 
-@triton.autotune(configs=accumulator_configs(BACKWARD_ROWS_CONFIGS), key=_KEY,
+@triton.autotune(configs=accumulator_configs(BACKWARD_ROWS_CONFIGS), key=_TILE_KEY,
                  prune_configs_by={"early_config_prune": prune_accumulator})
 @triton.jit
 def info_nce_bwd_kernel_rows(
@@ -447,7 +448,7 @@ def info_nce_bwd_kernel_private(
     tl.store(dtemp_ptr + rows, dtemp, mask=row_valid)
 
 
-@triton.autotune(configs=accumulator_configs(BACKWARD_COLUMNS_CONFIGS), key=_KEY,
+@triton.autotune(configs=accumulator_configs(BACKWARD_COLUMNS_CONFIGS), key=_TILE_KEY,
                  prune_configs_by={"early_config_prune": prune_accumulator})
 @triton.jit
 def info_nce_bwd_kernel_columns(
