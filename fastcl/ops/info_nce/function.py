@@ -17,6 +17,21 @@ def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
+def inverse_temperature(temperature: torch.Tensor) -> float:
+    return 1.0 / float(temperature.detach().reshape(()))
+
+
+def temperature_meta(temperature: torch.Tensor):
+    """(shape, dtype, device): what the temperature's gradient must look like."""
+    return temperature.shape, temperature.dtype, temperature.device
+
+
+def scale_gradients(grads, grad_output: torch.Tensor):
+    """The gradients of a unit scalar loss times dL_total/dloss (None stays None)."""
+    scale = grad_output.detach().reshape(())
+    return tuple(None if g is None else g * scale.to(device=g.device, dtype=g.dtype) for g in grads)
+
+
 def _normalized(x: torch.Tensor, dtype: torch.dtype, normalize: bool):
     """(x in the compute dtype, normalized if asked; its norms or None)."""
     x = x.to(dtype)
@@ -122,7 +137,7 @@ def chunked_forward(query, key, hard_negatives, temperature: torch.Tensor, posit
                     options: InfoNCEOptions, row_kernel: RowKernel, compute_grads: bool):
     """Loss and, when ``compute_grads``, the gradients of the (scalar) loss wrt
     (query, key, hard_negatives, temperature), computed during this forward pass."""
-    inv_temperature = 1.0 / float(temperature.detach().reshape(()))
+    inv_temperature = inverse_temperature(temperature)
     with torch.no_grad():
         prepared = _Prepared(query, key, hard_negatives, positive, labels, key_labels, options)
         if compute_grads:
@@ -138,7 +153,7 @@ def chunked_backward(query, key, hard_negatives, temperature: torch.Tensor, posi
                      options: InfoNCEOptions, row_kernel: RowKernel, grad_output: torch.Tensor):
     """Gradients wrt (query, key, hard_negatives, temperature) given dL_total/dloss: recomputes
     the similarity blocks (used when the loss is per row, ``reduction="none"``)."""
-    inv_temperature = 1.0 / float(temperature.detach().reshape(()))
+    inv_temperature = inverse_temperature(temperature)
     with torch.no_grad():
         prepared = _Prepared(query, key, hard_negatives, positive, labels, key_labels, options)
         grad_rows = grad_output.to(prepared.q.dtype).expand(query.shape[0]) if options.reduction == "none" else None

@@ -25,7 +25,7 @@ import torch
 
 from ..._native import native_module
 from .chunked import NORM_EPS
-from .function import _normalize_backward
+from .function import _normalize_backward, inverse_temperature, scale_gradients, temperature_meta
 from .options import MASK, InfoNCEOptions
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -196,39 +196,30 @@ class _State:
         return grad if norm is None else _normalize_backward(grad, unit, norm)
 
 
-def _inverse_temperature(temperature: torch.Tensor) -> float:
-    return 1.0 / float(temperature.detach().reshape(()))
-
-
-def _temperature_meta(temperature: torch.Tensor):
-    return temperature.shape, temperature.dtype, temperature.device
-
-
 def cuda_forward(query, key, hard_negatives, temperature: torch.Tensor, positive, labels, key_labels,
                  options: InfoNCEOptions, compute_grads: bool):
     """Loss and, when ``compute_grads``, the gradients of the scalar loss computed in this forward
     pass: the body of the ``fastcl::info_nce_forward`` custom op for ``backend="cuda"``.
     ``labels`` / ``key_labels`` are unsupported here (:func:`check_cuda_options` says so first)."""
-    inv_temperature = _inverse_temperature(temperature)
+    inv_temperature = inverse_temperature(temperature)
     with torch.no_grad():
         state = _State(query, key, hard_negatives, positive, options, inv_temperature)
         loss = state.forward()
-        grads = state.gradients(None, _temperature_meta(temperature)) if compute_grads else None
+        grads = state.gradients(None, temperature_meta(temperature)) if compute_grads else None
     return loss, grads
 
 
 def cuda_backward(query, key, hard_negatives, temperature: torch.Tensor, positive, labels, key_labels,
                   options: InfoNCEOptions, grad_output: torch.Tensor):
     """Gradients given dL_total/dloss: the forward statistics are recomputed (one forward pass)."""
-    inv_temperature = _inverse_temperature(temperature)
+    inv_temperature = inverse_temperature(temperature)
     per_row = options.reduction == "none"
     with torch.no_grad():
         state = _State(query, key, hard_negatives, positive, options, inv_temperature)
         state.forward()
-        grads = state.gradients(grad_output if per_row else None, _temperature_meta(temperature))
+        grads = state.gradients(grad_output if per_row else None, temperature_meta(temperature))
         if not per_row:  # gradients of the unit loss, scaled
-            scale = grad_output.detach().reshape(())
-            grads = tuple(None if g is None else g * scale.to(device=g.device, dtype=g.dtype) for g in grads)
+            grads = scale_gradients(grads, grad_output)
     return grads
 
 

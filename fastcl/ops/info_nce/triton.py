@@ -49,7 +49,7 @@ import triton.language as tl
 from ..triton_common import (BACKWARD_COLUMNS_CONFIGS, BACKWARD_ROWS_CONFIGS, FORWARD_CONFIGS, accumulator_configs,
                              configs, dot_settings, prune_accumulator, softplus, tile_similarity)
 from .chunked import NORM_EPS, count_positives
-from .function import _normalize_backward
+from .function import _normalize_backward, inverse_temperature, scale_gradients, temperature_meta
 from .options import MASK, PAIRWISE, SUPCON, InfoNCEOptions
 
 MODES = {MASK: 0, SUPCON: 1, PAIRWISE: 2}
@@ -117,6 +117,17 @@ def _column_tile_masks(raw, rows, cols, row_valid, same_label, column_positive_r
     if HAS_MARGIN:
         candidate = candidate & ~((raw > column_positive_raw[None, :] - margin) & ~is_diagonal)
     return candidate, is_diagonal
+
+
+@triton.jit
+def _column_terms(raw, rows, cols, row_valid, same_label, positive_raw_ptr, margin, num_column_anchors,
+                  HAS_LABELS: tl.constexpr, HAS_MARGIN: tl.constexpr):
+    """(column_valid, candidate, is_diagonal) of a tile for the fused key->query direction."""
+    column_valid = cols < num_column_anchors
+    column_positive_raw = tl.load(positive_raw_ptr + cols, mask=column_valid, other=0.0) if HAS_MARGIN else cols * 0.0
+    candidate, is_diagonal = _column_tile_masks(raw, rows, cols, row_valid, same_label, column_positive_raw, margin,
+                                                num_column_anchors, HAS_LABELS, HAS_MARGIN)
+    return column_valid, candidate, is_diagonal
 
 
 @triton.jit
@@ -215,10 +226,8 @@ def info_nce_fwd_kernel_rows(
                 candidate_count += tl.sum(candidate.to(tl.float32), axis=1)
         if FUSED_COLUMNS:
             if n0 < num_column_anchors:
-                column_valid = cols < num_column_anchors
-                column_positive_raw = tl.load(positive_raw_ptr + cols, mask=column_valid, other=0.0) if HAS_MARGIN else cols * 0.0
-                column_candidate, is_diagonal = _column_tile_masks(
-                    raw, rows, cols, row_valid, same_label, column_positive_raw, margin, num_column_anchors,
+                column_valid, column_candidate, is_diagonal = _column_terms(
+                    raw, rows, cols, row_valid, same_label, positive_raw_ptr, margin, num_column_anchors,
                     HAS_LABELS, HAS_MARGIN)
                 shift = tl.load(column_shift_ptr + cols, mask=column_valid, other=0.0)
                 shifted = tl.where(column_candidate, tl.exp(scores - shift[None, :]), 0.0)
@@ -314,10 +323,8 @@ def _grad_tile(raw, rows, cols, row_valid, col_valid, n0, positive, positive_raw
     grad = grad * row_factor[:, None]
     if FUSED_COLUMNS:
         if n0 < num_column_anchors:
-            column_valid = cols < num_column_anchors
-            column_positive_raw = tl.load(positive_raw_ptr + cols, mask=column_valid, other=0.0) if HAS_MARGIN else cols * 0.0
-            column_candidate, is_diagonal = _column_tile_masks(
-                raw, rows, cols, row_valid, same_label, column_positive_raw, margin, num_column_anchors,
+            column_valid, column_candidate, is_diagonal = _column_terms(
+                raw, rows, cols, row_valid, same_label, positive_raw_ptr, margin, num_column_anchors,
                 HAS_LABELS, HAS_MARGIN)
             column_lse = tl.load(column_lse_ptr + cols, mask=column_valid, other=0.0)
             column_weight = tl.load(column_weight_ptr + cols, mask=column_valid, other=0.0)
@@ -831,20 +838,12 @@ def _input_gradients(directions, results, dtemp, inv_temperature, inputs, temper
     return grad_query, grad_key, grad_hard, grad_temperature
 
 
-def _inverse_temperature(temperature: torch.Tensor) -> float:
-    return 1.0 / float(temperature.detach().reshape(()))
-
-
-def _temperature_meta(temperature: torch.Tensor):
-    return temperature.shape, temperature.dtype, temperature.device
-
-
 def triton_forward(query, key, hard_negatives, temperature: torch.Tensor, positive, labels, key_labels,
                    options: InfoNCEOptions, compute_grads: bool):
     """Loss and, when ``compute_grads``, the gradients of the scalar loss wrt (query, key,
     hard_negatives, temperature), computed in this forward pass. The body of the
     ``fastcl::info_nce_forward`` custom op for ``backend="triton"``; arguments validated."""
-    inv_temperature = _inverse_temperature(temperature)
+    inv_temperature = inverse_temperature(temperature)
     with torch.no_grad():
         directions = _prepare(query, key, hard_negatives, positive, labels, key_labels, options)
         forward = _Forward(directions, options, inv_temperature)
@@ -853,7 +852,7 @@ def triton_forward(query, key, hard_negatives, temperature: torch.Tensor, positi
         if compute_grads:
             results, dtemp = _run_backward(forward, options, inv_temperature, forward.weights(options, None))
             grads = _input_gradients(directions, results, dtemp, inv_temperature, (query, key, hard_negatives),
-                                     _temperature_meta(temperature))
+                                     temperature_meta(temperature))
     return loss, grads
 
 
@@ -861,7 +860,7 @@ def triton_backward(query, key, hard_negatives, temperature: torch.Tensor, posit
                     options: InfoNCEOptions, grad_output: torch.Tensor):
     """Gradients wrt (query, key, hard_negatives, temperature) given dL_total/dloss. The forward
     statistics (O(B)) are recomputed with one forward pass, then one backward pass."""
-    inv_temperature = _inverse_temperature(temperature)
+    inv_temperature = inverse_temperature(temperature)
     per_row = options.reduction == "none"
     with torch.no_grad():
         directions = _prepare(query, key, hard_negatives, positive, labels, key_labels, options)
@@ -869,8 +868,7 @@ def triton_backward(query, key, hard_negatives, temperature: torch.Tensor, posit
         weights = forward.weights(options, grad_output.reshape(-1) if per_row else None)
         results, dtemp = _run_backward(forward, options, inv_temperature, weights)
         grads = _input_gradients(directions, results, dtemp, inv_temperature, (query, key, hard_negatives),
-                                 _temperature_meta(temperature))
+                                 temperature_meta(temperature))
         if not per_row:  # gradients of the unit loss, scaled
-            scale = grad_output.detach().reshape(())
-            grads = tuple(None if g is None else g * scale.to(device=g.device, dtype=g.dtype) for g in grads)
+            grads = scale_gradients(grads, grad_output)
     return grads
