@@ -46,3 +46,19 @@ def test_gpu_check_scripts_parse():
         path = os.path.join(ROOT, "benchmarks", script)
         if os.path.exists(path):
             subprocess.run(["bash", "-n", path], check=True)
+
+
+def test_summary_compares_with_naive_where_it_fits():
+    bench = _load_bench()
+
+    def row(case, provider, batch, time_ms, status="ok"):
+        return {"case": case, "provider": provider, "batch": batch, "num_keys": batch, "dim": 512,
+                "dtype": "bfloat16", "symmetric": True, "time_ms": str(time_ms), "tflops": "1", "pct_of_h100_peak": "1",
+                "peak_extra_mb": "1", "beyond_grads_mb": "1", "loss": "1", "status": status}
+
+    rows = [row("clip", "triton", 65536, 40.0), row("clip", "inf_cl", 65536, 100.0),
+            row("clip", "naive", 65536, "", status="out of memory"),
+            row("clip_fit", "naive", 32768, 20.0), row("clip_fit", "triton", 32768, 15.0)]
+    text = bench.summary(rows, "test", quick=False)
+    assert "triton / inf_cl at B=65536 = 0.40 (goal <= 0.7): met" in text
+    assert "triton / naive at B=32768 = 0.75 (goal <= 1.0): met" in text
