@@ -139,6 +139,52 @@ def test_info_nce_matches_naive(case, dtype):
         assert_close(grad, reference, grad_tolerance, f"d{name}")
 
 
+# The GPU's product path (operands in their own dtype, no float32 widening) run in the
+# interpreter for float16 and float32, where the interpreter's products are right (its bfloat16
+# products are not: the reason CPU tensors take the widening path). One case per mode.
+GPU_PATH_CASES = [CASES[i] for i in (3, 6, 10, 11)]
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU every test takes this path")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", GPU_PATH_CASES, ids=[c[0] for c in GPU_PATH_CASES])
+def test_gpu_product_path_in_the_interpreter(monkeypatch, case, dtype):
+    import fastcl.ops.info_nce.triton as kernels
+
+    monkeypatch.setattr(kernels, "dot_settings", lambda tensor: (False, "ieee"))
+    _, sizes, options = case
+    loss, expected, grads, expected_grads, names = run_both(dtype, sizes, options)
+    loss_tolerance, grad_tolerance = TOLERANCE[dtype]
+    assert_close(loss, expected, loss_tolerance, "loss")
+    for name, grad, reference in zip(names, grads, expected_grads):
+        assert_close(grad, reference, grad_tolerance, f"d{name}")
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU every test takes this path")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=lambda d: str(d).replace("torch.", ""))
+def test_siglip_gpu_product_path_in_the_interpreter(monkeypatch, dtype):
+    import fastcl.ops.siglip.triton as kernels
+    from fastcl.ops.siglip import naive as siglip_naive
+
+    monkeypatch.setattr(kernels, "dot_settings", lambda tensor: (False, "ieee"))
+    generator = torch.Generator().manual_seed(2)
+    image = (torch.randn(37, 40, generator=generator) / 40**0.5).to(dtype)
+    text = (torch.randn(37, 40, generator=generator) / 40**0.5).to(dtype)
+    results = []
+    for backend in ("triton", "naive"):
+        leaves = [image.clone().requires_grad_(), text.clone().requires_grad_(), torch.tensor(10.0, requires_grad=True)]
+        if backend == "triton":
+            loss = fastcl.siglip_loss(*leaves, -3.0, backend="triton")
+        else:
+            loss = siglip_naive.siglip_loss(*leaves, -3.0)
+        results.append((loss, torch.autograd.grad(loss, leaves)))
+    (loss, grads), (expected, expected_grads) = results
+    loss_tolerance, grad_tolerance = TOLERANCE[dtype]
+    assert_close(loss, expected, loss_tolerance, "loss")
+    for name, grad, reference in zip(("dimage", "dtext", "dscale"), grads, expected_grads):
+        assert_close(grad, reference, grad_tolerance, name)
+
+
 def test_forward_without_grad_matches_naive():
     tensors = make_inputs(torch.float32, 37, 53, 40, 2, 4)
     options = dict(temperature=0.2, false_negative_margin=0.1, label_smoothing=0.1)
