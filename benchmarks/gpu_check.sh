@@ -53,8 +53,9 @@ tail -25 "$out/info_nce_gpu.log"
 
 log "pytest -m cuda"
 # One pinned tile configuration: the tests check correctness, and each autotuning candidate
-# would be one more compilation per option combination.
-FASTCL_TRITON_CONFIG=${FASTCL_TRITON_CONFIG:-64,64,64,4,2} timeout $(( $(left) - 40 > 45 ? $(left) - 40 : 45 )) \
+# would be one more compilation per option combination. 8 warps: the backward kernels keep a
+# 64 x ACC_D fp32 accumulator (ACC_D up to 256 at the tests' sizes).
+FASTCL_TRITON_CONFIG=${FASTCL_TRITON_CONFIG:-64,64,64,8,2} timeout $(( $(left) - 40 > 45 ? $(left) - 40 : 45 )) \
   $python -m pytest -m cuda -q -p no:cacheprovider --junitxml="$out/pytest_cuda.xml" tests > "$out/pytest_cuda.log" 2>&1
 step_status[pytest_cuda]=$?
 tail -15 "$out/pytest_cuda.log"
