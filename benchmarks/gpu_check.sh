@@ -34,7 +34,12 @@ fi
 log "device: $device"
 log "installing fastcl"
 if ! $python -m pip install --no-build-isolation --no-deps . > "$out/install.log" 2>&1; then
-  log "pip install failed (see install.log)"; tail -20 "$out/install.log"; exit 1
+  # a CUDA toolchain that cannot build the native kernels must not cost the Triton figures
+  log "pip install failed (see install.log); retrying without the native CUDA kernels (FASTCL_CUDA=OFF)"
+  tail -20 "$out/install.log"
+  if ! FASTCL_CUDA=OFF $python -m pip install --no-build-isolation --no-deps . >> "$out/install.log" 2>&1; then
+    log "pip install failed again (see install.log)"; tail -20 "$out/install.log"; exit 1
+  fi
 fi
 # Tests run from this tree (pytest puts it first on sys.path): give it the freshly built _C.
 installed=$(cd / && $python -c 'import fastcl, os; print(os.path.dirname(fastcl.__file__))')
