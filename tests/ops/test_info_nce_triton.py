@@ -272,6 +272,42 @@ def test_backward_slice_width_follows_the_embedding_size(monkeypatch):
     assert chosen.kwargs == {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 16, "ACC_D": common.accumulator_width(40)}
 
 
+@pytest.mark.skipif(ON_GPU, reason="replaces the autotuner's timing, which a GPU has")
+def test_autotuned_backward_follows_the_chosen_slice_width(monkeypatch):
+    """The GPU's autotuning path on CPU: several backward configurations, pruned for D, one
+    chosen by (stand-in) timings; the launch grid must follow the chosen ACC_D."""
+    import triton
+    from triton.runtime.autotuner import Autotuner
+
+    import fastcl.ops.info_nce.triton as kernels
+    from fastcl.ops import triton_common
+
+    seen = []
+
+    def fake_bench(self, *args, config, **meta):  # the narrowest slice "wins": several groups
+        seen.append(config.kwargs["ACC_D"])
+        return [float(config.kwargs["ACC_D"])]
+
+    monkeypatch.setattr(Autotuner, "_bench", fake_bench)
+    candidates = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 32, "ACC_D": width}, num_warps=4, num_stages=1)
+                  for width in (16, 64, 512)]
+    for name in ("info_nce_bwd_kernel_rows", "info_nce_bwd_kernel_columns"):
+        tuned = triton.autotune(configs=candidates, key=kernels._TILE_KEY,
+                                prune_configs_by={"early_config_prune": triton_common.prune_accumulator})
+        monkeypatch.setattr(kernels, name, tuned(getattr(kernels, name).fn))
+    tensors = make_inputs(torch.float32, 37, 45, 40, 0, 0)
+    results = []
+    for backend in ("triton", "naive"):
+        query, key = tensors["query"].clone().requires_grad_(), tensors["key"].clone().requires_grad_()
+        call = fastcl.info_nce if backend == "triton" else naive.info_nce
+        loss = call(query, key, temperature=0.2, symmetric=True, **({"backend": "triton"} if backend == "triton" else {}))
+        results.append([loss, *torch.autograd.grad(loss, [query, key])])
+    assert sorted(set(seen)) == [16, 64], "ACC_D 512 should be clamped to 64 for D = 40 (and deduplicated)"
+    assert kernels.info_nce_bwd_kernel_rows.best_config.kwargs["ACC_D"] == 16  # three slices of D = 40
+    for name, got, want in zip(("loss", "dquery", "dkey"), *results):
+        assert_close(got, want, 1e-5, name)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_siglip_matches_naive(dtype):
     generator = torch.Generator().manual_seed(1)
