@@ -308,6 +308,34 @@ def test_autotuned_backward_follows_the_chosen_slice_width(monkeypatch):
         assert_close(got, want, 1e-5, name)
 
 
+@pytest.mark.skipif(ON_GPU, reason="replaces the autotuner's timing, which a GPU has")
+def test_autotuned_siglip_follows_the_chosen_slice_width(monkeypatch):
+    import triton
+    from triton.runtime.autotuner import Autotuner
+
+    import fastcl.ops.siglip.triton as kernels
+    from fastcl.ops import triton_common
+    from fastcl.ops.siglip import naive as siglip_naive
+
+    monkeypatch.setattr(Autotuner, "_bench", lambda self, *args, config, **meta: [float(config.kwargs["ACC_D"])])
+    candidates = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 32, "ACC_D": width}, num_warps=4, num_stages=1)
+                  for width in (16, 64)]
+    for name in ("siglip_kernel_rows", "siglip_kernel_columns"):
+        tuned = triton.autotune(configs=candidates, key=["dim"],
+                                prune_configs_by={"early_config_prune": triton_common.prune_accumulator})
+        monkeypatch.setattr(kernels, name, tuned(getattr(kernels, name).fn))
+    generator = torch.Generator().manual_seed(4)
+    image, text = torch.randn(37, 40, generator=generator) / 6, torch.randn(37, 40, generator=generator) / 6
+    results = []
+    for call in (lambda *a: fastcl.siglip_loss(*a, backend="triton"), siglip_naive.siglip_loss):
+        leaves = [image.clone().requires_grad_(), text.clone().requires_grad_(), torch.tensor(10.0, requires_grad=True)]
+        loss = call(*leaves, -3.0)
+        results.append([loss, *torch.autograd.grad(loss, leaves)])
+    assert kernels.siglip_kernel_columns.best_config.kwargs["ACC_D"] == 16
+    for name, got, want in zip(("loss", "dimage", "dtext", "dscale"), *results):
+        assert_close(got, want, 1e-5, name)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_siglip_matches_naive(dtype):
     generator = torch.Generator().manual_seed(1)
