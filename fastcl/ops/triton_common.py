@@ -190,6 +190,28 @@ def tile_similarity(anchor_ptr, candidate_ptr, rows, cols, row_valid, col_valid,
 
 
 @triton.jit
+def dot_operand(x, element, CAST_DOT: tl.constexpr):
+    """``x`` rounded to the input dtype for a tensor-core product (widened back to fp32 under
+    the interpreter, whose bfloat16 products are wrong)."""
+    x = x.to(element)
+    if CAST_DOT:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def load_operand(ptr, index, index_valid, columns, columns_valid, dim, scale, element, SCALE: tl.constexpr,
+                 CAST_DOT: tl.constexpr):
+    """Rows ``index``, columns ``columns`` of a row-major (*, dim) matrix as a product operand;
+    each row times ``scale`` (fp32) when SCALE."""
+    x = tl.load(ptr + index[:, None] * dim + columns[None, :], mask=index_valid[:, None] & columns_valid[None, :],
+                other=0.0)
+    if SCALE:
+        x = x.to(tl.float32) * scale[:, None]
+    return dot_operand(x, element, CAST_DOT)
+
+
+@triton.jit
 def softplus(x):
     """log(1 + exp(x)) without overflow; softplus(-inf) = 0."""
     return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))

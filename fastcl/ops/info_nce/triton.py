@@ -47,7 +47,8 @@ import triton
 import triton.language as tl
 
 from ..triton_common import (BACKWARD_COLUMNS_CONFIGS, BACKWARD_ROWS_CONFIGS, FORWARD_CONFIGS, accumulator_configs,
-                             configs, dot_settings, prune_accumulator, softplus, tile_similarity)
+                             configs, dot_operand, dot_settings, load_operand, prune_accumulator, softplus,
+                             tile_similarity)
 from .chunked import NORM_EPS, count_positives
 from .function import _normalize_backward, inverse_temperature, scale_gradients, temperature_meta
 from .options import MASK, PAIRWISE, SUPCON, InfoNCEOptions
@@ -145,6 +146,53 @@ def _private_similarity(anchor_ptr, private_ptr, rows, row_valid, slot, num_priv
 
 
 @triton.jit
+def _inverse_norm(scale_ptr, offsets, valid, NORMALIZE: tl.constexpr):
+    """The fp32 inverse norms at ``offsets`` with normalize, else ones."""
+    return tl.load(scale_ptr + offsets, mask=valid, other=0.0) if NORMALIZE else offsets * 0.0 + 1.0
+
+
+@triton.jit
+def _row_inputs(rows, row_valid, positive_ptr, positive_raw_ptr, anchor_label_ptr, anchor_scale_ptr,
+                MODE: tl.constexpr, NORMALIZE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_MARGIN: tl.constexpr):
+    """(positive, positive_raw, anchor_labels, anchor_scale) of a block of anchor rows."""
+    positive = tl.load(positive_ptr + rows, mask=row_valid, other=-1) if MODE == 0 else rows * 0 - 1
+    positive_raw = tl.load(positive_raw_ptr + rows, mask=row_valid, other=0.0) if HAS_MARGIN else rows * 0.0
+    anchor_labels = tl.load(anchor_label_ptr + rows, mask=row_valid, other=-2) if HAS_LABELS else rows * 0
+    anchor_scale = _inverse_norm(anchor_scale_ptr, rows, row_valid, NORMALIZE)
+    return positive, positive_raw, anchor_labels, anchor_scale
+
+
+@triton.jit
+def _unit_similarity(anchor_ptr, candidate_ptr, candidate_scale_ptr, rows, cols, row_valid, col_valid, dim,
+                     anchor_scale, NORMALIZE: tl.constexpr, CAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(fp32 (BLOCK_M, BLOCK_N) similarities, of the unit vectors with normalize; the candidates'
+    inverse norms). The norms are loaded after the product, so they are not live across its loop."""
+    raw = tile_similarity(anchor_ptr, candidate_ptr, rows, cols, row_valid, col_valid, dim,
+                          CAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+    candidate_scale = _inverse_norm(candidate_scale_ptr, cols, col_valid, NORMALIZE)
+    if NORMALIZE:
+        raw = raw * anchor_scale[:, None] * candidate_scale[None, :]
+    return raw, candidate_scale
+
+
+@triton.jit
+def _private_scores(anchor_ptr, private_ptr, private_scale_ptr, rows, row_valid, slot, num_private, dim, anchor_scale,
+                    positive_raw, inv_temperature, margin, NORMALIZE: tl.constexpr, HAS_MARGIN: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(scores, candidate, inverse norms) of each row's hard negative number ``slot``: never a
+    positive, dropped by the margin like any negative."""
+    raw = _private_similarity(anchor_ptr, private_ptr, rows, row_valid, slot, num_private, dim, BLOCK_M, BLOCK_D)
+    private_scale = _inverse_norm(private_scale_ptr, rows * num_private + slot, row_valid, NORMALIZE)
+    if NORMALIZE:
+        raw = raw * anchor_scale * private_scale
+    candidate = row_valid
+    if HAS_MARGIN:
+        candidate = candidate & ~(raw > positive_raw - margin)
+    return raw * inv_temperature, candidate, private_scale
+
+
+@triton.jit
 def _online_update(row_max, row_sum, scores, included):
     """Fold a (BLOCK_M, BLOCK_N) tile into the running max / sum of exp, only where included."""
     masked = tl.where(included, scores, float("-inf"))
@@ -187,10 +235,9 @@ def info_nce_fwd_kernel_rows(
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = rows < num_rows
-    positive = tl.load(positive_ptr + rows, mask=row_valid, other=-1) if MODE == 0 else rows * 0 - 1
-    positive_raw = tl.load(positive_raw_ptr + rows, mask=row_valid, other=0.0) if HAS_MARGIN else rows * 0.0
-    anchor_labels = tl.load(anchor_label_ptr + rows, mask=row_valid, other=-2) if HAS_LABELS else rows * 0
-    anchor_scale = tl.load(anchor_scale_ptr + rows, mask=row_valid, other=0.0) if NORMALIZE else rows * 0.0 + 1.0
+    positive, positive_raw, anchor_labels, anchor_scale = _row_inputs(
+        rows, row_valid, positive_ptr, positive_raw_ptr, anchor_label_ptr, anchor_scale_ptr,
+        MODE, NORMALIZE, HAS_LABELS, HAS_MARGIN)
     row_max = tl.zeros((BLOCK_M,), dtype=tl.float32) + float("-inf")
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     positive_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -202,11 +249,9 @@ def info_nce_fwd_kernel_rows(
     for n0 in range(0, num_candidates, BLOCK_N):
         cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # 64-bit offsets: N * D may pass 2^31
         col_valid = cols < num_candidates
-        raw = tile_similarity(anchor_ptr, candidate_ptr, rows, cols, row_valid, col_valid, dim,
-                              CAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
-        if NORMALIZE:
-            candidate_scale = tl.load(candidate_scale_ptr + cols, mask=col_valid, other=0.0)
-            raw = raw * anchor_scale[:, None] * candidate_scale[None, :]
+        raw, candidate_scale = _unit_similarity(
+            anchor_ptr, candidate_ptr, candidate_scale_ptr, rows, cols, row_valid, col_valid, dim, anchor_scale,
+            NORMALIZE, CAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         scores = raw * inv_temperature
         candidate, is_positive, same_label = _key_tile_masks(
             raw, rows, cols, row_valid, col_valid, positive, positive_raw, anchor_labels, candidate_label_ptr,
@@ -241,15 +286,9 @@ def info_nce_fwd_kernel_rows(
     if HAS_PRIVATE:
         if STAGE == 1:
             for slot in range(0, num_private):
-                raw_h = _private_similarity(anchor_ptr, private_ptr, rows, row_valid, slot, num_private, dim,
-                                            BLOCK_M, BLOCK_D)
-                if NORMALIZE:
-                    raw_h = raw_h * anchor_scale * tl.load(private_scale_ptr + rows * num_private + slot,
-                                                           mask=row_valid, other=0.0)
-                scores_h = raw_h * inv_temperature
-                candidate_h = row_valid
-                if HAS_MARGIN:
-                    candidate_h = candidate_h & ~(raw_h > positive_raw - margin)
+                scores_h, candidate_h, _ = _private_scores(
+                    anchor_ptr, private_ptr, private_scale_ptr, rows, row_valid, slot, num_private, dim, anchor_scale,
+                    positive_raw, inv_temperature, margin, NORMALIZE, HAS_MARGIN, BLOCK_M, BLOCK_D)
                 row_max, row_sum = _online_update_vector(row_max, row_sum, scores_h, candidate_h)
                 if SMOOTHING:
                     candidate_sum += tl.where(candidate_h, scores_h, 0.0)
@@ -274,10 +313,9 @@ def _row_terms(rows, row_valid, positive_ptr, positive_raw_ptr, anchor_label_ptr
     """Per-row inputs of the gradient tile: (positive, positive_raw, anchor_labels, anchor_scale,
     lse, row_factor, share, sigma_sum). ``share``: the label-smoothing share of each candidate
     (mask mode) or 1 / #positives (supcon); ``sigma_sum``: pairwise's sum of sigmoids."""
-    positive = tl.load(positive_ptr + rows, mask=row_valid, other=-1) if MODE == 0 else rows * 0 - 1
-    positive_raw = tl.load(positive_raw_ptr + rows, mask=row_valid, other=0.0) if HAS_MARGIN else rows * 0.0
-    anchor_labels = tl.load(anchor_label_ptr + rows, mask=row_valid, other=-2) if HAS_LABELS else rows * 0
-    anchor_scale = tl.load(anchor_scale_ptr + rows, mask=row_valid, other=0.0) if NORMALIZE else rows * 0.0 + 1.0
+    positive, positive_raw, anchor_labels, anchor_scale = _row_inputs(
+        rows, row_valid, positive_ptr, positive_raw_ptr, anchor_label_ptr, anchor_scale_ptr,
+        MODE, NORMALIZE, HAS_LABELS, HAS_MARGIN)
     lse = tl.load(row_stats_ptr + rows * 4, mask=row_valid, other=0.0)
     weight = tl.load(row_weight_ptr + rows, mask=row_valid, other=0.0)
     sigma_sum = weight * 0.0
@@ -378,26 +416,19 @@ def info_nce_bwd_kernel_rows(
     for n0 in range(0, num_candidates, BLOCK_N):
         cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # 64-bit offsets: N * D may pass 2^31
         col_valid = cols < num_candidates
-        raw = tile_similarity(anchor_ptr, candidate_ptr, rows, cols, row_valid, col_valid, dim,
-                              CAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
-        if NORMALIZE:
-            candidate_scale = tl.load(candidate_scale_ptr + cols, mask=col_valid, other=0.0)
-            raw = raw * anchor_scale[:, None] * candidate_scale[None, :]
+        raw, candidate_scale = _unit_similarity(
+            anchor_ptr, candidate_ptr, candidate_scale_ptr, rows, cols, row_valid, col_valid, dim, anchor_scale,
+            NORMALIZE, CAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         grad, scores = _grad_tile(
             raw, rows, cols, row_valid, col_valid, n0, positive, positive_raw, anchor_labels, lse, row_factor,
             share, sigma_sum, candidate_label_ptr, positive_raw_ptr, column_lse_ptr, column_count_ptr,
             column_weight_ptr, num_column_anchors, inv_temperature, margin, label_smoothing,
             MODE, EXCLUDE_SELF, HAS_LABELS, HAS_MARGIN, SMOOTHING, FUSED_COLUMNS)
         dtemp += tl.sum(grad * scores, axis=1)
-        grad_low = (grad * grad_scale).to(element)
-        c = tl.load(candidate_ptr + cols[:, None] * dim + acc_d[None, :],
-                    mask=col_valid[:, None] & acc_valid[None, :], other=0.0)
-        if NORMALIZE:  # gradients wrt the unit vectors: products with the unit vectors
-            c = (c.to(tl.float32) * candidate_scale[:, None]).to(element)
-        if CAST_DOT:
-            grad_low = grad_low.to(tl.float32)
-            c = c.to(tl.float32)
-        acc = tl.dot(grad_low, c, acc, input_precision=DOT_PRECISION)
+        # gradients wrt the unit vectors (normalize): products with the unit vectors
+        c = load_operand(candidate_ptr, cols, col_valid, acc_d, acc_valid, dim, candidate_scale, element,
+                         NORMALIZE, CAST_DOT)
+        acc = tl.dot(dot_operand(grad * grad_scale, element, CAST_DOT), c, acc, input_precision=DOT_PRECISION)
     acc = acc * (inv_temperature / grad_scale)
 
     tl.store(d_anchor_ptr + rows[:, None] * dim + acc_d[None, :], acc.to(d_anchor_ptr.dtype.element_ty),
@@ -426,14 +457,9 @@ def info_nce_bwd_kernel_private(
         row_stats_ptr, row_weight_ptr, label_smoothing, MODE, NORMALIZE, HAS_LABELS, HAS_MARGIN, SMOOTHING)
     dtemp = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for slot in range(0, num_private):
-        raw_h = _private_similarity(anchor_ptr, private_ptr, rows, row_valid, slot, num_private, dim,
-                                    BLOCK_M, BLOCK_D)
-        private_scale = tl.load(private_scale_ptr + rows * num_private + slot, mask=row_valid, other=0.0) if NORMALIZE else rows * 0.0 + 1.0
-        raw_h = raw_h * anchor_scale * private_scale
-        scores_h = raw_h * inv_temperature
-        candidate_h = row_valid
-        if HAS_MARGIN:
-            candidate_h = candidate_h & ~(raw_h > positive_raw - margin)
+        scores_h, candidate_h, private_scale = _private_scores(
+            anchor_ptr, private_ptr, private_scale_ptr, rows, row_valid, slot, num_private, dim, anchor_scale,
+            positive_raw, inv_temperature, margin, NORMALIZE, HAS_MARGIN, BLOCK_M, BLOCK_D)
         grad_h = tl.where(candidate_h, tl.exp(scores_h - lse), 0.0)
         if MODE == 0:
             if SMOOTHING:
@@ -479,7 +505,6 @@ def info_nce_bwd_kernel_columns(
     n0 = pid * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
     col_valid = cols < num_candidates
-    candidate_scale = tl.load(candidate_scale_ptr + cols, mask=col_valid, other=0.0) if NORMALIZE else cols * 0.0 + 1.0
     acc_d = group * ACC_D + tl.arange(0, ACC_D)
     acc_valid = acc_d < dim
     acc = tl.zeros((BLOCK_N, ACC_D), dtype=tl.float32)
@@ -491,24 +516,16 @@ def info_nce_bwd_kernel_columns(
         positive, positive_raw, anchor_labels, anchor_scale, lse, row_factor, share, sigma_sum = _row_terms(
             rows, row_valid, positive_ptr, positive_raw_ptr, anchor_label_ptr, anchor_scale_ptr, num_positive_ptr,
             row_stats_ptr, row_weight_ptr, label_smoothing, MODE, NORMALIZE, HAS_LABELS, HAS_MARGIN, SMOOTHING)
-        raw = tile_similarity(anchor_ptr, candidate_ptr, rows, cols, row_valid, col_valid, dim,
-                              CAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
-        if NORMALIZE:
-            raw = raw * anchor_scale[:, None] * candidate_scale[None, :]
+        raw, _ = _unit_similarity(anchor_ptr, candidate_ptr, candidate_scale_ptr, rows, cols, row_valid, col_valid,
+                                  dim, anchor_scale, NORMALIZE, CAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         grad, scores = _grad_tile(
             raw, rows, cols, row_valid, col_valid, n0, positive, positive_raw, anchor_labels, lse, row_factor,
             share, sigma_sum, candidate_label_ptr, positive_raw_ptr, column_lse_ptr, column_count_ptr,
             column_weight_ptr, num_column_anchors, inv_temperature, margin, label_smoothing,
             MODE, EXCLUDE_SELF, HAS_LABELS, HAS_MARGIN, SMOOTHING, FUSED_COLUMNS)
-        grad_low = (grad * grad_scale).to(element)
-        a = tl.load(anchor_ptr + rows[:, None] * dim + acc_d[None, :],
-                    mask=row_valid[:, None] & acc_valid[None, :], other=0.0)
-        if NORMALIZE:
-            a = (a.to(tl.float32) * anchor_scale[:, None]).to(element)
-        if CAST_DOT:
-            grad_low = grad_low.to(tl.float32)
-            a = a.to(tl.float32)
-        acc = tl.dot(tl.trans(grad_low), a, acc, input_precision=DOT_PRECISION)
+        a = load_operand(anchor_ptr, rows, row_valid, acc_d, acc_valid, dim, anchor_scale, element, NORMALIZE, CAST_DOT)
+        acc = tl.dot(tl.trans(dot_operand(grad * grad_scale, element, CAST_DOT)), a, acc,
+                     input_precision=DOT_PRECISION)
     acc = acc * (inv_temperature / grad_scale)
     tl.store(d_candidate_ptr + cols[:, None] * dim + acc_d[None, :], acc.to(d_candidate_ptr.dtype.element_ty),
              mask=col_valid[:, None] & acc_valid[None, :])

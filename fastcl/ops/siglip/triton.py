@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import (BACKWARD_COLUMNS_CONFIGS, BACKWARD_ROWS_CONFIGS, accumulator_configs, dot_settings,
-                             prune_accumulator, softplus, tile_similarity)
+from ..triton_common import (BACKWARD_COLUMNS_CONFIGS, BACKWARD_ROWS_CONFIGS, accumulator_configs, dot_operand,
+                             dot_settings, load_operand, prune_accumulator, softplus, tile_similarity)
 
 
 @triton.jit
@@ -65,13 +65,8 @@ def siglip_kernel_rows(
         if WITH_GRAD:
             d_bias += tl.sum(grad, axis=1)
             d_scale += tl.sum(grad * raw, axis=1)
-            grad_low = grad.to(element)
-            y = tl.load(text_ptr + cols[:, None] * dim + acc_d[None, :], mask=col_valid[:, None] & acc_valid[None, :],
-                        other=0.0)
-            if CAST_DOT:
-                grad_low = grad_low.to(tl.float32)
-                y = y.to(tl.float32)
-            acc = tl.dot(grad_low, y, acc, input_precision=DOT_PRECISION)
+            y = load_operand(text_ptr, cols, col_valid, acc_d, acc_valid, dim, 1.0, element, False, CAST_DOT)
+            acc = tl.dot(dot_operand(grad, element, CAST_DOT), y, acc, input_precision=DOT_PRECISION)
     if WITH_GRAD:
         d_image = (acc * grad_factor).to(d_image_ptr.dtype.element_ty)
         tl.store(d_image_ptr + rows[:, None] * dim + acc_d[None, :], d_image, mask=row_valid[:, None] & acc_valid[None, :])
@@ -106,13 +101,8 @@ def siglip_kernel_columns(
         raw = tile_similarity(image_ptr, text_ptr, rows, cols, row_valid, col_valid, dim,
                               CAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         _, grad = _siglip_tile(raw, rows, cols, row_valid, col_valid, logit_scale, logit_bias)
-        grad_low = grad.to(element)
-        x = tl.load(image_ptr + rows[:, None] * dim + acc_d[None, :], mask=row_valid[:, None] & acc_valid[None, :],
-                    other=0.0)
-        if CAST_DOT:
-            grad_low = grad_low.to(tl.float32)
-            x = x.to(tl.float32)
-        acc = tl.dot(tl.trans(grad_low), x, acc, input_precision=DOT_PRECISION)
+        x = load_operand(image_ptr, rows, row_valid, acc_d, acc_valid, dim, 1.0, element, False, CAST_DOT)
+        acc = tl.dot(tl.trans(dot_operand(grad, element, CAST_DOT)), x, acc, input_precision=DOT_PRECISION)
     d_text = (acc * grad_factor).to(d_text_ptr.dtype.element_ty)
     tl.store(d_text_ptr + cols[:, None] * dim + acc_d[None, :], d_text, mask=col_valid[:, None] & acc_valid[None, :])
 
