@@ -25,14 +25,10 @@ def _on_device(device: torch.device):
 
 
 @triton.jit
-def gather_patches_fwd_kernel(
-    images, index, out,
-    row_index0, row_index1, row_lambda1, col_index0, col_index1, col_lambda1,
-    num_patches, patch_elements, grid_w,
-    stride_batch, stride_channel, stride_row, stride_col,
-    PATCH: tl.constexpr, BLOCK: tl.constexpr,
-):
-    patch_id = tl.program_id(0).to(tl.int64)
+def _patch_taps(index, patch_id, row_index0, row_index1, row_lambda1, col_index0, col_index1, col_lambda1,
+                num_patches, patch_elements, grid_w, PATCH: tl.constexpr, BLOCK: tl.constexpr):
+    """Where the elements of this program's block of one output patch come from: (batch, element,
+    valid, channel, and the bilinear taps y0, y1, ly1, x0, x1, lx1 of each element)."""
     block_id = tl.program_id(1).to(tl.int64)
     batch_id = patch_id // num_patches
     flat = tl.load(index + patch_id)
@@ -49,6 +45,21 @@ def gather_patches_fwd_kernel(
     x0 = tl.load(col_index0 + x, mask=valid, other=0)
     x1 = tl.load(col_index1 + x, mask=valid, other=0)
     lx1 = tl.load(col_lambda1 + x, mask=valid, other=0.0).to(tl.float32)
+    return batch_id, element, valid, channel, y0, y1, ly1, x0, x1, lx1
+
+
+@triton.jit
+def gather_patches_fwd_kernel(
+    images, index, out,
+    row_index0, row_index1, row_lambda1, col_index0, col_index1, col_lambda1,
+    num_patches, patch_elements, grid_w,
+    stride_batch, stride_channel, stride_row, stride_col,
+    PATCH: tl.constexpr, BLOCK: tl.constexpr,
+):
+    patch_id = tl.program_id(0).to(tl.int64)
+    batch_id, element, valid, channel, y0, y1, ly1, x0, x1, lx1 = _patch_taps(
+        index, patch_id, row_index0, row_index1, row_lambda1, col_index0, col_index1, col_lambda1,
+        num_patches, patch_elements, grid_w, PATCH, BLOCK)
     plane = images + batch_id * stride_batch + channel * stride_channel
     v00 = tl.load(plane + y0 * stride_row + x0 * stride_col, mask=valid, other=0.0).to(tl.float32)
     v01 = tl.load(plane + y0 * stride_row + x1 * stride_col, mask=valid, other=0.0).to(tl.float32)
@@ -68,22 +79,9 @@ def gather_patches_bwd_kernel(
     PATCH: tl.constexpr, BLOCK: tl.constexpr,
 ):
     patch_id = tl.program_id(0).to(tl.int64)
-    block_id = tl.program_id(1).to(tl.int64)
-    batch_id = patch_id // num_patches
-    flat = tl.load(index + patch_id)
-    row0 = (flat // grid_w) * PATCH
-    col0 = (flat % grid_w) * PATCH
-    element = block_id * BLOCK + tl.arange(0, BLOCK)
-    valid = element < patch_elements
-    channel = element // (PATCH * PATCH)
-    y = row0 + (element // PATCH) % PATCH
-    x = col0 + element % PATCH
-    y0 = tl.load(row_index0 + y, mask=valid, other=0)
-    y1 = tl.load(row_index1 + y, mask=valid, other=0)
-    ly1 = tl.load(row_lambda1 + y, mask=valid, other=0.0).to(tl.float32)
-    x0 = tl.load(col_index0 + x, mask=valid, other=0)
-    x1 = tl.load(col_index1 + x, mask=valid, other=0)
-    lx1 = tl.load(col_lambda1 + x, mask=valid, other=0.0).to(tl.float32)
+    batch_id, element, valid, channel, y0, y1, ly1, x0, x1, lx1 = _patch_taps(
+        index, patch_id, row_index0, row_index1, row_lambda1, col_index0, col_index1, col_lambda1,
+        num_patches, patch_elements, grid_w, PATCH, BLOCK)
     g = tl.load(grad_out + patch_id * patch_elements + element, mask=valid, other=0.0).to(tl.float32)
     plane = grad_images + (batch_id * channels + channel) * height * width
     lx0 = 1.0 - lx1
