@@ -29,6 +29,20 @@ template <typename T, typename Acc> __device__ __forceinline__ T from_acc(Acc v)
 template <> __device__ __forceinline__ __half from_acc<__half, float>(float v) { return __float2half(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) { return __float2bfloat16(v); }
 
+// Where element `element` of output patch `patch` sits in the resampled image: batch, channel,
+// row and column (before the bilinear taps).
+struct Position {
+  int64_t b, c, y, x;
+};
+
+__device__ __forceinline__ Position position(const GatherShape& s, const int64_t* __restrict__ index, int64_t patch,
+                                             int64_t element) {
+  const int64_t P = s.patch_size;
+  const int64_t flat = index[patch];
+  return {patch / s.num_patches, element / (P * P), (flat / s.grid_w) * P + (element / P) % P,
+          (flat % s.grid_w) * P + element % P};
+}
+
 template <typename T, typename Acc>
 __global__ void gather_patches_fwd_kernel(const T* __restrict__ images, GatherShape s, const int64_t* __restrict__ index,
                                           const int64_t* __restrict__ row_index0, const int64_t* __restrict__ row_index1,
@@ -37,18 +51,13 @@ __global__ void gather_patches_fwd_kernel(const T* __restrict__ images, GatherSh
                                           T* __restrict__ out) {
   const int64_t patch = blockIdx.x;
   const int64_t element = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  const int64_t P = s.patch_size;
-  const int64_t patch_elements = s.channels * P * P;
+  const int64_t patch_elements = s.channels * s.patch_size * s.patch_size;
   if (element >= patch_elements) return;
-  const int64_t b = patch / s.num_patches;
-  const int64_t flat = index[patch];
-  const int64_t c = element / (P * P);
-  const int64_t y = (flat / s.grid_w) * P + (element / P) % P;
-  const int64_t x = (flat % s.grid_w) * P + element % P;
-  const T* plane = images + b * s.stride_batch + c * s.stride_channel;
-  const int64_t y0 = row_index0[y] * s.stride_row, y1 = row_index1[y] * s.stride_row;
-  const int64_t x0 = col_index0[x] * s.stride_col, x1 = col_index1[x] * s.stride_col;
-  const Acc ly1 = row_lambda1[y], lx1 = col_lambda1[x];
+  const Position at = position(s, index, patch, element);
+  const T* plane = images + at.b * s.stride_batch + at.c * s.stride_channel;
+  const int64_t y0 = row_index0[at.y] * s.stride_row, y1 = row_index1[at.y] * s.stride_row;
+  const int64_t x0 = col_index0[at.x] * s.stride_col, x1 = col_index1[at.x] * s.stride_col;
+  const Acc ly1 = row_lambda1[at.y], lx1 = col_lambda1[at.x];
   const Acc ly0 = Acc(1) - ly1, lx0 = Acc(1) - lx1;
   const Acc value = ly0 * (lx0 * to_acc(plane[y0 + x0]) + lx1 * to_acc(plane[y0 + x1])) +
                     ly1 * (lx0 * to_acc(plane[y1 + x0]) + lx1 * to_acc(plane[y1 + x1]));
@@ -64,18 +73,13 @@ __global__ void gather_patches_bwd_kernel(const T* __restrict__ grad_out, Gather
                                           Acc* __restrict__ grad_images) {
   const int64_t patch = blockIdx.x;
   const int64_t element = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  const int64_t P = s.patch_size;
-  const int64_t patch_elements = s.channels * P * P;
+  const int64_t patch_elements = s.channels * s.patch_size * s.patch_size;
   if (element >= patch_elements) return;
-  const int64_t b = patch / s.num_patches;
-  const int64_t flat = index[patch];
-  const int64_t c = element / (P * P);
-  const int64_t y = (flat / s.grid_w) * P + (element / P) % P;
-  const int64_t x = (flat % s.grid_w) * P + element % P;
-  Acc* plane = grad_images + (b * s.channels + c) * s.height * s.width;
-  const int64_t y0 = row_index0[y] * s.width, y1 = row_index1[y] * s.width;
-  const int64_t x0 = col_index0[x], x1 = col_index1[x];
-  const Acc ly1 = row_lambda1[y], lx1 = col_lambda1[x];
+  const Position at = position(s, index, patch, element);
+  Acc* plane = grad_images + (at.b * s.channels + at.c) * s.height * s.width;
+  const int64_t y0 = row_index0[at.y] * s.width, y1 = row_index1[at.y] * s.width;
+  const int64_t x0 = col_index0[at.x], x1 = col_index1[at.x];
+  const Acc ly1 = row_lambda1[at.y], lx1 = col_lambda1[at.x];
   const Acc ly0 = Acc(1) - ly1, lx0 = Acc(1) - lx1;
   const Acc g = to_acc(grad_out[patch * patch_elements + element]);
   atomicAdd(plane + y0 + x0, ly0 * lx0 * g);
