@@ -15,19 +15,14 @@ from fastcl.ops.info_nce import native_cuda
 from fastcl.ops.info_nce.op import info_nce_op
 from fastcl.ops.info_nce.options import InfoNCEOptions
 
+from .compare import assert_close
+
 TOLERANCE = {  # (loss, gradients), relative to the largest reference magnitude
     torch.float32: (1e-4, 1e-3),  # TF32 may be on for the user's float32 products
     torch.float16: (2e-4, 5e-3),
     torch.bfloat16: (2e-4, 3e-2),
 }
 DTYPES = list(TOLERANCE)
-
-
-def assert_close(actual, expected, tolerance, what):
-    actual, expected = actual.detach().float().cpu(), expected.detach().float().cpu()
-    scale = expected.abs().max().clamp_min(1e-6)
-    error = float((actual - expected).abs().max() / scale)
-    assert error <= tolerance, f"{what}: max error {error:.3g} x max|ref| {float(scale):.3g} > {tolerance:g}"
 
 
 def make_inputs(device, dtype, batch, num_keys, dim, hard, seed=0):

@@ -15,6 +15,8 @@ import torch
 import fastcl
 from fastcl.ops.info_nce import naive
 
+from .compare import assert_close
+
 pytestmark = [
     pytest.mark.triton,
     pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
@@ -45,14 +47,6 @@ TOLERANCE = {
     torch.bfloat16: (1e-4, 3e-2),
 }
 DTYPES = list(TOLERANCE)
-
-
-def assert_close(actual, expected, tolerance, what):
-    actual, expected = actual.detach().float().cpu(), expected.detach().float().cpu()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    scale = expected.abs().max().clamp_min(1e-6)
-    error = float((actual - expected).abs().max() / scale)
-    assert error <= tolerance, f"{what}: max error {error:.3g} x max|ref| {float(scale):.3g} > {tolerance:g}"
 
 
 def make_inputs(dtype, batch, num_keys, dim, hard, classes, seed=0):
