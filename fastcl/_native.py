@@ -85,6 +85,19 @@ def backends() -> Dict[str, Backend]:
     }
 
 
+def requested_backend(backend: str, device: torch.device, what: str = "tensors") -> str:
+    """A backend named explicitly (not ``auto``), checked: available here, and ``cpu`` only for
+    CPU tensors (``what`` names the tensors in the error). Each op adds its own checks."""
+    if backend in ("naive", "torch"):
+        return backend
+    available = backends()[backend]
+    if not available.available:
+        raise RuntimeError(f"backend={backend!r} is not available here: {available.reason}")
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend='cpu' runs on CPU tensors, got {what} on {device}")
+    return backend
+
+
 def warn_once(key: str, message: str) -> None:
     """Emit ``message`` as a RuntimeWarning the first time ``key`` is seen in this process."""
     if key in _WARNED:

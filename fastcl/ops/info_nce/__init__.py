@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from ..._native import backends as _backends
-from ..._native import warn_once
+from ..._native import requested_backend, warn_once
 from . import naive
 from .op import info_nce_op
 from .options import check_embeddings, check_scalar, check_info_nce_args, check_same_device
@@ -36,8 +36,8 @@ def resolve_backend(backend: str, device: torch.device, extra_backends=None) -> 
     ``extra_backends``: the op's GPU implementations (defaults to InfoNCE's).
     """
     extra = EXTRA_BACKENDS if extra_backends is None else extra_backends
-    available = _backends()
     if backend == "auto":
+        available = _backends()
         if device.type == "cuda":
             for name in ("triton", "cuda"):
                 if name in extra and available[name].available:
@@ -48,12 +48,7 @@ def resolve_backend(backend: str, device: torch.device, extra_backends=None) -> 
                 return "cpu"
             warn_once("cpu-fallback", f"fastcl: native CPU kernels unavailable ({available['cpu'].reason}); using the chunked PyTorch path")
         return "torch"
-    if backend in ("naive", "torch"):
-        return backend
-    if not available[backend].available:
-        raise RuntimeError(f"backend={backend!r} is not available here: {available[backend].reason}")
-    if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend='cpu' runs on CPU tensors, got tensors on {device}")
+    requested_backend(backend, device)
     if backend in ("triton", "cuda") and backend not in extra:
         raise RuntimeError(f"backend={backend!r} has no kernels for this op in this build")
     return backend

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..._native import backends as _backends
-from ..._native import warn_once
+from ..._native import requested_backend, warn_once
 from . import naive
 from .indexed import gather_patches_indexed
 from .op import gather_patches_backward, gather_patches_forward
@@ -34,8 +34,8 @@ __all__ = ["gather_patches", "select_patches", "budget_split", "patch_saliency",
 
 def resolve_gather_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """The backend that will run ``gather_patches``: ``auto`` never picks ``naive``."""
-    available = _backends()
     if backend == "auto":
+        available = _backends()
         if device.type == "cuda":
             for name in ("cuda", "triton"):
                 if available[name].available:
@@ -48,12 +48,7 @@ def resolve_gather_backend(backend: str, device: torch.device, dtype: torch.dtyp
                 warn_once("patches-cpu-fallback",
                           f"fastcl: native CPU kernels unavailable ({available['cpu'].reason}); gather_patches uses PyTorch")
         return "torch"
-    if backend in ("naive", "torch"):
-        return backend
-    if not available[backend].available:
-        raise RuntimeError(f"backend={backend!r} is not available here: {available[backend].reason}")
-    if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend='cpu' runs on CPU tensors, got images on {device}")
+    requested_backend(backend, device, "images")
     if backend == "cuda" and device.type != "cuda":
         raise ValueError(f"backend='cuda' runs on CUDA tensors, got images on {device}")
     return backend
