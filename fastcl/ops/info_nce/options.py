@@ -33,13 +33,18 @@ def _checking_values() -> bool:
     return not (compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
-def check_embeddings(name: str, tensor, expected: str, ndim: int) -> None:
+def check_float_tensor(name: str, tensor, expected: str, ndim: int) -> None:
+    """A floating-point tensor with ``ndim`` dimensions (``expected`` spells the shape)."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {expected}, got {type(tensor).__name__}")
     if tensor.dim() != ndim:
         raise ValueError(f"{name} must have shape {expected}, got {tuple(tensor.shape)}")
     if tensor.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
+
+
+def check_embeddings(name: str, tensor, expected: str, ndim: int) -> None:
+    check_float_tensor(name, tensor, expected, ndim)
     if tensor.shape[0] == 0:
         raise ValueError(f"{name} is empty (shape {tuple(tensor.shape)}): the batch needs at least one row")
 

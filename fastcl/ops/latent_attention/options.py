@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from ..info_nce.options import FLOAT_DTYPES, check_float_tensor
+
 BACKENDS = ("auto", "naive", "torch", "cpu", "triton")
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64) + FLOAT_DTYPES
 
 # (name, expected shape in words, shape as a function of (d, r, inner, F)) in positional order.
@@ -34,12 +35,7 @@ def _checking_values() -> bool:
 
 def check_latent_attention_args(hidden_states, pool_mask, params, num_heads, eps, backend) -> None:
     """Raise TypeError / ValueError naming the argument and the expected shape or dtype."""
-    if not isinstance(hidden_states, torch.Tensor):
-        raise TypeError(f"hidden_states must be a torch.Tensor of shape (B, L, d), got {type(hidden_states).__name__}")
-    if hidden_states.dim() != 3:
-        raise ValueError(f"hidden_states must have shape (B, L, d), got {tuple(hidden_states.shape)}")
-    if hidden_states.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"hidden_states must be float16, bfloat16, float32 or float64, got {hidden_states.dtype}")
+    check_float_tensor("hidden_states", hidden_states, "(B, L, d)", 3)
     batch, length, hidden = hidden_states.shape
     if batch == 0 or length == 0 or hidden == 0:
         raise ValueError(f"hidden_states is empty (shape {tuple(hidden_states.shape)})")

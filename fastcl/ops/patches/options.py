@@ -5,8 +5,9 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from ..info_nce.options import check_float_tensor
+
 BACKENDS = ("auto", "naive", "torch", "cpu", "triton", "cuda")
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def checking_values() -> bool:
@@ -39,12 +40,7 @@ def check_size(size, images_hw: Tuple[int, int]) -> Tuple[int, int]:
 
 def check_gather_args(images, index, patch_size, size, backend) -> Tuple[Tuple[int, int], Tuple[int, int]]:
     """Validate ``gather_patches``' arguments. Returns ((Hs, Ws), (grid_h, grid_w))."""
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}")
-    if images.dim() != 4:
-        raise ValueError(f"images must have shape (B, C, H, W), got {tuple(images.shape)}")
-    if images.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"images must be float16, bfloat16, float32 or float64, got {images.dtype}")
+    check_float_tensor("images", images, "(B, C, H, W)", 4)
     if min(images.shape) == 0:
         raise ValueError(f"images must not be empty, got shape {tuple(images.shape)}")
     patch_size = check_positive_int("patch_size", patch_size)
