@@ -28,8 +28,14 @@ def temperature_meta(temperature: torch.Tensor):
 
 def scale_gradients(grads, grad_output: torch.Tensor):
     """The gradients of a unit scalar loss times dL_total/dloss (None stays None)."""
-    scale = grad_output.detach().reshape(())
+    scale = grad_output.reshape(())
     return tuple(None if g is None else g * scale.to(device=g.device, dtype=g.dtype) for g in grads)
+
+
+def scalar_tensor(value) -> torch.Tensor:
+    """A Python number as a 0-d float64 tensor (float64 holds it exactly; float32 would round
+    it), a tensor as it is: what the custom ops take for temperature, scale and bias."""
+    return value if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=torch.float64)
 
 
 def _normalized(x: torch.Tensor, dtype: torch.dtype, normalize: bool):

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .chunked import torch_row_kernel
-from .function import chunked_backward, chunked_forward, compute_dtype
+from .function import chunked_backward, chunked_forward, compute_dtype, scalar_tensor, scale_gradients
 from .options import InfoNCEOptions
 
 
@@ -126,14 +126,14 @@ def _backward(ctx, grad_loss, *_unused_grads_of_gradients):
     saved = ctx.saved_tensors
     if ctx.fused and not ctx.consumed:
         grads = list(saved[7:])
-        scale = grad_loss.reshape(())
         if not _plain_eager(grad_loss, *grads):
-            grads = [g * scale.to(device=g.device, dtype=g.dtype) for g in grads]
+            grads = list(scale_gradients(grads, grad_loss))
         else:
             # Scale in place: no second copy of the gradients (at B = 65536, D = 256 that is
             # 128 MB). The unit gradients are gone afterwards, so a second backward through
             # this node (retain_graph=True) recomputes them below.
             ctx.consumed = True
+            scale = grad_loss.reshape(())
             for g in grads:
                 g.data.mul_(scale.to(device=g.device, dtype=g.dtype))
     else:
@@ -151,9 +151,7 @@ info_nce_forward.register_autograd(_backward, setup_context=_setup_context)
 def info_nce_op(query, key, hard_negatives, temperature, positive, labels, key_labels, options: InfoNCEOptions,
                 backend: str) -> Tensor:
     """Run the registered op; gradients are computed in the forward pass when they will be needed."""
-    if not isinstance(temperature, Tensor):
-        # float64 holds the Python float exactly (a float32 tensor would round tau)
-        temperature = torch.tensor(float(temperature), dtype=torch.float64)
+    temperature = scalar_tensor(temperature)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (query, key, hard_negatives, temperature))
     compute_grads = needs_grad and options.reduction != "none"

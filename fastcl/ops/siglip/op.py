@@ -12,7 +12,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from ..info_nce.function import compute_dtype
+from ..info_nce.function import compute_dtype, scalar_tensor, scale_gradients
 from .chunked import chunked_siglip
 
 
@@ -59,21 +59,15 @@ def _backward(ctx, grad_loss, *_unused_grads_of_gradients):
         grads = saved
     else:  # the forward ran without gradients (e.g. under a tracer that did not ask): one more pass
         grads = torch.ops.fastcl.siglip_forward(*saved, ctx.backend, True)[1:]
-    scale = grad_loss.reshape(())
-    return (*(g * scale.to(device=g.device, dtype=g.dtype) for g in grads), None, None)
+    return (*scale_gradients(grads, grad_loss), None, None)
 
 
 siglip_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _as_tensor(value) -> Tensor:
-    # float64 holds the Python float exactly
-    return value if isinstance(value, Tensor) else torch.tensor(float(value), dtype=torch.float64)
-
-
 def siglip_op(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias, backend: str) -> Tensor:
     """Run the registered op; gradients are computed in the forward pass when they will be needed."""
-    logit_scale, logit_bias = _as_tensor(logit_scale), _as_tensor(logit_bias)
+    logit_scale, logit_bias = scalar_tensor(logit_scale), scalar_tensor(logit_bias)
     compute_grads = torch.is_grad_enabled() and any(
         t.requires_grad for t in (image_features, text_features, logit_scale, logit_bias))
     return torch.ops.fastcl.siglip_forward(image_features, text_features, logit_scale, logit_bias, backend,
