@@ -32,6 +32,11 @@ def scale_gradients(grads, grad_output: torch.Tensor):
     return tuple(None if g is None else g * scale.to(device=g.device, dtype=g.dtype) for g in grads)
 
 
+def no_tensor(like: torch.Tensor) -> torch.Tensor:
+    """The empty tensor a custom op returns in place of a gradient it did not compute."""
+    return like.new_empty((0,))
+
+
 def scalar_tensor(value) -> torch.Tensor:
     """A Python number as a 0-d float64 tensor (float64 holds it exactly; float32 would round
     it), a tensor as it is: what the custom ops take for temperature, scale and bias."""

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .chunked import torch_row_kernel
-from .function import chunked_backward, chunked_forward, compute_dtype, scalar_tensor, scale_gradients
+from .function import chunked_backward, chunked_forward, compute_dtype, no_tensor, scalar_tensor, scale_gradients
 from .options import InfoNCEOptions
 
 
@@ -46,10 +46,6 @@ def _implementation(backend: str, query: Tensor):
     return forward, backward
 
 
-def _empty(like: Tensor) -> Tensor:
-    return like.new_empty((0,))
-
-
 def _loss_like(query: Tensor, reduction: str) -> Tensor:
     shape = (query.shape[0],) if reduction == "none" else ()
     return query.new_empty(shape, dtype=compute_dtype(query))
@@ -66,9 +62,9 @@ def info_nce_forward(
     forward, _ = _implementation(backend, query)
     loss, grads = forward(query, key, hard_negatives, temperature, positive, labels, key_labels, options, compute_grads)
     if grads is None:
-        return loss, _empty(query), _empty(key), _empty(query), _empty(temperature)
+        return loss, no_tensor(query), no_tensor(key), no_tensor(query), no_tensor(temperature)
     grad_q, grad_k, grad_h, grad_t = grads
-    return loss, grad_q, grad_k, grad_h if grad_h is not None else _empty(query), grad_t
+    return loss, grad_q, grad_k, grad_h if grad_h is not None else no_tensor(query), grad_t
 
 
 @info_nce_forward.register_fake
@@ -76,8 +72,8 @@ def _(query, key, hard_negatives, temperature, positive, labels, key_labels, nor
       multi_positive, margin, label_smoothing, reduction, backend, compute_grads):
     loss = _loss_like(query, reduction)
     if not compute_grads:
-        return loss, _empty(query), _empty(key), _empty(query), _empty(temperature)
-    grad_h = torch.empty_like(hard_negatives) if hard_negatives is not None else _empty(query)
+        return loss, no_tensor(query), no_tensor(key), no_tensor(query), no_tensor(temperature)
+    grad_h = torch.empty_like(hard_negatives) if hard_negatives is not None else no_tensor(query)
     return loss, torch.empty_like(query), torch.empty_like(key), grad_h, torch.empty_like(temperature)
 
 
@@ -92,13 +88,13 @@ def info_nce_backward(
     _, backward = _implementation(backend, query)
     grad_q, grad_k, grad_h, grad_t = backward(query, key, hard_negatives, temperature, positive, labels, key_labels,
                                               options, grad_output)
-    return grad_q, grad_k, grad_h if grad_h is not None else _empty(query), grad_t
+    return grad_q, grad_k, grad_h if grad_h is not None else no_tensor(query), grad_t
 
 
 @info_nce_backward.register_fake
 def _(query, key, hard_negatives, temperature, positive, labels, key_labels, grad_output, normalize, symmetric,
       exclude_self, multi_positive, margin, label_smoothing, reduction, backend):
-    grad_h = torch.empty_like(hard_negatives) if hard_negatives is not None else _empty(query)
+    grad_h = torch.empty_like(hard_negatives) if hard_negatives is not None else no_tensor(query)
     return torch.empty_like(query), torch.empty_like(key), grad_h, torch.empty_like(temperature)
 
 

@@ -12,12 +12,8 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from ..info_nce.function import compute_dtype, scalar_tensor, scale_gradients
+from ..info_nce.function import compute_dtype, no_tensor, scalar_tensor, scale_gradients
 from .chunked import chunked_siglip
-
-
-def _empty(like: Tensor) -> Tensor:
-    return like.new_empty((0,))
 
 
 @torch.library.custom_op("fastcl::siglip_forward", mutates_args=())
@@ -29,7 +25,7 @@ def siglip_forward(image_features: Tensor, text_features: Tensor, logit_scale: T
         implementation = chunked_siglip
     loss, grads = implementation(image_features, text_features, logit_scale, logit_bias, compute_grads)
     if grads is None:
-        return loss, _empty(image_features), _empty(text_features), _empty(logit_scale), _empty(logit_bias)
+        return loss, no_tensor(image_features), no_tensor(text_features), no_tensor(logit_scale), no_tensor(logit_bias)
     d_image, d_text, d_scale, d_bias = grads
     # the scalar gradients in the scalars' own dtype / device / shape
     d_scale = d_scale.to(device=logit_scale.device, dtype=logit_scale.dtype).reshape(logit_scale.shape)
@@ -41,7 +37,7 @@ def siglip_forward(image_features: Tensor, text_features: Tensor, logit_scale: T
 def _(image_features, text_features, logit_scale, logit_bias, backend, compute_grads):
     loss = image_features.new_empty((), dtype=compute_dtype(image_features))
     if not compute_grads:
-        return loss, _empty(image_features), _empty(text_features), _empty(logit_scale), _empty(logit_bias)
+        return loss, no_tensor(image_features), no_tensor(text_features), no_tensor(logit_scale), no_tensor(logit_bias)
     return (loss, torch.empty_like(image_features), torch.empty_like(text_features), torch.empty_like(logit_scale),
             torch.empty_like(logit_bias))
 
