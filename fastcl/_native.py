@@ -57,8 +57,13 @@ def _cuda_backend() -> Backend:
     return Backend("cuda", True, "native CUDA kernels")
 
 
+def triton_interpreting() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run in its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def triton_status() -> Backend:
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interpret = triton_interpreting()
     if not (torch.cuda.is_available() or interpret):
         return Backend("triton", False, "needs a CUDA device (or TRITON_INTERPRET=1 for the CPU interpreter)")
     try:

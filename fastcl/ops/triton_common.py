@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._native import triton_interpreting
+
 CONFIG_ENV = "FASTCL_TRITON_CONFIG"
 INTERPRETER_CONFIG = (32, 32, 32, 4, 1)
 
@@ -95,8 +97,7 @@ def prune_accumulator(configs, named_args, **_kwargs):
     return kept
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+interpreting = triton_interpreting
 
 
 def _triton_version():

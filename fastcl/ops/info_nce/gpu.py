@@ -12,11 +12,10 @@ Each backend here has a *check* (what it refuses, called before the op) and the 
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 
-from ..._native import native_module
+from ..._native import native_module, triton_interpreting
 
 
 def triton_installed() -> bool:
@@ -30,7 +29,7 @@ def check_triton_device(query: torch.Tensor, *_ignored) -> None:
     """Triton runs CUDA tensors, and CPU tensors only in its interpreter (float64 takes the chunked path)."""
     if query.dtype == torch.float64 or query.device.type == "cuda":
         return
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if not triton_interpreting():
         raise ValueError(
             f"backend='triton' runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1), got query on {query.device}"
         )
