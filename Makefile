@@ -1,11 +1,13 @@
 # Quickstart: `make bench` (benchmark suite on this machine's device) and `make test`.
 # Both set up a local virtual environment in .venv on first use (torch first, from the pinned
-# release, so no other requirement pulls a different torch build).
+# release, so no other requirement pulls a different torch build). On Linux x86_64 without a GPU
+# pip takes torch 2.13.0's CPU build (about 1 GB installed); a CUDA build with its libraries is
+# over 5 GB. Override with e.g. `make test TORCH_PINS=torch==2.11.0`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+TORCH_PINS ?= torch==2.13.0
 BUILD_TOOLS := scikit-build-core pybind11 cmake ninja
 PYTEST_ARGS ?=
 
@@ -20,8 +22,12 @@ $(VENV)/.stamp-venv:
 	$(PIP) install $(BUILD_TOOLS) numpy
 	touch $@
 
+# open_clip's loss module is the reference of two parity tests. The package itself needs
+# torchvision, whose wheels pin a CUDA torch build, so it is installed without dependencies and
+# the tests load only its loss module (tests/ops/test_peers.py).
 $(VENV)/.stamp-dev: $(VENV)/.stamp-venv pyproject.toml
 	$(PIP) install $(TORCH_PINS) --no-build-isolation -e '.[dev]'
+	$(PIP) install --no-deps open_clip_torch
 	touch $@
 
 $(VENV)/.stamp-bench: $(VENV)/.stamp-venv pyproject.toml
