@@ -11,7 +11,7 @@ TORCH_PINS ?= torch==2.13.0
 BUILD_TOOLS := scikit-build-core pybind11 cmake ninja
 PYTEST_ARGS ?=
 
-.PHONY: all venv install test bench bench-full cuda-compile clean
+.PHONY: all venv install test test-vision bench bench-full cuda-compile clean
 
 all: test
 
@@ -43,6 +43,20 @@ install: $(VENV)/.stamp-venv
 test: $(VENV)/.stamp-dev install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Tests marked `vision` need torchvision (timm, open_clip in full). Its wheels pin a CUDA torch
+# build (over 5 GB installed), so they get a venv of their own, with fastcl from the sources
+# (pure PyTorch backends; the native module is not built there).
+VISION_VENV ?= .venv-vision
+VISION_PINS ?= torch==2.14.1 torchvision==0.29.1
+$(VISION_VENV)/.stamp-venv:
+	$(PYTHON) -m venv $(VISION_VENV)
+	$(VISION_VENV)/bin/pip install $(VISION_PINS)
+	$(VISION_VENV)/bin/pip install $(VISION_PINS) numpy pytest timm open_clip_torch
+	touch $@
+
+test-vision: $(VISION_VENV)/.stamp-venv
+	PYTHONPATH=$(CURDIR) $(VISION_VENV)/bin/python -m pytest -m vision $(PYTEST_ARGS) tests/test_ps3.py tests/ops/test_peers.py
+
 bench: $(VENV)/.stamp-bench install
 	$(PY) -m fastcl.bench
 
@@ -54,4 +68,4 @@ cuda-compile: $(VENV)/.stamp-venv
 	CMAKE_ARGS="-DFASTCL_CUDA=ON" $(PIP) wheel --no-build-isolation --no-deps --config-settings=build-dir=build/cuda -w build/cuda-wheel .
 
 clean:
-	rm -rf build dist bench_results .pytest_cache
+	rm -rf build dist bench_results .pytest_cache $(VISION_VENV)

@@ -166,6 +166,7 @@ def test_bad_images_raise():
         small_encoder()(torch.randn(1, 1, 45, 45))
 
 
+@pytest.mark.vision
 def test_timm_weights_give_timm_features_on_the_low_res_view():
     timm = pytest.importorskip("timm")
     vit = timm.models.vision_transformer.VisionTransformer(

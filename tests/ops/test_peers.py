@@ -66,6 +66,20 @@ def test_siglip_loss_equals_open_clip(backend):
     _assert_same(ours, theirs)
 
 
+@pytest.mark.vision
+def test_open_clip_package_loss_is_the_module_the_parity_tests_load():
+    """Where open_clip imports in full (torchvision present), the loss module the parity tests
+    load is the package's own, and the CLIP parity holds through the package's public name."""
+    open_clip = pytest.importorskip("open_clip")
+    assert _open_clip_loss() is open_clip.loss
+    image = F.normalize(torch.randn(9, 8), dim=-1)
+    text = F.normalize(torch.randn(9, 8), dim=-1)
+    scale = torch.tensor(20.0)
+    theirs = _grads(lambda i, t, s: open_clip.ClipLoss()(i, t, s), image, text, scale)
+    ours = _grads(lambda i, t, s: fastcl.clip_loss(i, t, s), image, text, scale)
+    _assert_same(ours, theirs)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nt_xent_equals_pytorch_metric_learning(backend):
     losses = pytest.importorskip("pytorch_metric_learning.losses")
