@@ -11,6 +11,8 @@ import torch
 
 from .options import MASK, SUPCON, InfoNCEOptions
 from .chunked import NORM_EPS, Direction, RowKernel, count_positives, run_direction
+from .native import native_row_kernel
+from .symmetric import two_pass_applies, two_pass_symmetric
 
 
 def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -66,6 +68,7 @@ class _Prepared:
 
     def __init__(self, query, key, hard_negatives, positive, labels, key_labels, options: InfoNCEOptions):
         dtype = compute_dtype(query)
+        self.two_pass = two_pass_applies(options, positive, labels, key_labels, hard_negatives)
         self.q, self.q_norm = _normalized(query, dtype, options.normalize)
         self.k, self.k_norm = _normalized(key, dtype, options.normalize)
         self.h, self.h_norm = (None, None)
@@ -124,6 +127,12 @@ def _reduce(losses: List[torch.Tensor], directions: List[Direction], reduction: 
     return totals[0] if len(totals) == 1 else 0.5 * (totals[0] + totals[1])
 
 
+def _two_pass(prepared: _Prepared, row_kernel: RowKernel) -> bool:
+    """The plain symmetric loss on the native CPU kernels: both directions from one set of
+    blocks (fastcl/ops/info_nce/symmetric.py)."""
+    return prepared.two_pass and row_kernel is native_row_kernel
+
+
 def _gradients(prepared: _Prepared, options: InfoNCEOptions, row_kernel: RowKernel, inv_temperature: float,
                grad_rows: Optional[torch.Tensor]):
     """(losses per direction, dq, dk, dh, dtemp_sum) with gradients wrt the *normalized* inputs."""
@@ -131,6 +140,10 @@ def _gradients(prepared: _Prepared, options: InfoNCEOptions, row_kernel: RowKern
     dq = torch.zeros_like(q)
     dk = torch.zeros_like(k)
     dh = torch.zeros_like(h) if h is not None else None
+    if _two_pass(prepared, row_kernel):
+        weights = tuple(_weights(direction, options, grad_rows) for direction in prepared.directions)
+        row_loss, column_loss, dtemp = two_pass_symmetric(q, k, inv_temperature, weights, (dq, dk))
+        return [row_loss, column_loss], dq, dk, dh, dtemp
     dtemp = torch.zeros((), dtype=q.dtype, device=q.device)
     losses = []
     batch = q.shape[0]
@@ -154,6 +167,9 @@ def chunked_forward(query, key, hard_negatives, temperature: torch.Tensor, posit
         if compute_grads:
             losses, dq, dk, dh, dtemp = _gradients(prepared, options, row_kernel, inv_temperature, None)
             grads = _input_gradients(prepared, dq, dk, dh, dtemp, inv_temperature, query, key, hard_negatives, temperature)
+        elif _two_pass(prepared, row_kernel):
+            losses = list(two_pass_symmetric(prepared.q, prepared.k, inv_temperature)[:2])
+            grads = None
         else:
             losses = [run_direction(d, options, inv_temperature, row_kernel, None)[0] for d in prepared.directions]
             grads = None
