@@ -8,7 +8,9 @@ gradient into dq, dk and d(hard negatives) with two more matrix products.
 
 Two row kernels share this driver: :func:`torch_row_kernel` (PyTorch ops, any device) and the
 native C++ kernel in ``native.py``. A symmetric loss runs the driver once per direction: the
-column direction is the row direction of the transposed in-batch block (keys as anchors).
+column direction is the row direction of the transposed in-batch block (keys as anchors). The
+plain CLIP loss on the native kernels takes both directions from one set of blocks instead
+(``symmetric.py``).
 
 When the loss is reduced to a scalar and the inputs need gradients, the gradients are computed
 during the forward pass (one product for the logits, two for the gradients: the same three
