@@ -94,3 +94,51 @@ def test_siglip_opcheck(backend, compute_grads):
     args = (torch.randn(5, 4, device=device, requires_grad=True), torch.randn(5, 4, device=device, requires_grad=True),
             torch.tensor(4.0, requires_grad=True), torch.tensor(-2.0, requires_grad=True), backend, compute_grads)
     torch.library.opcheck(torch.ops.fastcl.siglip_forward.default, args)
+
+
+needs_native = pytest.mark.skipif(not fastcl.backends()["cpu"].available, reason="native CPU backend not built")
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """Counts the calls of the native SigLIP block kernel (the op binds it when it runs)."""
+    from fastcl.ops.siglip import chunked
+
+    calls = []
+    original = chunked.native_siglip_rows
+
+    def counting(*args, **kwargs):
+        calls.append(args[-1] if len(args) == 6 else kwargs.get("with_grad"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(chunked, "native_siglip_rows", counting)
+    return calls
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale,bias", [(1.0, 0.0), (100.0, -50.0), (300.0, 200.0)], ids=["unit", "large", "huge"])
+def test_native_block_kernel_matches_naive_at_extreme_logits(dtype, scale, bias, small_blocks, native_calls):
+    """Logits far into both tails (softplus ~ |z|, sigmoid ~ 0 or 1) and near 0, each row over
+    several blocks: the kernel's exp and log1p against the naive loss."""
+    image = F.normalize(torch.randn(23, 8), dim=-1).to(dtype)
+    text = F.normalize(torch.randn(23, 8), dim=-1).to(dtype)
+    text[:5] = image[:5]  # some positives at similarity 1
+    scale_t, bias_t = torch.tensor(scale, dtype=dtype), torch.tensor(bias, dtype=dtype)
+    want_loss, want = _run("naive", image, text, scale_t, bias_t)
+    got_loss, got = _run("cpu", image, text, scale_t, bias_t)
+    assert native_calls and all(native_calls), "the cpu backend did not run the native kernel with gradients"
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(got_loss, want_loss, rtol=rtol, atol=atol)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol * max(1.0, b.abs().max().item()))
+
+
+@needs_native
+def test_native_block_kernel_without_gradients(native_calls):
+    image, text = torch.randn(19, 6), torch.randn(19, 6)
+    with torch.no_grad():
+        got = fastcl.siglip_loss(image, text, 5.0, -2.0, backend="cpu")
+    torch.testing.assert_close(got, naive.siglip_loss(image, text, 5.0, -2.0), rtol=1e-5, atol=1e-5)
+    assert native_calls == [False]

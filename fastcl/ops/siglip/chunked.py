@@ -9,11 +9,50 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..._native import native_module
 from ..info_nce.chunked import block_rows_for
 from ..info_nce.function import compute_dtype
 
 
-def siglip_blocks(image: torch.Tensor, text: torch.Tensor, scale: float, bias: float, with_grad: bool):
+def torch_siglip_rows(raw: torch.Tensor, row0: int, scale: float, bias: float, factor: float, with_grad: bool):
+    """Block kernel in PyTorch ops: (sum of the block's loss terms, sum dz * raw, sum dz), with
+    dz = dL/dz for L = factor * (sum of the terms). With ``with_grad`` it overwrites ``raw`` with
+    dL/draw = scale * dz; without, the two sums are zero and ``raw`` is left unchanged."""
+    rows = raw.shape[0]
+    logits = raw * scale + bias
+    diagonal = torch.arange(row0, row0 + rows, device=raw.device)
+    local = torch.arange(rows, device=raw.device)
+    # signs: -1 everywhere, +1 on the diagonal
+    signed = -logits
+    signed[local, diagonal] = logits[local, diagonal]
+    loss = F.softplus(-signed).sum()
+    zero = torch.zeros((), dtype=raw.dtype, device=raw.device)
+    if not with_grad:
+        return loss, zero, zero
+    grad = torch.sigmoid(-signed)  # dl/d(signed) = -sigmoid(-signed); dz = sign * that
+    grad[local, diagonal] = -grad[local, diagonal]
+    grad *= factor  # now dL/dz_ij
+    d_bias = grad.sum()
+    d_scale = (grad * raw).sum()
+    torch.mul(grad, scale, out=raw)  # dL/draw
+    return loss, d_scale, d_bias
+
+
+def native_siglip_rows(raw: torch.Tensor, row0: int, scale: float, bias: float, factor: float, with_grad: bool):
+    """Same contract as :func:`torch_siglip_rows`, in C++ (csrc/cpu/siglip.cpp)."""
+    rows, cols = raw.shape
+    if raw.stride(1) != 1:
+        raise ValueError("native SigLIP kernel needs row-major similarity blocks")
+    kernel = getattr(native_module(), "siglip_rows_f32" if raw.dtype == torch.float32 else "siglip_rows_f64")
+    loss, d_scale, d_bias = (torch.empty(rows, dtype=raw.dtype) for _ in range(3))
+    kernel(similarity=raw.data_ptr(), ld=raw.stride(0), rows=rows, cols=cols, row0=row0, scale=scale, bias=bias,
+           factor=factor, with_grad=with_grad, loss_out=loss.data_ptr(), dscale_out=d_scale.data_ptr(),
+           dbias_out=d_bias.data_ptr(), num_threads=torch.get_num_threads())
+    return loss.sum(), d_scale.sum(), d_bias.sum()
+
+
+def siglip_blocks(image: torch.Tensor, text: torch.Tensor, scale: float, bias: float, with_grad: bool,
+                  block_kernel=torch_siglip_rows):
     """(loss, d_image, d_text, d_scale, d_bias) in the compute dtype (grads None without with_grad)."""
     batch = image.shape[0]
     step = min(batch, block_rows_for(batch, image.element_size()))
@@ -27,34 +66,26 @@ def siglip_blocks(image: torch.Tensor, text: torch.Tensor, scale: float, bias: f
         row1 = min(batch, row0 + step)
         raw = buffer[: row1 - row0]
         torch.mm(image[row0:row1], text.T, out=raw)
-        logits = raw * scale + bias
-        diagonal = torch.arange(row0, row1, device=image.device)
-        local = torch.arange(row1 - row0, device=image.device)
-        # signs: -1 everywhere, +1 on the diagonal
-        signed = -logits
-        signed[local, diagonal] = logits[local, diagonal]
-        total += F.softplus(-signed).sum()
-        if with_grad:
-            grad = torch.sigmoid(-signed)  # dl/d(signed) = -sigmoid(-signed); dz = sign * that
-            grad[local, diagonal] = -grad[local, diagonal]
-            grad /= batch  # now dL/dz_ij
-            d_bias += grad.sum()
-            d_scale += (grad * raw).sum()
-            grad *= scale  # dL/draw
-            torch.mm(grad, text, out=d_image[row0:row1])
-            d_text.addmm_(grad.T, image[row0:row1])
+        block_loss, block_d_scale, block_d_bias = block_kernel(raw, row0, scale, bias, 1.0 / batch, with_grad)
+        total += block_loss
+        if with_grad:  # raw now holds dL/draw
+            d_scale += block_d_scale
+            d_bias += block_d_bias
+            torch.mm(raw, text, out=d_image[row0:row1])
+            d_text.addmm_(raw.T, image[row0:row1])
     return total / batch, d_image, d_text, d_scale, d_bias
 
 
 def chunked_siglip(image_features, text_features, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
-                   compute_grads: bool):
-    """(loss, (d_image, d_text, d_scale, d_bias) or None) on the chunked PyTorch path."""
+                   compute_grads: bool, block_kernel=torch_siglip_rows):
+    """(loss, (d_image, d_text, d_scale, d_bias) or None) on the chunked path, with the PyTorch
+    or the native block kernel."""
     dtype = compute_dtype(image_features)
     with torch.no_grad():
         image = image_features.to(dtype)
         text = text_features.to(dtype)
         scale, bias = float(logit_scale.reshape(())), float(logit_bias.reshape(()))
-        loss, d_image, d_text, d_scale, d_bias = siglip_blocks(image, text, scale, bias, compute_grads)
+        loss, d_image, d_text, d_scale, d_bias = siglip_blocks(image, text, scale, bias, compute_grads, block_kernel)
     if not compute_grads:
         return loss, None
     return loss, (d_image.to(image_features.dtype), d_text.to(text_features.dtype), d_scale, d_bias)

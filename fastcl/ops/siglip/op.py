@@ -7,12 +7,14 @@ nothing has to be finished before the gradients. Autograd then only scales them.
 """
 from __future__ import annotations
 
+import functools
 from typing import Tuple
 
 import torch
 from torch import Tensor
 
 from ..info_nce.function import compute_dtype, no_tensor, scalar_tensor, scale_gradients
+from . import chunked
 from .chunked import chunked_siglip
 
 
@@ -21,7 +23,9 @@ def siglip_forward(image_features: Tensor, text_features: Tensor, logit_scale: T
                    backend: str, compute_grads: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     if backend == "triton" and image_features.dtype != torch.float64:
         from .triton import triton_siglip as implementation
-    else:  # "torch" / "cpu" (the block products dominate: the native backend shares this path), float64
+    elif backend == "cpu":  # the chunked driver with the native block kernel
+        implementation = functools.partial(chunked_siglip, block_kernel=chunked.native_siglip_rows)
+    else:  # "torch", and float64 on the GPU backends
         implementation = chunked_siglip
     loss, grads = implementation(image_features, text_features, logit_scale, logit_bias, compute_grads)
     if grads is None:
