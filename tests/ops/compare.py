@@ -1,4 +1,6 @@
-"""Shared comparison for the GPU-backend tests (Triton, CUDA) against the naive reference."""
+"""Shared helpers of the op tests: the comparison of the GPU-backend tests (Triton, CUDA)
+against the naive reference, and a spy on the path an op takes."""
+import inspect
 
 
 def assert_close(actual, expected, tolerance, what):
@@ -8,3 +10,20 @@ def assert_close(actual, expected, tolerance, what):
     scale = expected.abs().max().clamp_min(1e-6)
     error = float((actual - expected).abs().max() / scale)
     assert error <= tolerance, f"{what}: max error {error:.3g} x max|ref| {float(scale):.3g} > {tolerance:g}"
+
+
+def record_calls(monkeypatch, module, name, argument):
+    """Replaces ``module.name`` by a wrapper that records the value of its parameter
+    ``argument`` at each call, then calls the original; returns the list of recorded values."""
+    calls = []
+    original = getattr(module, name)
+    signature = inspect.signature(original)
+
+    def recording(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        calls.append(bound.arguments[argument])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, recording)
+    return calls

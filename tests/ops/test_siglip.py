@@ -6,6 +6,8 @@ import torch.nn.functional as F
 import fastcl
 from fastcl.ops.siglip import naive
 
+from .compare import record_calls
+
 BACKENDS = ["torch"] + (["cpu"] if fastcl.backends()["cpu"].available else [])
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2),
              torch.float64: (1e-10, 1e-10)}
@@ -101,18 +103,10 @@ needs_native = pytest.mark.skipif(not fastcl.backends()["cpu"].available, reason
 
 @pytest.fixture
 def native_calls(monkeypatch):
-    """Counts the calls of the native SigLIP block kernel (the op binds it when it runs)."""
+    """Per call of the native SigLIP block kernel (the op looks it up when it runs): with_grad."""
     from fastcl.ops.siglip import chunked
 
-    calls = []
-    original = chunked.native_siglip_rows
-
-    def counting(*args, **kwargs):
-        calls.append(args[-1] if len(args) == 6 else kwargs.get("with_grad"))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(chunked, "native_siglip_rows", counting)
-    return calls
+    return record_calls(monkeypatch, chunked, "native_siglip_rows", "with_grad")
 
 
 @needs_native
