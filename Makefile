@@ -1,8 +1,8 @@
 # Quickstart: `make bench` (benchmark suite on this machine's device) and `make test`.
 # Both set up a local virtual environment in .venv on first use (torch first, from the pinned
-# release, so no other requirement pulls a different torch build). On Linux x86_64 without a GPU
-# pip takes torch 2.13.0's CPU build (about 1 GB installed); a CUDA build with its libraries is
-# over 5 GB. Override with e.g. `make test TORCH_PINS=torch==2.11.0`.
+# release, so no other requirement pulls a different torch build). On the project's CI machines
+# pip takes a local CPU build of torch 2.13.0 (about 1 GB installed); a CUDA build with its
+# libraries is over 5 GB. Override with e.g. `make test TORCH_PINS=torch==2.11.0`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
