@@ -40,6 +40,13 @@ def native_module():
     return _C
 
 
+def typed_kernel(name: str, dtype: torch.dtype):
+    """The native CPU kernel ``<name>_f32`` or ``<name>_f64`` for float32 / float64 data."""
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"native CPU kernel {name} takes float32/float64 data, got {dtype}")
+    return getattr(_C, f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+
+
 def _cpu_backend() -> Backend:
     if _C is None:
         return Backend("cpu", False, f"native module fastcl._C did not load ({_C_ERROR})")

@@ -60,6 +60,21 @@ def block_rows_for(num_columns: int, bytes_per_element: int, budget: int = DEFAU
     return max(1, budget // max(1, num_columns * bytes_per_element))
 
 
+def similarity_blocks(anchors: torch.Tensor, candidates: torch.Tensor):
+    """Yields (row0, row1, block): block = anchors[row0:row1] @ candidates.T, for consecutive row
+    blocks sized by :func:`block_rows_for`, each computed into the same reused buffer (a block
+    is overwritten by the next one, so it is used, or changed in place, before the loop goes on)."""
+    rows, cols = anchors.shape[0], candidates.shape[0]
+    step = min(rows, block_rows_for(cols, anchors.element_size()))
+    buffer = torch.empty(step, cols, dtype=anchors.dtype, device=anchors.device)
+    candidates_t = candidates.T
+    for row0 in range(0, rows, step):
+        row1 = min(rows, row0 + step)
+        block = buffer[: row1 - row0]
+        torch.mm(anchors[row0:row1], candidates_t, out=block)
+        yield row0, row1, block
+
+
 def count_positives(anchor_labels: torch.Tensor, candidate_labels: torch.Tensor, self_excluded: bool) -> torch.Tensor:
     """How many candidates share each anchor's label, in O((R + M) log M), minus the self pair."""
     ordered = torch.sort(candidate_labels).values
@@ -182,21 +197,15 @@ def run_direction(
     (zero without weights).
     """
     anchors, candidates, private = direction.anchors, direction.candidates, direction.private
-    rows, cols = anchors.shape[0], candidates.shape[0]
+    rows = anchors.shape[0]
     dtype, device = anchors.dtype, anchors.device
     loss = torch.empty(rows, dtype=dtype, device=device)
     lse = torch.empty(rows, dtype=dtype, device=device)
     dtemp = torch.zeros(rows, dtype=dtype, device=device)
-    step = min(rows, block_rows_for(cols, anchors.element_size()))
-    buffer = torch.empty(step, cols, dtype=dtype, device=device)
     if weights is not None:
         d_anchors, d_candidates, d_private = grads_out
-    candidates_t = candidates.T
-    for row0 in range(0, rows, step):
-        row1 = min(rows, row0 + step)
-        block = buffer[: row1 - row0]
+    for row0, row1, block in similarity_blocks(anchors, candidates):
         anchor_block = anchors[row0:row1]
-        torch.mm(anchor_block, candidates_t, out=block)
         private_block = None
         if private is not None:
             private_block = torch.bmm(private[row0:row1], anchor_block[:, :, None]).view(row1 - row0, -1)

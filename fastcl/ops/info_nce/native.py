@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ..._native import native_module
+from ..._native import typed_kernel
 from .options import MASK, PAIRWISE, SUPCON, InfoNCEOptions
 from .chunked import Direction
 
@@ -28,7 +28,6 @@ def _contiguous(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 def native_row_kernel(similarity, private_similarity, row0: int, direction: Direction,
                       options: InfoNCEOptions, inv_temperature: float, weights: Optional[torch.Tensor]):
     """Same contract as :func:`fastcl.ops.info_nce.chunked.torch_row_kernel`, in C++."""
-    module = native_module()
     rows, cols = similarity.shape
     dtype = similarity.dtype
     if dtype not in (torch.float32, torch.float64) or similarity.device.type != "cpu":
@@ -51,8 +50,7 @@ def native_row_kernel(similarity, private_similarity, row0: int, direction: Dire
     candidate_labels = _contiguous(direction.candidate_labels)
     num_positive = _contiguous(direction.num_positive)
     weights = _contiguous(weights)
-    kernel = module.info_nce_rows_f32 if dtype == torch.float32 else module.info_nce_rows_f64
-    kernel(
+    typed_kernel("info_nce_rows", dtype)(
         similarity=similarity.data_ptr(), ld_similarity=similarity.stride(0), rows=rows, cols=cols,
         private_similarity=_address(private_similarity), ld_private=ld_private, private_cols=private_cols,
         row0=row0, inv_temperature=inv_temperature, mode=_MODES[options.multi_positive],

@@ -5,8 +5,8 @@ similarities and two for the gradients. For the plain CLIP loss (the positive of
 in both directions; no labels, margin, smoothing, self exclusion or hard negatives) both
 directions come from the same blocks of S = Q K^T:
 
-* pass 1, one product per row block: each row's LSE and own score, and the running max and sum
-  of exp of every column of the batch (csrc/cpu/info_nce_symmetric.cpp);
+* pass 1, one product per row block: each row's max and sum of exp and its own similarity, and
+  the running max and sum of exp of every column of the batch (csrc/cpu/info_nce_symmetric.cpp);
 * pass 2, the block again: dL/dS of both directions written in place, then dQ = G K and
   dK += G^T Q.
 
@@ -18,8 +18,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..._native import native_module
-from .chunked import block_rows_for
+from ..._native import typed_kernel
+from .chunked import similarity_blocks
 from .options import MASK, InfoNCEOptions
 
 
@@ -29,13 +29,6 @@ def two_pass_applies(options: InfoNCEOptions, positive, labels, key_labels, hard
     return (options.symmetric and options.multi_positive == MASK and positive is None and labels is None
             and key_labels is None and options.margin is None and options.label_smoothing == 0
             and not options.exclude_self and no_hard_negatives)
-
-
-def _kernels(dtype: torch.dtype):
-    module = native_module()
-    suffix = "f32" if dtype == torch.float32 else "f64"
-    return (getattr(module, f"info_nce_symmetric_statistics_{suffix}"),
-            getattr(module, f"info_nce_symmetric_gradient_{suffix}"))
 
 
 def two_pass_symmetric(
@@ -52,22 +45,17 @@ def two_pass_symmetric(
     *added* to ``grads_out`` = (dq, dk) and dtemp_sum = sum_ij dL/dS_ij * S_ij; without, no
     gradient pass runs and dtemp_sum is zero.
     """
-    statistics, gradient = _kernels(q.dtype)
+    statistics = typed_kernel("info_nce_symmetric_statistics", q.dtype)
+    gradient = typed_kernel("info_nce_symmetric_gradient", q.dtype)
     batch, cols = q.shape[0], k.shape[0]
     dtype = q.dtype
     threads = torch.get_num_threads()
-    step = min(batch, block_rows_for(cols, q.element_size()))
-    buffer = torch.empty(step, cols, dtype=dtype)
-    k_t = k.T
     row_max = torch.empty(batch, dtype=dtype)
     row_sum = torch.empty(batch, dtype=dtype)
     diagonal = torch.empty(batch, dtype=dtype)
     column_max = torch.full((batch,), float("-inf"), dtype=dtype)
     column_sum = torch.zeros(batch, dtype=dtype)
-    for row0 in range(0, batch, step):
-        row1 = min(batch, row0 + step)
-        block = buffer[: row1 - row0]
-        torch.mm(q[row0:row1], k_t, out=block)
+    for row0, row1, block in similarity_blocks(q, k):
         statistics(similarity=block.data_ptr(), ld=block.stride(0), rows=row1 - row0, cols=cols, row0=row0,
                    tracked=batch, inv_temperature=inv_temperature, row_max_out=row_max[row0:].data_ptr(),
                    row_sum_out=row_sum[row0:].data_ptr(), diagonal_out=diagonal[row0:].data_ptr(), column_max=column_max.data_ptr(),
@@ -83,16 +71,12 @@ def two_pass_symmetric(
     column_factor = column_weights * inv_temperature / column_sum
     positive = (row_weights + column_weights) * inv_temperature
     dq, dk = grads_out
-    for row0 in range(0, batch, step):
-        row1 = min(batch, row0 + step)
-        block = buffer[: row1 - row0]
-        q_block = q[row0:row1]
-        torch.mm(q_block, k_t, out=block)
+    for row0, row1, block in similarity_blocks(q, k):
         gradient(similarity=block.data_ptr(), ld=block.stride(0), rows=row1 - row0, cols=cols, row0=row0,
                  tracked=batch, inv_temperature=inv_temperature, row_max=row_max[row0:].data_ptr(),
                  row_factor=row_factor[row0:].data_ptr(), column_max=column_max.data_ptr(),
                  column_factor=column_factor.data_ptr(), positive=positive[row0:].data_ptr(), dtemp_out=dtemp[row0:].data_ptr(),
                  num_threads=threads)
         dq[row0:row1].addmm_(block, k)
-        dk.addmm_(block.T, q_block)
+        dk.addmm_(block.T, q[row0:row1])
     return row_loss, column_loss, dtemp.sum()

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..._native import native_module
-from ..info_nce.chunked import block_rows_for
+from ..._native import typed_kernel
+from ..info_nce.chunked import similarity_blocks
 from ..info_nce.function import compute_dtype
 
 
@@ -43,7 +43,7 @@ def native_siglip_rows(raw: torch.Tensor, row0: int, scale: float, bias: float, 
     rows, cols = raw.shape
     if raw.stride(1) != 1:
         raise ValueError("native SigLIP kernel needs row-major similarity blocks")
-    kernel = getattr(native_module(), "siglip_rows_f32" if raw.dtype == torch.float32 else "siglip_rows_f64")
+    kernel = typed_kernel("siglip_rows", raw.dtype)
     loss, d_scale, d_bias = (torch.empty(rows, dtype=raw.dtype) for _ in range(3))
     kernel(similarity=raw.data_ptr(), ld=raw.stride(0), rows=rows, cols=cols, row0=row0, scale=scale, bias=bias,
            factor=factor, with_grad=with_grad, loss_out=loss.data_ptr(), dscale_out=d_scale.data_ptr(),
@@ -55,17 +55,12 @@ def siglip_blocks(image: torch.Tensor, text: torch.Tensor, scale: float, bias: f
                   block_kernel=torch_siglip_rows):
     """(loss, d_image, d_text, d_scale, d_bias) in the compute dtype (grads None without with_grad)."""
     batch = image.shape[0]
-    step = min(batch, block_rows_for(batch, image.element_size()))
-    buffer = torch.empty(step, batch, dtype=image.dtype, device=image.device)
     total = torch.zeros((), dtype=image.dtype, device=image.device)
     d_image = torch.empty_like(image) if with_grad else None
     d_text = torch.zeros_like(text) if with_grad else None
     d_scale = torch.zeros((), dtype=image.dtype, device=image.device)
     d_bias = torch.zeros((), dtype=image.dtype, device=image.device)
-    for row0 in range(0, batch, step):
-        row1 = min(batch, row0 + step)
-        raw = buffer[: row1 - row0]
-        torch.mm(image[row0:row1], text.T, out=raw)
+    for row0, row1, raw in similarity_blocks(image, text):
         block_loss, block_d_scale, block_d_bias = block_kernel(raw, row0, scale, bias, 1.0 / batch, with_grad)
         total += block_loss
         if with_grad:  # raw now holds dL/draw
