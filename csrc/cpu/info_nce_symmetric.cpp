@@ -4,7 +4,7 @@
 //
 // The row-at-a-time kernel of info_nce.cpp runs each direction separately: three products per
 // direction, six in all. Here pass 1 (one product per block) gathers the statistics of both
-// directions, row LSEs and running column max / sum of exp, and pass 2 (one product, then the
+// directions, row max / sum of exp and running column max / sum of exp, and pass 2 (one product, then the
 // two gradient products) writes dL/dS of both directions at once:
 //   dL/dS_ij = (w_i (softmax_row_ij - [i = j]) + v_j (softmax_column_ij - [i = j])) / tau,
 // with s = S / tau, w the row weights and v the column weights (v_j = 0 for j >= tracked, the
@@ -117,8 +117,8 @@ void statistics(std::uintptr_t similarity, int64_t ld, int64_t rows, int64_t col
 }
 
 // Overwrites the block with dL/dS of both directions; dtemp_out[r] = sum_j dL/dS_rj * S_rj.
-// Factors: w_i / (tau * row sum_i) and v_j / (tau * column sum_j); positive_out[r] is what
-// the positive pair of row r subtracts, (w_i + v_i) / tau.
+// Factors: w_i / (tau * row sum_i) and v_j / (tau * column sum_j); positive[r] is what the
+// positive pair of row r subtracts, (w_i + v_i) / tau.
 template <typename T>
 void gradient(std::uintptr_t similarity, int64_t ld, int64_t rows, int64_t cols, int64_t row0,
               int64_t tracked, double inv_temperature, std::uintptr_t row_max, std::uintptr_t row_factor,

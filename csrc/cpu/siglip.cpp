@@ -21,6 +21,12 @@ using ::fastcl::log1p_unit;
 inline double exp_nonpositive(double x) { return std::exp(x); }
 inline double log1p_unit(double e) { return std::log1p(e); }
 
+// softplus(-m) = max(-m, 0) + log(1 + exp(-|m|)), given e = exp(-|m|).
+template <typename T>
+inline T softplus_negative(T m, T e) {
+  return T(0.5) * (std::fabs(m) - m) + log1p_unit(e);
+}
+
 template <typename T>
 void siglip_rows(std::uintptr_t similarity, int64_t ld, int64_t rows, int64_t cols, int64_t row0, double scale,
                  double bias, double factor, bool with_grad, std::uintptr_t loss_out, std::uintptr_t dscale_out,
@@ -46,9 +52,8 @@ void siglip_rows(std::uintptr_t similarity, int64_t ld, int64_t rows, int64_t co
       for (int64_t j = 0; j < cols; ++j) {
         const T y = j == g ? T(1) : T(-1);
         const T m = y * (t * x[j] + b);
-        const T e = exp_nonpositive(-std::fabs(m));  // exp(-|m|)
-        // softplus(-m) = max(-m, 0) + log(1 + exp(-|m|))
-        loss_sum += T(0.5) * (std::fabs(m) - m) + log1p_unit(e);
+        const T e = exp_nonpositive(-std::fabs(m));
+        loss_sum += softplus_negative(m, e);
         // sigmoid(-m): e / (1 + e) for m >= 0, 1 / (1 + e) below
         const T sigma = (m >= 0 ? e : T(1)) / (T(1) + e);
         const T dz = -y * sigma * f;
@@ -61,7 +66,7 @@ void siglip_rows(std::uintptr_t similarity, int64_t ld, int64_t rows, int64_t co
       for (int64_t j = 0; j < cols; ++j) {
         const T y = j == g ? T(1) : T(-1);
         const T m = y * (t * x[j] + b);
-        loss_sum += T(0.5) * (std::fabs(m) - m) + log1p_unit(exp_nonpositive(-std::fabs(m)));
+        loss_sum += softplus_negative(m, exp_nonpositive(-std::fabs(m)));
       }
     }
     loss[r] = loss_sum;
