@@ -16,7 +16,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..._tracing import is_compiling, lazy_dynamo_disable
 from .chunked import torch_row_kernel
+from .double_backward import differentiable_gradients
 from .function import chunked_backward, chunked_forward, compute_dtype, no_tensor, scalar_tensor, scale_gradients
 from .options import InfoNCEOptions
 
@@ -102,7 +104,7 @@ def _plain_eager(*tensors) -> bool:
     """True outside every tracer (dynamo, AOT autograd's fake/functional tensors, make_fx)."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-    return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+    return (not is_compiling() and _get_current_dispatch_mode() is None
             and all(type(t) is torch.Tensor for t in tensors))
 
 
@@ -110,38 +112,51 @@ def _setup_context(ctx, inputs, output):
     query, key, hard_negatives, temperature, positive, labels, key_labels = inputs[:7]
     ctx.static = inputs[7:15]
     ctx.fused = inputs[15]
-    ctx.consumed = False
     ctx.has_hard = hard_negatives is not None
     saved = [query, key, hard_negatives, temperature, positive, labels, key_labels]
+    # Gradients computed in the forward pass. In eager mode they live on ctx (as .data), not in
+    # save_for_backward: the first backward hands them to autograd, which may make them the
+    # leaves' .grad; ctx then drops them, so a later in-place edit of .grad (clipping between
+    # two retained backwards) cannot invalidate this node. Tracers get them as saved tensors.
+    ctx.fused_grads = None
     if ctx.fused:
-        saved += list(output[1:])
+        if _plain_eager(*output[1:]):
+            ctx.fused_grads = [g.data for g in output[1:]]  # own version counter: scaling them bumps no output
+        else:
+            saved += list(output[1:])
     ctx.save_for_backward(*saved)
 
 
 def _backward(ctx, grad_loss, *_unused_grads_of_gradients):
     saved = ctx.saved_tensors
-    if ctx.fused and not ctx.consumed:
-        grads = list(saved[7:])
-        if not _plain_eager(grad_loss, *grads):
-            grads = list(scale_gradients(grads, grad_loss))
-        else:
-            # Scale in place: no second copy of the gradients (at B = 65536, D = 256 that is
-            # 128 MB). The unit gradients are gone afterwards, so a second backward through
-            # this node (retain_graph=True) recomputes them below.
-            ctx.consumed = True
-            scale = grad_loss.reshape(())
-            for g in grads:
-                g.data.mul_(scale.to(device=g.device, dtype=g.dtype))
+    query, key, hard_negatives, temperature, positive, labels, key_labels = saved[:7]
+    if torch.is_grad_enabled() and _plain_eager(grad_loss):
+        # create_graph=True: gradients that are themselves differentiable (double backward)
+        grads = differentiable_gradients(
+            (query, key, hard_negatives, temperature), positive, labels, key_labels, grad_loss,
+            InfoNCEOptions(*ctx.static[:7]))
+    elif ctx.fused_grads is not None:
+        # Scale in place: no second copy of the gradients (at B = 65536, D = 256 that is
+        # 128 MB). They are gone from ctx afterwards, so a second backward through this node
+        # (retain_graph=True) recomputes them below.
+        grads, ctx.fused_grads = ctx.fused_grads, None
+        scale = grad_loss.reshape(())
+        for g in grads:
+            g.mul_(scale.to(device=g.device, dtype=g.dtype))
+    elif ctx.fused and len(saved) > 7:
+        grads = list(scale_gradients(saved[7:], grad_loss))
     else:
-        query, key, hard_negatives, temperature, positive, labels, key_labels = saved[:7]
         grads = list(info_nce_backward(query, key, hard_negatives, temperature, positive, labels, key_labels,
                                        grad_loss, *ctx.static))
+    grads = list(grads)
     if not ctx.has_hard:
         grads[2] = None
     return (*grads, *([None] * 12))
 
 
 info_nce_forward.register_autograd(_backward, setup_context=_setup_context)
+lazy_dynamo_disable(info_nce_forward)
+lazy_dynamo_disable(info_nce_backward)
 
 
 def info_nce_op(query, key, hard_negatives, temperature, positive, labels, key_labels, options: InfoNCEOptions,

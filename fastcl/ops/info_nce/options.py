@@ -7,6 +7,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..._tracing import checking_values
+
 MASK, SUPCON, PAIRWISE = "mask", "supcon", "pairwise"
 MULTI_POSITIVE_MODES = (MASK, SUPCON, PAIRWISE)
 REDUCTIONS = ("mean", "sum", "none")
@@ -29,8 +31,7 @@ class InfoNCEOptions:
 
 def _checking_values() -> bool:
     """Data-dependent checks need the values on the host; skip them while torch.compile traces."""
-    compiler = getattr(torch, "compiler", None)
-    return not (compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+    return checking_values()
 
 
 def check_float_tensor(name: str, tensor, expected: str, ndim: int) -> None:

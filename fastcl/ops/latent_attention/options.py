@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..._tracing import checking_values
+
 from ..info_nce.options import FLOAT_DTYPES, check_float_tensor
 
 BACKENDS = ("auto", "naive", "torch", "cpu", "triton")
@@ -29,8 +31,7 @@ PARAMETER_SHAPES = (
 
 def _checking_values() -> bool:
     """Data-dependent checks need the values on the host; skip them while torch.compile traces."""
-    compiler = getattr(torch, "compiler", None)
-    return not (compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+    return checking_values()
 
 
 def check_latent_attention_args(hidden_states, pool_mask, params, num_heads, eps, backend) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..._tracing import lazy_dynamo_disable
 from .sampling import AxisTaps
 
 
@@ -72,3 +73,5 @@ def _backward(ctx, grad_patches):
 
 
 gather_patches_forward.register_autograd(_backward, setup_context=_setup_context)
+lazy_dynamo_disable(gather_patches_forward)
+lazy_dynamo_disable(gather_patches_backward)

@@ -5,15 +5,10 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from ..._tracing import checking_values
 from ..info_nce.options import check_float_tensor
 
 BACKENDS = ("auto", "naive", "torch", "cpu", "triton", "cuda")
-
-
-def checking_values() -> bool:
-    """Data-dependent checks need the values on the host; skip them while torch.compile traces."""
-    compiler = getattr(torch, "compiler", None)
-    return not (compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 def check_positive_int(name: str, value) -> int:

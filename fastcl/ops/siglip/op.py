@@ -13,8 +13,10 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from ..._tracing import is_compiling, lazy_dynamo_disable
+from ..info_nce.double_backward import reference_gradients
 from ..info_nce.function import compute_dtype, no_tensor, scalar_tensor, scale_gradients
-from . import chunked
+from . import chunked, naive
 from .chunked import chunked_siglip
 
 
@@ -46,23 +48,49 @@ def _(image_features, text_features, logit_scale, logit_bias, backend, compute_g
             torch.empty_like(logit_bias))
 
 
+def _plain_eager(*tensors) -> bool:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return not is_compiling() and _get_current_dispatch_mode() is None and all(type(t) is torch.Tensor for t in tensors)
+
+
 def _setup_context(ctx, inputs, output):
     ctx.backend = inputs[4]
     ctx.fused = inputs[5]
-    # the gradients when they were computed in the forward pass, else the inputs to recompute them
-    ctx.save_for_backward(*(output[1:] if ctx.fused else inputs[:4]))
+    # The gradients computed in the forward pass: in eager mode on ctx (as .data) and dropped
+    # once handed to autograd, so an in-place edit of a leaf's .grad cannot invalidate this
+    # node for a second retained backward; tracers get them as saved tensors.
+    ctx.fused_grads = None
+    saved = list(inputs[:4])
+    if ctx.fused:
+        if _plain_eager(*output[1:]):
+            ctx.fused_grads = [g.data for g in output[1:]]  # own version counter: scaling them bumps no output
+        else:
+            saved += list(output[1:])
+    ctx.save_for_backward(*saved)
 
 
 def _backward(ctx, grad_loss, *_unused_grads_of_gradients):
     saved = ctx.saved_tensors
-    if ctx.fused:
-        grads = saved
-    else:  # the forward ran without gradients (e.g. under a tracer that did not ask): one more pass
-        grads = torch.ops.fastcl.siglip_forward(*saved, ctx.backend, True)[1:]
+    inputs = saved[:4]
+    if torch.is_grad_enabled() and _plain_eager(grad_loss):
+        # create_graph=True: differentiable gradients (double backward), through the reference maths
+        return (*reference_gradients(naive.siglip_loss, inputs, grad_loss), None, None)
+    if ctx.fused_grads is not None:
+        grads, ctx.fused_grads = ctx.fused_grads, None
+        scale = grad_loss.reshape(())
+        for g in grads:
+            g.mul_(scale.to(device=g.device, dtype=g.dtype))
+        return (*grads, None, None)
+    if ctx.fused and len(saved) > 4:
+        grads = saved[4:]
+    else:  # a second backward, or the forward ran without gradients: one more pass
+        grads = torch.ops.fastcl.siglip_forward(*inputs, ctx.backend, True)[1:]
     return (*scale_gradients(grads, grad_loss), None, None)
 
 
 siglip_forward.register_autograd(_backward, setup_context=_setup_context)
+lazy_dynamo_disable(siglip_forward)
 
 
 def siglip_op(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias, backend: str) -> Tensor:

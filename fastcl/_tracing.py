@@ -1,0 +1,57 @@
+"""Cheap tracing checks for eager calls: nothing here imports ``torch._dynamo``.
+
+Importing ``torch._dynamo`` (and sympy with it) costs about 200 MB and seconds; an eager call
+must not pay that. Nothing can be compiling while ``torch._dynamo`` has never been imported,
+so each check consults the compiler only once it is loaded.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+__all__ = ["is_compiling", "checking_values", "lazy_dynamo_disable"]
+
+
+def is_compiling() -> bool:
+    """``torch.compiler.is_compiling()`` without loading the compiler in plain eager code."""
+    if "torch._dynamo" not in sys.modules:
+        return False
+    compiler = getattr(torch, "compiler", None)
+    return compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling()
+
+
+def checking_values() -> bool:
+    """Data-dependent checks need the values on the host; skip them while torch.compile traces."""
+    return not is_compiling()
+
+
+def lazy_dynamo_disable(op) -> None:
+    """Stop ``op``'s kernels from importing ``torch._dynamo`` on their first eager call.
+
+    ``torch.library.custom_op`` wraps each device implementation in ``torch._disable_dynamo``,
+    which imports ``torch._dynamo`` on the first call to build the disabled function. Until
+    ``torch._dynamo`` is loaded no frame can be compiled, so the plain function is the same
+    thing; once it is loaded, the first call builds the real disabled function as torch would.
+    Relies on the wrapper's cache attribute (``__dynamo_disable``); if torch changes it this
+    does nothing and torch's own behaviour stays.
+    """
+    for wrapper in getattr(op, "_backend_fns", {}).values():
+        function = getattr(wrapper, "__wrapped__", None)
+        if function is None or getattr(function, "__dynamo_disable", None) is not None:
+            continue
+        setattr(function, "__dynamo_disable", _LazyDisable(function))
+
+
+class _LazyDisable:
+    def __init__(self, function):
+        self.function = function
+
+    def __call__(self, *args, **kwargs):
+        if "torch._dynamo" not in sys.modules:
+            return self.function(*args, **kwargs)
+        import torch._dynamo
+
+        disabled = torch._dynamo.disable(self.function, recursive=True, wrapping=False)
+        setattr(self.function, "__dynamo_disable", disabled)
+        return disabled(*args, **kwargs)
