@@ -52,6 +52,39 @@ class _RandomState:
             torch.cuda.set_rng_state(state, device)
 
 
+class _GradientSnapshot:
+    """The ``.grad`` of some tensors at one instant, to put back if a step fails half-way.
+
+    A ``.grad`` that is None costs nothing to remember; an existing one (gradient accumulation)
+    is copied once per step.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor]):
+        unique = {id(t): t for t in tensors if t.requires_grad}
+        self.saved = [(t, None if t.grad is None else t.grad.detach().clone()) for t in unique.values()]
+
+    def restore(self) -> None:
+        for tensor, grad in self.saved:
+            tensor.grad = grad
+
+
+def _graph_leaves(output: torch.Tensor, exclude: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Leaf tensors whose .grad a backward from ``output`` accumulates into (e.g. a learnable
+    temperature of the loss), less ``exclude``."""
+    skip = {id(t) for t in exclude}
+    found, seen, stack = [], set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad
+        if isinstance(variable, torch.Tensor) and id(variable) not in skip:
+            found.append(variable)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
 def _rows_of(value, name: str) -> int:
     """Number of rows (dim 0) of one input: a tensor, a mapping of tensors, or a tuple of tensors."""
     if isinstance(value, torch.Tensor):
@@ -238,6 +271,8 @@ class GradCache:
     def plan(self, value, name: str = "input") -> List[Tuple[int, int, Optional[int]]]:
         """Chunks of one input as (start, stop, width) where width is None unless padding is trimmed."""
         rows = _rows_of(value, name)
+        if rows == 0:
+            raise ValueError(f"{name} has 0 rows: GradCache.step needs at least one row in every input")
         max_rows = self.chunk_size or rows
         lengths = _row_lengths(value) if (self.chunk_tokens is not None or self.trim_padding) else None
         if self.chunk_tokens is not None and lengths is None:
@@ -332,26 +367,35 @@ class GradCache:
                              f"{'' if not isinstance(loss, torch.Tensor) else ' of shape ' + str(tuple(loss.shape))}")
         if not loss.requires_grad:
             raise ValueError("loss_fn returned a loss that does not depend on the representations (no grad_fn)")
-        (scaler.scale(loss) if scaler is not None else loss).reshape(()).backward()
-        rep_grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
-        del leaves, reps
+        # Every .grad this step writes, as it was: if a pass raises (e.g. out of memory in the
+        # replay), no partial gradient stays behind.
+        before = _GradientSnapshot([p for encoder in set(encoders) for p in encoder.parameters()]
+                                   + _graph_leaves(loss, exclude=leaves))
+        try:
+            (scaler.scale(loss) if scaler is not None else loss).reshape(()).backward()
+            rep_grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
+            del leaves, reps
+            self._replay(inputs, encoders, plans, states, rep_grads)
+        except BaseException:
+            before.restore()
+            raise
+        finally:
+            # continue the random stream as if each chunk had run once
+            state_after_forward.restore()
+        return loss.detach().reshape(())
 
+    def _replay(self, inputs, encoders, plans, states, rep_grads) -> None:
         # 3. replay every chunk with autograd and push its cached gradient into the encoder.
         #    A DDP module all-reduces only on the backward of its last chunk.
         last_use: Dict[int, Tuple[int, int]] = {}
         for index, (encoder, chunks) in enumerate(zip(encoders, plans)):
             last_use[id(encoder)] = (index, len(chunks) - 1)
-        try:
-            for index, (value, encoder, chunks) in enumerate(zip(inputs, encoders, plans)):
-                for number, (start, stop, width) in enumerate(chunks):
-                    states[index][number].restore()
-                    syncing = not _is_ddp(encoder) or last_use[id(encoder)] == (index, number)
-                    with contextlib.nullcontext() if syncing else encoder.no_sync():
-                        chunk = _slice(value, start, stop, width)
-                        rep = self._representation(index, _call(encoder, chunk), chunk, stop - start)
-                        if rep.requires_grad:  # an encoder without trainable parameters has nothing to learn
-                            rep.backward(gradient=rep_grads[index][start:stop].to(rep.dtype))
-        finally:
-            # continue the random stream as if each chunk had run once
-            state_after_forward.restore()
-        return loss.detach().reshape(())
+        for index, (value, encoder, chunks) in enumerate(zip(inputs, encoders, plans)):
+            for number, (start, stop, width) in enumerate(chunks):
+                states[index][number].restore()
+                syncing = not _is_ddp(encoder) or last_use[id(encoder)] == (index, number)
+                with contextlib.nullcontext() if syncing else encoder.no_sync():
+                    chunk = _slice(value, start, stop, width)
+                    rep = self._representation(index, _call(encoder, chunk), chunk, stop - start)
+                    if rep.requires_grad:  # an encoder without trainable parameters has nothing to learn
+                        rep.backward(gradient=rep_grads[index][start:stop].to(rep.dtype))

@@ -36,8 +36,17 @@ class InfoNCELoss(nn.Module):
             raise ValueError(f"max_scale must be > 0, got {max_scale}")
         self.learnable_temperature = learnable_temperature
         self.max_scale = float(max_scale)
+        if learnable_temperature and 1.0 / temperature > max_scale:
+            raise ValueError(
+                f"temperature={temperature} with learnable_temperature=True starts at scale 1/temperature = "
+                f"{1.0 / temperature:g} > max_scale={max_scale:g}: the clamp would give the scale zero gradient and it "
+                f"would never learn; pass temperature >= 1/max_scale = {1.0 / max_scale:g} or a larger max_scale"
+            )
         if learnable_temperature:
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+            logit_scale = torch.tensor(math.log(1.0 / temperature))
+            if logit_scale.exp() > self.max_scale:  # float32 rounding at temperature = 1/max_scale
+                logit_scale = torch.nextafter(logit_scale, torch.tensor(-math.inf))
+            self.logit_scale = nn.Parameter(logit_scale)
         else:
             self.temperature = temperature
         self.options = dict(normalize=normalize, symmetric=symmetric, exclude_self=exclude_self,

@@ -10,15 +10,17 @@ over row blocks and never do.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
 from ..._native import backends as _backends
+from ..._tracing import checking_values
 from ..._native import requested_backend, warn_once
 from . import naive
 from .op import info_nce_op
-from .options import check_embeddings, check_scalar, check_info_nce_args, check_same_device
+from .options import check_embeddings, check_info_nce_args, check_same_device, check_scalar, input_dtypes
 
 __all__ = ["info_nce", "clip_loss", "nt_xent", "resolve_backend"]
 
@@ -106,6 +108,9 @@ def info_nce(
         >>> q, k = torch.randn(8, 32), torch.randn(8, 32)
         >>> loss = fastcl.info_nce(q, k, temperature=0.05, normalize=True)
     """
+    device_type = query.device.type if isinstance(query, torch.Tensor) else "cpu"
+    cast, autocast = input_dtypes(device_type, query=query, key=key, hard_negatives=hard_negatives)
+    query, key, hard_negatives = cast["query"], cast["key"], cast["hard_negatives"]
     options, positive, labels, key_labels, temperature = check_info_nce_args(
         query, key, positive, hard_negatives, temperature, normalize, symmetric, exclude_self,
         labels, key_labels, multi_positive, false_negative_margin, label_smoothing, reduction, backend,
@@ -121,6 +126,9 @@ def info_nce(
         )
     if chosen in EXTRA_BACKENDS:
         EXTRA_BACKENDS[chosen](query, options, labels)  # what this GPU backend refuses
+    if autocast:  # the inputs are already in the autocast dtype; the op accumulates in float32
+        with torch.autocast(device_type, enabled=False):
+            return info_nce_op(query, key, hard_negatives, temperature, positive, labels, key_labels, options, chosen)
     return info_nce_op(query, key, hard_negatives, temperature, positive, labels, key_labels, options, chosen)
 
 
@@ -147,8 +155,15 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
 
 def _inverse_scale(logit_scale):
     logit_scale = check_scalar("logit_scale", logit_scale)
-    if not isinstance(logit_scale, torch.Tensor) and not logit_scale > 0:
-        raise ValueError(f"logit_scale must be > 0, got {logit_scale}")
+    if isinstance(logit_scale, torch.Tensor):
+        # the temperature check would name "temperature": check the scale itself (CPU values
+        # only; a GPU tensor would need a host sync, and compiled graphs skip value checks)
+        if logit_scale.device.type == "cpu" and checking_values():
+            value = float(logit_scale.detach().reshape(()))
+            if not value > 0 or math.isinf(value):
+                raise ValueError(f"logit_scale must be a finite value > 0, got {value}")
+    elif not logit_scale > 0 or math.isinf(logit_scale):
+        raise ValueError(f"logit_scale must be a finite value > 0, got {logit_scale}")
     return 1.0 / logit_scale
 
 

@@ -39,10 +39,14 @@ def no_tensor(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,))
 
 
-def scalar_tensor(value) -> torch.Tensor:
+def scalar_tensor(value, like: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A Python number as a 0-d float64 tensor (float64 holds it exactly; float32 would round
-    it), a tensor as it is: what the custom ops take for temperature, scale and bias."""
-    return value if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=torch.float64)
+    it), a tensor as it is: what the custom ops take for temperature, scale and bias. With meta
+    inputs (``like``) the number goes to the meta device too: the op then only propagates shapes."""
+    if isinstance(value, torch.Tensor):
+        return value
+    device = "meta" if like is not None and like.device.type == "meta" else None
+    return torch.tensor(float(value), dtype=torch.float64, device=device)
 
 
 def _normalized(x: torch.Tensor, dtype: torch.dtype, normalize: bool):

@@ -162,7 +162,7 @@ lazy_dynamo_disable(info_nce_backward)
 def info_nce_op(query, key, hard_negatives, temperature, positive, labels, key_labels, options: InfoNCEOptions,
                 backend: str) -> Tensor:
     """Run the registered op; gradients are computed in the forward pass when they will be needed."""
-    temperature = scalar_tensor(temperature)
+    temperature = scalar_tensor(temperature, like=query)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (query, key, hard_negatives, temperature))
     compute_grads = needs_grad and options.reduction != "none"

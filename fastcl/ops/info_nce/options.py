@@ -34,6 +34,24 @@ def _checking_values() -> bool:
     return checking_values()
 
 
+def _readable(*tensors) -> bool:
+    """Data-dependent checks run on tensors whose values exist: not while torch.compile traces,
+    not on meta tensors (shape-only, e.g. deferred initialization)."""
+    return checking_values() and all(t.device.type != "meta" for t in tensors)
+
+
+def check_scalar_device(name: str, value, like: torch.Tensor) -> None:
+    """A scalar tensor (temperature, logit_scale, logit_bias) lives on ``like``'s device, or is a
+    CPU scalar; with meta inputs it must be meta too (a CPU value would need real data)."""
+    if not isinstance(value, torch.Tensor) or value.device == like.device:
+        return
+    if value.device.type == "cpu" and like.device.type != "meta":
+        return
+    if like.device.type == "meta":
+        raise ValueError(f"{name} must be a float or a tensor on the meta device like the inputs, got {value.device}")
+    raise ValueError(f"{name} must be on the inputs' device {like.device} or be a CPU scalar, got {value.device}")
+
+
 def check_float_tensor(name: str, tensor, expected: str, ndim: int) -> None:
     """A floating-point tensor with ``ndim`` dimensions (``expected`` spells the shape)."""
     if not isinstance(tensor, torch.Tensor):
@@ -75,12 +93,40 @@ def check_temperature(temperature, name: str = "temperature"):
     """A positive float, or a scalar floating tensor (whose gradient the op computes)."""
     temperature = check_scalar(name, temperature)
     if isinstance(temperature, torch.Tensor):
-        if _checking_values() and not bool(temperature.detach().reshape(()) > 0):
+        if _readable(temperature) and temperature.device.type == "cpu":
+            value = float(temperature.detach().reshape(()))
+            if not (value > 0) or math.isinf(value):
+                raise ValueError(f"{name} must be a finite value > 0, got {value}")
+        elif _readable(temperature) and not bool(temperature.detach().reshape(()) > 0):
             raise ValueError(f"{name} must be > 0, got {float(temperature)}")
         return temperature
     if not (temperature > 0) or math.isinf(temperature):
         raise ValueError(f"{name} must be a finite value > 0, got {temperature}")
     return temperature
+
+
+def input_dtypes(device_type: str, **tensors):
+    """The floating inputs as the loss computes them: under ``torch.autocast`` cast as autocast
+    would cast a matmul's operands (float32/16 to the autocast dtype; float64 stays), then all
+    promoted to one dtype as ``torch.promote_types`` would (bf16 query + fp32 key -> fp32).
+
+    The casts are differentiable, so each gradient comes back in its input's own dtype. Returns
+    (tensors as a dict in the same order, whether autocast was on). Non-tensors and non-floating
+    tensors pass through for the argument checks to report.
+    """
+    present = {name: t for name, t in tensors.items()
+               if isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES}
+    autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+    if autocast:
+        low = torch.get_autocast_dtype(device_type)
+        present = {name: t if t.dtype == torch.float64 else t.to(low) for name, t in present.items()}
+    if present:
+        dtypes = [t.dtype for t in present.values()]
+        common = dtypes[0]
+        for dtype in dtypes[1:]:
+            common = torch.promote_types(common, dtype)
+        present = {name: t.to(common) for name, t in present.items()}
+    return {name: present.get(name, t) for name, t in tensors.items()}, autocast
 
 
 def _check_index_vector(name: str, tensor, length: int, length_name: str) -> None:
@@ -116,8 +162,7 @@ def check_info_nce_args(
     check_same_device(query=query, key=key, hard_negatives=hard_negatives, positive=positive,
                       labels=labels, key_labels=key_labels,
                       temperature=temperature if isinstance(temperature, torch.Tensor) and temperature.dim() > 0 else None)
-    if isinstance(temperature, torch.Tensor) and temperature.device != query.device and temperature.device.type != "cpu":
-        raise ValueError(f"temperature must be on the query's device {query.device} (or a CPU scalar), got {temperature.device}")
+    check_scalar_device("temperature", temperature, query)
     temperature = check_temperature(temperature)
 
     if multi_positive not in MULTI_POSITIVE_MODES:
@@ -160,9 +205,8 @@ def check_info_nce_args(
             )
     else:
         _check_index_vector("positive", positive, batch, "B")
-        if positive.dtype != torch.int64:
-            raise TypeError(f"positive must be an int64 tensor of indices into key, got {positive.dtype}")
-        if _checking_values() and batch > 0:
+        positive = positive.long()  # any integer dtype, as labels
+        if _readable(positive) and batch > 0:
             low, high = int(positive.min()), int(positive.max())
             if low < 0 or high >= num_keys:
                 raise ValueError(f"positive must index key rows in [0, N) = [0, {num_keys}), got values in [{low}, {high}]")
@@ -171,7 +215,7 @@ def check_info_nce_args(
         rows = torch.arange(batch, device=query.device)
         if positive is None:
             raise ValueError("exclude_self=True drops logit (i, i), which is the default positive arange(B): pass positive")
-        if _checking_values() and bool((positive == rows).any()):
+        if _readable(positive) and bool((positive == rows).any()):
             first = int(torch.nonzero(positive == rows)[0, 0])
             raise ValueError(f"exclude_self=True drops logit (i, i), but positive[{first}] == {first}")
 

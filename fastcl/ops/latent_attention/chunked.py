@@ -188,6 +188,28 @@ def _pooling_matrix(sequence: torch.Tensor, token_weight: torch.Tensor, batch: i
     return matrix
 
 
+def _masked_mean_add(pooled: torch.Tensor, values: torch.Tensor, sequence: torch.Tensor,
+                     token_weight: torch.Tensor, batch: int) -> None:
+    """pooled[b] += sum of token_weight * values over the tokens of sequence b.
+
+    A (B, n) x (n, .) product (index_add_ is serial and slow on CPU) spreads an Inf / NaN token
+    to every sequence (0 * Inf = NaN), so non-finite tokens go through index_add_, which keeps
+    them in their own sequence as the reference's per-sequence mean does. On CPU the check is a
+    cheap host test; elsewhere it is done without a host sync.
+    """
+    weighted_pooling = _pooling_matrix(sequence, token_weight, batch)
+    if values.device.type == "cpu":
+        if bool(torch.isfinite(values).all()):
+            pooled.addmm_(weighted_pooling, values)
+        else:
+            pooled.index_add_(0, sequence, values * token_weight[:, None].to(values.dtype))
+        return
+    finite = torch.isfinite(values).all(dim=1, keepdim=True)
+    pooled.addmm_(weighted_pooling, torch.where(finite, values, torch.zeros_like(values)))
+    non_finite = torch.where(finite, torch.zeros_like(values), values * token_weight[:, None].to(values.dtype))
+    pooled.index_add_(0, sequence, non_finite)
+
+
 def _tokens(pool_mask: torch.Tensor, dtype: torch.dtype):
     """(flat indices of the pooled tokens, their sequence index, their pooling weight m_t / sum m)."""
     batch, length = pool_mask.shape
@@ -240,10 +262,10 @@ class LatentAttentionFunction(torch.autograd.Function):
             u = torch.addmm(weights.b1, z.to(dtype), weights.w1.T)
             gated = kernels.geglu_forward(u)
             del u
-            # Masked mean as a (B, n) x (n, .) product: index_add_ is serial and slow on CPU.
-            pooling = _pooling_matrix(sequence[start:stop], token_weight[start:stop], batch)
-            pooled_residual.addmm_(pooling, y)
-            pooled_gated.addmm_(pooling, _wide(gated))  # float32 weights: 1/count is rarely exact in 16 bits
+            chunk_sequence, chunk_weight = sequence[start:stop], token_weight[start:stop]
+            _masked_mean_add(pooled_residual, y, chunk_sequence, chunk_weight, batch)
+            # float32 weights: 1/count is rarely exact in 16 bits
+            _masked_mean_add(pooled_gated, _wide(gated), chunk_sequence, chunk_weight, batch)
             del gated
         pooled = pooled_residual + _wide(torch.addmm(weights.b2, pooled_gated.to(dtype), weights.w2.T))
         ctx.save_for_backward(hidden_states, index, sequence, token_weight, lse, residual, pooled_gated, *params,

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..info_nce import resolve_backend
-from ..info_nce.options import BACKENDS, check_embeddings, check_same_device, check_scalar
+from ..info_nce.options import (BACKENDS, check_embeddings, check_same_device, check_scalar, check_scalar_device,
+                                input_dtypes)
 from . import naive
 from .op import siglip_op
 
@@ -32,6 +33,9 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
 
         >>> loss = fastcl.siglip_loss(img, txt, model.logit_scale.exp(), model.logit_bias)
     """
+    device_type = image_features.device.type if isinstance(image_features, torch.Tensor) else "cpu"
+    cast, autocast = input_dtypes(device_type, image_features=image_features, text_features=text_features)
+    image_features, text_features = cast["image_features"], cast["text_features"]
     check_embeddings("image_features", image_features, "(B, D)", 2)
     check_embeddings("text_features", text_features, "(B, D)", 2)
     if image_features.shape != text_features.shape:
@@ -43,6 +47,8 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     check_same_device(image_features=image_features, text_features=text_features)
     logit_scale = check_scalar("logit_scale", logit_scale)
     logit_bias = check_scalar("logit_bias", logit_bias)
+    check_scalar_device("logit_scale", logit_scale, image_features)
+    check_scalar_device("logit_bias", logit_bias, image_features)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     chosen = resolve_backend(backend, image_features.device, EXTRA_BACKENDS)
@@ -51,4 +57,7 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     if chosen in EXTRA_BACKENDS:
         EXTRA_BACKENDS[chosen](image_features)
     # every other backend runs in the fastcl::siglip_forward custom op
+    if autocast:  # the features are already in the autocast dtype; the op accumulates in float32
+        with torch.autocast(device_type, enabled=False):
+            return siglip_op(image_features, text_features, logit_scale, logit_bias, chosen)
     return siglip_op(image_features, text_features, logit_scale, logit_bias, chosen)

@@ -95,7 +95,7 @@ lazy_dynamo_disable(siglip_forward)
 
 def siglip_op(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias, backend: str) -> Tensor:
     """Run the registered op; gradients are computed in the forward pass when they will be needed."""
-    logit_scale, logit_bias = scalar_tensor(logit_scale), scalar_tensor(logit_bias)
+    logit_scale, logit_bias = scalar_tensor(logit_scale, like=image_features), scalar_tensor(logit_bias, like=image_features)
     compute_grads = torch.is_grad_enabled() and any(
         t.requires_grad for t in (image_features, text_features, logit_scale, logit_bias))
     return torch.ops.fastcl.siglip_forward(image_features, text_features, logit_scale, logit_bias, backend,
