@@ -225,3 +225,64 @@ def test_batchnorm_encoder_warns_that_it_is_not_exact():
     encoder = nn.Sequential(nn.Linear(DIM_IN, DIM_OUT), nn.BatchNorm1d(DIM_OUT))
     with pytest.warns(UserWarning, match="BatchNorm"):
         fastcl.GradCache(encoder, chunk_size=4).step(batch(8, 30), batch(8, 31))
+
+
+class FailingEncoder(nn.Module):
+    """Raises (like an out-of-memory error) on its ``fail_at``-th forward pass with autograd."""
+
+    def __init__(self, fail_at):
+        super().__init__()
+        self.inner = Encoder()
+        self.fail_at = fail_at
+        self.grad_passes = 0
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            self.grad_passes += 1
+            if self.grad_passes == self.fail_at:
+                raise RuntimeError("out of memory (simulated)")
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["grad_none", "accumulating"])
+def test_failure_in_the_replay_leaves_no_partial_gradient(existing):
+    encoder = FailingEncoder(fail_at=3)  # chunks of 4: the 3rd replayed chunk raises
+    temperature = torch.tensor(0.1, requires_grad=True)
+    criterion = fastcl.InfoNCELoss(temperature=0.1, learnable_temperature=True)
+    if existing:  # gradient accumulation: .grad already holds an earlier step's gradients
+        for p in [*encoder.parameters(), temperature, criterion.logit_scale]:
+            p.grad = torch.full_like(p, 0.25)
+    before = [None if p.grad is None else p.grad.clone() for p in [*encoder.parameters(), temperature]]
+    queries, keys = batch(8, 1), batch(8, 2)
+    cache = fastcl.GradCache(encoder, chunk_size=4, temperature=temperature, normalize=True)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cache.step(queries, keys)
+    after = [p.grad for p in [*encoder.parameters(), temperature]]
+    for a, b in zip(after, before):
+        assert (a is None and b is None) or torch.equal(a, b)
+    # a learnable temperature held by the loss module (not a loss keyword) is restored too
+    logit_before = criterion.logit_scale.grad.clone() if existing else None
+    encoder.grad_passes, encoder.fail_at = 0, 2
+    cache = fastcl.GradCache(encoder, chunk_size=4, loss_fn=criterion)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cache.step(queries, keys)
+    assert (criterion.logit_scale.grad is None) if not existing else torch.equal(criterion.logit_scale.grad, logit_before)
+    # the next step (no failure) gives the plain full-batch gradients
+    encoder.fail_at = 0
+    zero(encoder)
+    temperature.grad = None
+    cache = fastcl.GradCache(encoder, chunk_size=4, temperature=temperature, normalize=True)
+    cache.step(queries, keys)
+    got = grads_of(encoder) + [temperature.grad.clone()]
+    zero(encoder)
+    temperature.grad = None
+    fastcl.info_nce(encoder(queries), encoder(keys), temperature=temperature, normalize=True, backend="naive").backward()
+    assert_grads_close(got, grads_of(encoder) + [temperature.grad])
+
+
+def test_zero_row_inputs_raise_clear_error():
+    cache = fastcl.GradCache(Encoder(), chunk_size=4, temperature=0.1)
+    with pytest.raises(ValueError, match=r"inputs\[0\] has 0 rows"):
+        cache.step(batch(0, 1), batch(0, 2))
+    with pytest.raises(ValueError, match=r"inputs\[1\] has 0 rows"):
+        cache.step(batch(3, 1), batch(0, 2))
