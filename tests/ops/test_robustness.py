@@ -325,3 +325,15 @@ def test_autocast_behaves_as_the_naive_loss(backend):
     # differs from the float32 loss: autocast is not ignored
     full = naive.info_nce(query.detach(), key.detach(), temperature=0.1)
     assert not torch.allclose(loss.detach(), full, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_latent_attention_double_backward_is_a_clear_error(backend):
+    """The fused latent-attention backward is first order only: an error, never a silent zero."""
+    from fastcl.ops.latent_attention import LatentAttentionPooling
+
+    pool = LatentAttentionPooling(4, num_latents=2, num_heads=1, backend=backend)
+    hidden = torch.randn(2, 3, 4, requires_grad=True)
+    grad, = torch.autograd.grad(pool(hidden, torch.ones(2, 3)).sum(), hidden, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.pow(2).sum().backward()

@@ -29,11 +29,6 @@ class InfoNCEOptions:
     reduction: str = "mean"
 
 
-def _checking_values() -> bool:
-    """Data-dependent checks need the values on the host; skip them while torch.compile traces."""
-    return checking_values()
-
-
 def _readable(*tensors) -> bool:
     """Data-dependent checks run on tensors whose values exist: not while torch.compile traces,
     not on meta tensors (shape-only, e.g. deferred initialization)."""

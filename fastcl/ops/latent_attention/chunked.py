@@ -36,6 +36,7 @@ import math
 import os
 
 import torch
+from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 
 # Large enough that a chunk's products keep the cores busy between synchronizations (on a shared
@@ -277,6 +278,7 @@ class LatentAttentionFunction(torch.autograd.Function):
         return pooled.to(hidden_states.dtype)
 
     @staticmethod
+    @once_differentiable  # no second-order gradients: a clear error under create_graph, never a silent zero
     def backward(ctx, grad_pooled):
         hidden_states, index, sequence, token_weight, lse, residual, pooled_gated, *saved = ctx.saved_tensors
         params, derived = saved[:14], saved[14:]
