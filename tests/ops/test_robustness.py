@@ -21,6 +21,11 @@ CPU_BACKENDS = ["torch"] + (["cpu"] if fastcl.backends()["cpu"].available else [
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)  # every test deterministic, including those that draw from the global generator
+
+
 def _float64(*shape, seed=0, scale=1.0):
     generator = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).requires_grad_()
