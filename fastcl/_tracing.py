@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-__all__ = ["is_compiling", "checking_values", "lazy_dynamo_disable"]
+__all__ = ["is_compiling", "checking_values", "plain_eager", "lazy_dynamo_disable"]
 
 
 def is_compiling() -> bool:
@@ -24,6 +24,14 @@ def is_compiling() -> bool:
 def checking_values() -> bool:
     """Data-dependent checks need the values on the host; skip them while torch.compile traces."""
     return not is_compiling()
+
+
+def plain_eager(*tensors) -> bool:
+    """True outside every tracer (dynamo, AOT autograd's fake/functional tensors, make_fx)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return (not is_compiling() and _get_current_dispatch_mode() is None
+            and all(type(t) is torch.Tensor for t in tensors))
 
 
 def lazy_dynamo_disable(op) -> None:

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..._tracing import is_compiling, lazy_dynamo_disable
+from ..._tracing import lazy_dynamo_disable, plain_eager
 from .chunked import torch_row_kernel
 from .double_backward import differentiable_gradients
 from .function import chunked_backward, chunked_forward, compute_dtype, no_tensor, scalar_tensor, scale_gradients
@@ -100,14 +100,6 @@ def _(query, key, hard_negatives, temperature, positive, labels, key_labels, gra
     return torch.empty_like(query), torch.empty_like(key), grad_h, torch.empty_like(temperature)
 
 
-def _plain_eager(*tensors) -> bool:
-    """True outside every tracer (dynamo, AOT autograd's fake/functional tensors, make_fx)."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return (not is_compiling() and _get_current_dispatch_mode() is None
-            and all(type(t) is torch.Tensor for t in tensors))
-
-
 def _setup_context(ctx, inputs, output):
     query, key, hard_negatives, temperature, positive, labels, key_labels = inputs[:7]
     ctx.static = inputs[7:15]
@@ -120,7 +112,7 @@ def _setup_context(ctx, inputs, output):
     # two retained backwards) cannot invalidate this node. Tracers get them as saved tensors.
     ctx.fused_grads = None
     if ctx.fused:
-        if _plain_eager(*output[1:]):
+        if plain_eager(*output[1:]):
             ctx.fused_grads = [g.data for g in output[1:]]  # own version counter: scaling them bumps no output
         else:
             saved += list(output[1:])
@@ -130,7 +122,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, *_unused_grads_of_gradients):
     saved = ctx.saved_tensors
     query, key, hard_negatives, temperature, positive, labels, key_labels = saved[:7]
-    if torch.is_grad_enabled() and _plain_eager(grad_loss):
+    if torch.is_grad_enabled() and plain_eager(grad_loss):
         # create_graph=True: gradients that are themselves differentiable (double backward)
         grads = differentiable_gradients(
             (query, key, hard_negatives, temperature), positive, labels, key_labels, grad_loss,

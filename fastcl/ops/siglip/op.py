@@ -13,7 +13,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from ..._tracing import is_compiling, lazy_dynamo_disable
+from ..._tracing import lazy_dynamo_disable, plain_eager
 from ..info_nce.double_backward import reference_gradients
 from ..info_nce.function import compute_dtype, no_tensor, scalar_tensor, scale_gradients
 from . import chunked, naive
@@ -48,12 +48,6 @@ def _(image_features, text_features, logit_scale, logit_bias, backend, compute_g
             torch.empty_like(logit_bias))
 
 
-def _plain_eager(*tensors) -> bool:
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return not is_compiling() and _get_current_dispatch_mode() is None and all(type(t) is torch.Tensor for t in tensors)
-
-
 def _setup_context(ctx, inputs, output):
     ctx.backend = inputs[4]
     ctx.fused = inputs[5]
@@ -63,7 +57,7 @@ def _setup_context(ctx, inputs, output):
     ctx.fused_grads = None
     saved = list(inputs[:4])
     if ctx.fused:
-        if _plain_eager(*output[1:]):
+        if plain_eager(*output[1:]):
             ctx.fused_grads = [g.data for g in output[1:]]  # own version counter: scaling them bumps no output
         else:
             saved += list(output[1:])
@@ -73,7 +67,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, *_unused_grads_of_gradients):
     saved = ctx.saved_tensors
     inputs = saved[:4]
-    if torch.is_grad_enabled() and _plain_eager(grad_loss):
+    if torch.is_grad_enabled() and plain_eager(grad_loss):
         # create_graph=True: differentiable gradients (double backward), through the reference maths
         return (*reference_gradients(naive.siglip_loss, inputs, grad_loss), None, None)
     if ctx.fused_grads is not None:
