@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.autograd import gradcheck, gradgradcheck
+from torch.autograd import gradgradcheck
 
 import fastcl
 from fastcl.ops.info_nce import naive
