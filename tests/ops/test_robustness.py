@@ -352,3 +352,18 @@ def test_latent_attention_double_backward_is_a_clear_error(backend):
     grad, = torch.autograd.grad(pool(hidden, torch.ones(2, 3)).sum(), hidden, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("host_check", [True, False], ids=["cpu_branch", "no_sync_branch"])
+def test_masked_mean_keeps_non_finite_tokens_in_their_sequence(host_check):
+    """Both branches of the chunk pooling (the GPU one runs here on CPU tensors) against a per-sequence sum."""
+    from fastcl.ops.latent_attention.chunked import _masked_mean_add
+
+    values = torch.randn(7, 5, dtype=torch.float64)
+    values[1, 2], values[5, 0] = float("inf"), float("nan")
+    sequence = torch.tensor([0, 0, 1, 1, 2, 3, 3])
+    weight = torch.rand(7, dtype=torch.float64)
+    pooled = torch.zeros(5, 5, dtype=torch.float64)
+    _masked_mean_add(pooled, values, sequence, weight, 5, host_check=host_check)
+    want = torch.stack([(values[sequence == b] * weight[sequence == b, None]).sum(0) for b in range(5)])
+    torch.testing.assert_close(pooled, want, equal_nan=True)

@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 # Large enough that a chunk's products keep the cores busy between synchronizations (on a shared
 # CPU, many small parallel regions cost more than the products), small next to the eager activations.
@@ -190,16 +191,17 @@ def _pooling_matrix(sequence: torch.Tensor, token_weight: torch.Tensor, batch: i
 
 
 def _masked_mean_add(pooled: torch.Tensor, values: torch.Tensor, sequence: torch.Tensor,
-                     token_weight: torch.Tensor, batch: int) -> None:
+                     token_weight: torch.Tensor, batch: int, host_check: Optional[bool] = None) -> None:
     """pooled[b] += sum of token_weight * values over the tokens of sequence b.
 
     A (B, n) x (n, .) product (index_add_ is serial and slow on CPU) spreads an Inf / NaN token
     to every sequence (0 * Inf = NaN), so non-finite tokens go through index_add_, which keeps
-    them in their own sequence as the reference's per-sequence mean does. On CPU the check is a
-    cheap host test; elsewhere it is done without a host sync.
+    them in their own sequence as the reference's per-sequence mean does. On CPU
+    (``host_check``) the test is a cheap host branch; elsewhere it is done without a host sync:
+    the finite rows through the product, the others through index_add_.
     """
     weighted_pooling = _pooling_matrix(sequence, token_weight, batch)
-    if values.device.type == "cpu":
+    if values.device.type == "cpu" if host_check is None else host_check:
         if bool(torch.isfinite(values).all()):
             pooled.addmm_(weighted_pooling, values)
         else:
