@@ -11,6 +11,7 @@ variable says otherwise: the interpreter would otherwise "benchmark" every confi
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import List
 
@@ -212,7 +213,25 @@ def load_operand(ptr, index, index_valid, columns, columns_valid, dim, scale, el
     return dot_operand(x, element, CAST_DOT)
 
 
+def device_guard(device):
+    """The context every Triton launch runs in: the tensors' GPU made current (Triton launches
+    on the current device, so tensors on cuda:1 under a current cuda:0 would fault); nothing
+    for CPU tensors (the interpreter)."""
+    device = torch.device(device)
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@triton.jit
+def log1p_small(t):
+    """log(1 + t) for t in [0, 1] to a few ulps without a log1p instruction: where 1 + t rounds
+    to 1 it is t, else log(u) * t / (u - 1) with u = 1 + t (the rounding of u cancels)."""
+    u = 1.0 + t
+    ratio = tl.where(u == 1.0, 1.0, t / (u - 1.0))
+    return tl.where(u == 1.0, t, tl.log(u) * ratio)
+
+
 @triton.jit
 def softplus(x):
-    """log(1 + exp(x)) without overflow; softplus(-inf) = 0."""
-    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+    """log(1 + exp(x)) without overflow, tail kept: softplus(-20) = 2.06e-9 (not 0, which
+    log(1 + exp(-20)) gives in fp32 past |x| > 16.6); softplus(-inf) = 0."""
+    return tl.maximum(x, 0.0) + log1p_small(tl.exp(-tl.abs(x)))

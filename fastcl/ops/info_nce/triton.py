@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import triton_common
 from ..triton_common import (BACKWARD_COLUMNS_CONFIGS, BACKWARD_ROWS_CONFIGS, FORWARD_CONFIGS, accumulator_configs,
                              configs, dot_operand, dot_settings, load_operand, prune_accumulator, softplus,
                              tile_similarity)
@@ -861,7 +862,7 @@ def triton_forward(query, key, hard_negatives, temperature: torch.Tensor, positi
     hard_negatives, temperature), computed in this forward pass. The body of the
     ``fastcl::info_nce_forward`` custom op for ``backend="triton"``; arguments validated."""
     inv_temperature = inverse_temperature(temperature)
-    with torch.no_grad():
+    with torch.no_grad(), triton_common.device_guard(query.device):
         directions = _prepare(query, key, hard_negatives, positive, labels, key_labels, options)
         forward = _Forward(directions, options, inv_temperature)
         loss = forward.reduce(options.reduction)
@@ -879,7 +880,7 @@ def triton_backward(query, key, hard_negatives, temperature: torch.Tensor, posit
     statistics (O(B)) are recomputed with one forward pass, then one backward pass."""
     inv_temperature = inverse_temperature(temperature)
     per_row = options.reduction == "none"
-    with torch.no_grad():
+    with torch.no_grad(), triton_common.device_guard(query.device):
         directions = _prepare(query, key, hard_negatives, positive, labels, key_labels, options)
         forward = _Forward(directions, options, inv_temperature)
         weights = forward.weights(options, grad_output.reshape(-1) if per_row else None)

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import triton_common
 from ..triton_common import (BACKWARD_COLUMNS_CONFIGS, BACKWARD_ROWS_CONFIGS, accumulator_configs, dot_operand,
                              dot_settings, load_operand, prune_accumulator, softplus, tile_similarity)
 
@@ -112,6 +113,11 @@ def triton_siglip(image_features, text_features, logit_scale: torch.Tensor, logi
     """(loss, (d_image, d_text, d_scale, d_bias) or None): the loss alone is one kernel; with
     gradients a second kernel owns the text rows. The body of the ``fastcl::siglip_forward``
     custom op for ``backend="triton"``."""
+    with triton_common.device_guard(image_features.device):
+        return _triton_siglip(image_features, text_features, logit_scale, logit_bias, compute_grads)
+
+
+def _triton_siglip(image_features, text_features, logit_scale, logit_bias, compute_grads):
     image = image_features.contiguous()
     text = text_features.contiguous()
     batch, dim = image.shape
