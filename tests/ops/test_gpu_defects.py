@@ -196,3 +196,44 @@ def test_d2_pairwise_infonce_softplus_tail():
     expected = naive.info_nce(query.double(), key.double(), **options)
     assert float(expected) > 0
     assert abs(float(loss) - float(expected)) <= 1e-3 * float(expected), (float(loss), float(expected))
+
+
+# --------------------------------------------------------------------------------------------
+# 9. auto never picks the native CUDA InfoNCE kernels, and says so when they are all there is
+
+
+def _pretend_backends(monkeypatch, triton_available):
+    from fastcl import _native
+    import fastcl.ops.info_nce as info_nce_module
+
+    real = _native.backends()
+
+    def fake():
+        found = dict(real)
+        found["triton"] = _native.Backend("triton", triton_available, "pretend")
+        found["cuda"] = _native.Backend("cuda", True, "pretend")
+        return found
+
+    monkeypatch.setattr(info_nce_module, "_backends", fake)
+    monkeypatch.setitem(info_nce_module.EXTRA_BACKENDS, "cuda", lambda *args: None)
+    monkeypatch.setitem(info_nce_module.EXTRA_BACKENDS, "triton", lambda *args: None)
+    monkeypatch.setattr(_native, "_WARNED", set())
+    return info_nce_module
+
+
+def test_d9_auto_prefers_triton_over_the_native_cuda_kernels(monkeypatch):
+    module = _pretend_backends(monkeypatch, triton_available=True)
+    assert module.resolve_backend("auto", torch.device("cuda")) == "triton"
+
+
+def test_d9_auto_never_picks_the_native_cuda_kernels_and_says_why(monkeypatch):
+    module = _pretend_backends(monkeypatch, triton_available=False)
+    with pytest.warns(RuntimeWarning, match="backend='cuda'"):
+        chosen = module.resolve_backend("auto", torch.device("cuda"))
+    assert chosen == "torch"
+
+
+def test_d9_backends_reason_says_the_cuda_kernels_are_a_fallback():
+    from fastcl import _native
+
+    assert "fallback" in _native.CUDA_INFO_NCE_NOTE and "auto" in _native.CUDA_INFO_NCE_NOTE

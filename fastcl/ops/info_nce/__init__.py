@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from ..._native import backends as _backends
-from ..._native import requested_backend, warn_once
+from ..._native import CUDA_INFO_NCE_NOTE, requested_backend, warn_once
 from . import naive
 from .op import info_nce_op
 from .options import check_embeddings, check_scalar, check_info_nce_args, check_same_device
@@ -39,9 +39,12 @@ def resolve_backend(backend: str, device: torch.device, extra_backends=None) -> 
     if backend == "auto":
         available = _backends()
         if device.type == "cuda":
-            for name in ("triton", "cuda"):
-                if name in extra and available[name].available:
-                    return name
+            if "triton" in extra and available["triton"].available:
+                return "triton"
+            if "cuda" in extra and available["cuda"].available:
+                # the native CUDA kernels are slower than the chunked path on tensor cores
+                warn_once("cuda-not-auto", f"fastcl: Triton unavailable ({available['triton'].reason}); "
+                          f"using the chunked torch path. {CUDA_INFO_NCE_NOTE}")
             return "torch"
         if device.type == "cpu":
             if available["cpu"].available:
