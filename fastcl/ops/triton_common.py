@@ -221,6 +221,19 @@ def device_guard(device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def device_scalars(device, *values: torch.Tensor) -> torch.Tensor:
+    """(n,) fp32 on ``device`` holding scalar tensors for a kernel to read: CPU ones (Python
+    floats) are read on the host, device ones are copied on the device, so no host sync."""
+    out = torch.empty(len(values), dtype=torch.float32, device=device)
+    for slot, value in enumerate(values):
+        value = value.detach().reshape(())
+        if value.device.type == "cpu":
+            out[slot].fill_(float(value))
+        else:
+            out[slot].copy_(value)
+    return out
+
+
 @triton.jit
 def log1p_small(t):
     """log(1 + t) for t in [0, 1] to a few ulps without a log1p instruction: where 1 + t rounds

@@ -237,3 +237,143 @@ def test_d9_backends_reason_says_the_cuda_kernels_are_a_fallback():
     from fastcl import _native
 
     assert "fallback" in _native.CUDA_INFO_NCE_NOTE and "auto" in _native.CUDA_INFO_NCE_NOTE
+
+
+# --------------------------------------------------------------------------------------------
+# 7. the symmetric loss's column sums are shifted by a bound that cannot overflow
+
+
+def _column_case(normalize, scale, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(20, 24, generator=generator)
+    key = -query + 0.1 * torch.randn(20, 24, generator=generator)  # positives point away
+    return (query * scale).to(DEVICE), (key * scale).to(DEVICE)
+
+
+@pytest.mark.parametrize("normalize,scale,temperature,underflows", [
+    (True, 1.0, 0.01, False),  # CLIP's largest logit scale, 100: s_jj ~ -100, the diagonal shift overflowed
+    (True, 1.0, 0.004, True),  # logit scale 250: some columns' largest score is 150 below the bound
+    (False, 30.0, 0.01, True),  # |q| |k| / tau ~ 2e5: the bound is far above every score
+], ids=["normalized_overflow", "normalized_tiny_temperature", "unnormalized_large_bound"])
+def test_d7_column_sums_never_take_the_host_fallback(monkeypatch, normalize, scale, temperature, underflows):
+    """Columns whose diagonal shift would overflow fp32 (s_ij - s_jj > 88): the loss and its
+    gradients are right, the forward pass is one fused launch per call, and what is recomputed
+    (columns whose bounded shift underflowed) is chosen on the device by a filtered launch that
+    selects nothing when the bound is tight."""
+    launches = spy_launches(monkeypatch)
+    query, key = _column_case(normalize, scale)
+    q1, k1 = query.clone().requires_grad_(), key.clone().requires_grad_()
+    q0, k0 = query.double().requires_grad_(), key.double().requires_grad_()
+    loss = fastcl.info_nce(q1, k1, temperature=temperature, normalize=normalize, symmetric=True, backend="triton")
+    expected = naive.info_nce(q0, k0, temperature=temperature, normalize=normalize, symmetric=True)
+    forward = [kwargs for name, _, kwargs in launches if name == "info_nce_fwd_kernel_rows"]
+    assert [bool(kw.get("HAS_FILTER", False)) for kw in forward] == [False, True], \
+        "one fused pass and one device-filtered recompute, never a host-decided second pass"
+    filtered = [args for name, args, kwargs in launches if name == "info_nce_fwd_kernel_rows" and kwargs["HAS_FILTER"]]
+    row_filter = filtered[0][13]
+    assert bool(row_filter.any()) == underflows
+    assert torch.isfinite(loss)
+    assert_close(loss, expected, 1e-5, "loss")
+    loss.backward()
+    expected.backward()
+    assert_close(q1.grad, q0.grad, 1e-4, "dquery")
+    assert_close(k1.grad, k0.grad, 1e-4, "dkey")
+
+
+# --------------------------------------------------------------------------------------------
+# 8. no host synchronization in the GPU hot path
+
+
+SYNC_METHODS = ("item", "__float__", "__int__", "__bool__", "__index__", "cpu", "tolist", "numpy")
+
+
+@pytest.fixture
+def sync_counter(monkeypatch):
+    """Counts the calls that copy a non-CPU tensor's value to the host (a sync on a GPU)."""
+    counted = []
+    for name in SYNC_METHODS:
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, _name=name, **kwargs):
+            if self.device.type != "cpu":
+                counted.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    return counted
+
+
+def _meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+INFO_NCE_HOST_CASES = [
+    ("clip", dict(symmetric=True, normalize=True), False),
+    ("plain_none", dict(reduction="none"), False),
+    ("supcon_symmetric", dict(multi_positive="supcon", symmetric=True), True),
+    ("pairwise_margin", dict(multi_positive="pairwise", margin=0.1), True),
+    ("smoothing_hard", dict(label_smoothing=0.1, margin=0.05), False),
+]
+
+
+@pytest.mark.parametrize("case", INFO_NCE_HOST_CASES, ids=[c[0] for c in INFO_NCE_HOST_CASES])
+def test_d8_info_nce_host_path_never_syncs(monkeypatch, sync_counter, case):
+    """The Triton host helpers on meta tensors (a stand-in for CUDA tensors whose values the host
+    cannot read) with the launches stubbed: a learnable temperature on the device, every option."""
+    from fastcl.ops.info_nce.options import InfoNCEOptions
+    from fastcl.ops.info_nce.triton import triton_backward, triton_forward
+
+    launches = spy_launches(monkeypatch, stub=True)
+    _, options, with_labels = case
+    options = InfoNCEOptions(**options)
+    batch, num_keys, dim = 64, 96 if not options.symmetric else 64, 32
+    query, key = _meta(batch, dim), _meta(num_keys, dim)
+    hard = _meta(batch, 2, dim) if options.label_smoothing else None
+    temperature = torch.empty((), device="meta")
+    labels = torch.empty(batch, dtype=torch.int64, device="meta") if with_labels else None
+    key_labels = torch.empty(num_keys, dtype=torch.int64, device="meta") if with_labels else None
+    compute_grads = options.reduction != "none"  # as the custom op calls it
+    triton_forward(query, key, hard, temperature, None, labels, key_labels, options, compute_grads)
+    grad_output = torch.empty(batch if options.reduction == "none" else (), device="meta")
+    triton_backward(query, key, hard, temperature, None, labels, key_labels, options, grad_output)
+    assert launches, "the stubbed kernels were never launched"
+    assert not sync_counter, f"host syncs in the Triton InfoNCE path: {sync_counter}"
+
+
+def test_d8_siglip_host_path_never_syncs(monkeypatch, sync_counter):
+    from fastcl.ops.siglip.triton import triton_siglip
+
+    launches = spy_launches(monkeypatch, stub=True)
+    image, text = _meta(64, 32), _meta(64, 32)
+    triton_siglip(image, text, torch.empty((), device="meta"), torch.empty((), device="meta"), True)
+    assert launches
+    assert not sync_counter, f"host syncs in the Triton SigLIP path: {sync_counter}"
+
+
+def test_d8_argument_checks_skip_data_checks_on_device_tensors(sync_counter):
+    """Value checks (positive in range, exclude_self vs positive, temperature > 0) need the data on
+    the host: skipped for device tensors unless validation is on; CPU tensors keep them."""
+    from fastcl.ops.info_nce.options import check_info_nce_args
+
+    query, key = _meta(8, 4), _meta(8, 4)
+    positive = torch.empty(8, dtype=torch.int64, device="meta")
+    temperature = torch.empty((), device="meta")
+    check_info_nce_args(query, key, positive, None, temperature, False, False, True, None, None, "mask", None, 0.0,
+                        "mean", "auto")
+    assert not sync_counter, f"host syncs in the argument checks: {sync_counter}"
+
+
+def test_d8_validation_mode_runs_the_data_checks(monkeypatch):
+    from fastcl import validation
+
+    monkeypatch.setattr(validation, "_ENABLED", False)
+    assert not validation.checks_values(_meta(2, 2))
+    assert validation.checks_values(torch.zeros(2))  # CPU tensors: always checked
+    fastcl.set_validation(True)
+    try:
+        assert validation.checks_values(_meta(2, 2))
+    finally:
+        fastcl.set_validation(False)
+    # CPU tensors keep their checks without validation mode
+    with pytest.raises(ValueError, match="positive"):
+        fastcl.info_nce(torch.randn(4, 3), torch.randn(4, 3), positive=torch.tensor([0, 1, 2, 9]))

@@ -27,10 +27,12 @@ class InfoNCEOptions:
     reduction: str = "mean"
 
 
-def _checking_values() -> bool:
-    """Data-dependent checks need the values on the host; skip them while torch.compile traces."""
-    compiler = getattr(torch, "compiler", None)
-    return not (compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+def _checking_values(*tensors) -> bool:
+    """Data-dependent checks need the values on the host: CPU tensors always, GPU tensors in
+    validation mode only (:mod:`fastcl.validation`), nothing while torch.compile traces."""
+    from ...validation import checks_values
+
+    return checks_values(*tensors)
 
 
 def check_float_tensor(name: str, tensor, expected: str, ndim: int) -> None:
@@ -74,7 +76,7 @@ def check_temperature(temperature, name: str = "temperature"):
     """A positive float, or a scalar floating tensor (whose gradient the op computes)."""
     temperature = check_scalar(name, temperature)
     if isinstance(temperature, torch.Tensor):
-        if _checking_values() and not bool(temperature.detach().reshape(()) > 0):
+        if _checking_values(temperature) and not bool(temperature.detach().reshape(()) > 0):
             raise ValueError(f"{name} must be > 0, got {float(temperature)}")
         return temperature
     if not (temperature > 0) or math.isinf(temperature):
@@ -161,7 +163,7 @@ def check_info_nce_args(
         _check_index_vector("positive", positive, batch, "B")
         if positive.dtype != torch.int64:
             raise TypeError(f"positive must be an int64 tensor of indices into key, got {positive.dtype}")
-        if _checking_values() and batch > 0:
+        if _checking_values(positive) and batch > 0:
             low, high = int(positive.min()), int(positive.max())
             if low < 0 or high >= num_keys:
                 raise ValueError(f"positive must index key rows in [0, N) = [0, {num_keys}), got values in [{low}, {high}]")
@@ -170,7 +172,7 @@ def check_info_nce_args(
         rows = torch.arange(batch, device=query.device)
         if positive is None:
             raise ValueError("exclude_self=True drops logit (i, i), which is the default positive arange(B): pass positive")
-        if _checking_values() and bool((positive == rows).any()):
+        if _checking_values(positive) and bool((positive == rows).any()):
             first = int(torch.nonzero(positive == rows)[0, 0])
             raise ValueError(f"exclude_self=True drops logit (i, i), but positive[{first}] == {first}")
 

@@ -10,10 +10,12 @@ from ..info_nce.options import check_float_tensor
 BACKENDS = ("auto", "naive", "torch", "cpu", "triton", "cuda")
 
 
-def checking_values() -> bool:
-    """Data-dependent checks need the values on the host; skip them while torch.compile traces."""
-    compiler = getattr(torch, "compiler", None)
-    return not (compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+def checking_values(*tensors) -> bool:
+    """Data-dependent checks need the values on the host: CPU tensors always, GPU tensors in
+    validation mode only (:mod:`fastcl.validation`), nothing while torch.compile traces."""
+    from ...validation import checks_values
+
+    return checks_values(*tensors)
 
 
 def check_positive_int(name: str, value) -> int:
@@ -57,7 +59,7 @@ def check_gather_args(images, index, patch_size, size, backend) -> Tuple[Tuple[i
     grid = (size[0] // patch_size, size[1] // patch_size)
     if grid[0] == 0 or grid[1] == 0:
         raise ValueError(f"size {size} is smaller than patch_size {patch_size}: the patch grid would be empty")
-    if checking_values() and index.numel() > 0:
+    if checking_values(index) and index.numel() > 0:
         low, high = int(index.min()), int(index.max())
         if low < 0 or high >= grid[0] * grid[1]:
             raise ValueError(
@@ -76,7 +78,7 @@ def check_scores(name: str, scores) -> None:
         raise ValueError(f"{name} must have shape (B, Hp, Wp), got {tuple(scores.shape)}")
     if not scores.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {scores.dtype}")
-    if checking_values() and bool(torch.isnan(scores).any()):
+    if checking_values(scores) and bool(torch.isnan(scores).any()):
         raise ValueError(f"{name} contains NaN: selection needs comparable scores")
 
 

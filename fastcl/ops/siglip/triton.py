@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from .. import triton_common
-from ..triton_common import (BACKWARD_COLUMNS_CONFIGS, BACKWARD_ROWS_CONFIGS, accumulator_configs, dot_operand,
-                             dot_settings, load_operand, prune_accumulator, softplus, tile_similarity)
+from ..triton_common import (BACKWARD_COLUMNS_CONFIGS, BACKWARD_ROWS_CONFIGS, accumulator_configs, device_scalars,
+                             dot_operand, dot_settings, load_operand, prune_accumulator, softplus, tile_similarity)
 
 
 @triton.jit
@@ -38,13 +38,17 @@ def _siglip_tile(raw, rows, cols, row_valid, col_valid, logit_scale, logit_bias)
 @triton.jit
 def siglip_kernel_rows(
     image_ptr, text_ptr, row_stats_ptr, d_image_ptr,
-    batch, dim, logit_scale, logit_bias, grad_factor,
+    batch, dim, scalars_ptr,
     WITH_GRAD: tl.constexpr, CAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """row_stats (B, 3) fp32 = [sum_j softplus(-y z), sum_j dl/dz, sum_j dl/dz * raw] (dl = B dL);
     with WITH_GRAD, d_image (B, D) = dL/dx (``grad_factor`` = t / B) in d_image's dtype for the
-    embedding slice of the program's group, accumulated on chip in fp32 and written once."""
+    embedding slice of the program's group, accumulated on chip in fp32 and written once.
+    scalars (3,) fp32 in device memory: [t, b, t / B] (no host sync for learnable t, b)."""
+    logit_scale = tl.load(scalars_ptr)
+    logit_bias = tl.load(scalars_ptr + 1)
+    grad_factor = tl.load(scalars_ptr + 2)
     pid = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -82,12 +86,15 @@ def siglip_kernel_rows(
 @triton.jit
 def siglip_kernel_columns(
     image_ptr, text_ptr, d_text_ptr,
-    batch, dim, logit_scale, logit_bias, grad_factor,
+    batch, dim, scalars_ptr,
     CAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """d_text (B, D) = dL/dy: program (j, group) owns BLOCK_N text rows, walks over the
     image tiles and accumulates g^T x for its embedding slice on chip (no atomics)."""
+    logit_scale = tl.load(scalars_ptr)
+    logit_bias = tl.load(scalars_ptr + 1)
+    grad_factor = tl.load(scalars_ptr + 2)
     pid = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -121,20 +128,21 @@ def _triton_siglip(image_features, text_features, logit_scale, logit_bias, compu
     image = image_features.contiguous()
     text = text_features.contiguous()
     batch, dim = image.shape
-    scale, bias = float(logit_scale.detach().reshape(())), float(logit_bias.detach().reshape(()))
     device = image.device
+    scalars = device_scalars(device, logit_scale, logit_bias)
+    scalars = torch.cat([scalars, scalars[:1] / batch])  # [t, b, t / B]
     row_stats = torch.empty(batch, 3, dtype=torch.float32, device=device)
     d_image = torch.empty(batch, dim, dtype=image_features.dtype, device=device) if compute_grads else row_stats
     cast, precision = dot_settings(image)
     groups = (lambda meta: triton.cdiv(dim, meta["ACC_D"])) if compute_grads else (lambda meta: 1)
     siglip_kernel_rows[lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]), groups(meta))](
-        image, text, row_stats, d_image, batch, dim, scale, bias, scale / batch,
+        image, text, row_stats, d_image, batch, dim, scalars,
         WITH_GRAD=compute_grads, CAST_DOT=cast, DOT_PRECISION=precision,
     )
     if compute_grads:
         d_text = torch.empty(batch, dim, dtype=text_features.dtype, device=device)
         siglip_kernel_columns[lambda meta: (triton.cdiv(batch, meta["BLOCK_N"]), triton.cdiv(dim, meta["ACC_D"]))](
-            image, text, d_text, batch, dim, scale, bias, scale / batch, CAST_DOT=cast, DOT_PRECISION=precision,
+            image, text, d_text, batch, dim, scalars, CAST_DOT=cast, DOT_PRECISION=precision,
         )
     # (loss, dL/db, dL/dt): separate tensors, since a custom op's outputs may not alias each other
     loss, d_bias, d_scale = (row_stats[:, column].sum() / batch for column in range(3))
