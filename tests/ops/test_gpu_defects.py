@@ -377,3 +377,31 @@ def test_d8_validation_mode_runs_the_data_checks(monkeypatch):
     # CPU tensors keep their checks without validation mode
     with pytest.raises(ValueError, match="positive"):
         fastcl.info_nce(torch.randn(4, 3), torch.randn(4, 3), positive=torch.tensor([0, 1, 2, 9]))
+
+
+# --------------------------------------------------------------------------------------------
+# 6. float16 gradient tiles keep probabilities below float16's 6e-8
+
+
+def test_d6_float16_gradients_keep_tiny_probabilities():
+    """48 queries q_i = u + e_i / 2 and 16 extra keys u + f_j / 2 at a temperature where every
+    off-diagonal probability is about 1.5e-8 (below float16's smallest subnormal, 6e-8): each
+    extra key's gradient, sum_i p_ij q_i / tau ~ 5e-5, comes only from those probabilities."""
+    batch, extra, dim = 48, 16, 72
+    query = torch.zeros(batch, dim)
+    query[:, 0] = 1.0
+    query[torch.arange(batch), 1 + torch.arange(batch)] = 0.5
+    extra_keys = torch.zeros(extra, dim)
+    extra_keys[:, 0] = 1.0
+    extra_keys[torch.arange(extra), 1 + batch + torch.arange(extra)] = 0.5
+    key = torch.cat([query, extra_keys])
+    temperature = 0.25 / 18.0  # s_ii - s_ij = 18
+    q, k = query.to(DEVICE, torch.float16), key.to(DEVICE, torch.float16).requires_grad_()
+    loss = fastcl.info_nce(q, k, temperature=temperature, reduction="sum", backend="triton")
+    (grad_key,) = torch.autograd.grad(loss, k)
+    k64 = key.double().requires_grad_()
+    (expected,) = torch.autograd.grad(naive.info_nce(query.double(), k64, temperature=temperature, reduction="sum"), k64)
+    tail, expected_tail = grad_key[batch:].double().cpu(), expected[batch:]
+    assert float(expected_tail.abs().max()) > 1e-5
+    error = float((tail - expected_tail).abs().max() / expected_tail.abs().max())
+    assert error < 0.02, f"extra keys' gradients off by {error:.3g} of their size (flushed to zero: 1.0)"

@@ -23,6 +23,10 @@ from ..triton_common import (BACKWARD_COLUMNS_CONFIGS, BACKWARD_ROWS_CONFIGS, ac
                              dot_operand, dot_settings, load_operand, prune_accumulator, softplus, tile_similarity)
 
 
+# per-pair gradients lie in [-1, 1]: x 2^12 keeps those down to 1.5e-11 in float16
+FLOAT16_TILE_SCALE = 2.0 ** 12
+
+
 @triton.jit
 def _siglip_tile(raw, rows, cols, row_valid, col_valid, logit_scale, logit_bias):
     """(softplus(-y z), B * dL/dz) of one tile, zero outside the matrix; y = +1 on the diagonal."""
@@ -45,10 +49,13 @@ def siglip_kernel_rows(
     """row_stats (B, 3) fp32 = [sum_j softplus(-y z), sum_j dl/dz, sum_j dl/dz * raw] (dl = B dL);
     with WITH_GRAD, d_image (B, D) = dL/dx (``grad_factor`` = t / B) in d_image's dtype for the
     embedding slice of the program's group, accumulated on chip in fp32 and written once.
-    scalars (3,) fp32 in device memory: [t, b, t / B] (no host sync for learnable t, b)."""
+    scalars (4,) fp32 in device memory: [t, b, t / B, gradient tile scale] (no host sync for
+    learnable t, b); float16 tiles are scaled by 2^12 before rounding, so per-pair gradients
+    below float16's 6e-8 are kept."""
     logit_scale = tl.load(scalars_ptr)
     logit_bias = tl.load(scalars_ptr + 1)
     grad_factor = tl.load(scalars_ptr + 2)
+    grad_scale = tl.load(scalars_ptr + 3)
     pid = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -71,9 +78,9 @@ def siglip_kernel_rows(
             d_bias += tl.sum(grad, axis=1)
             d_scale += tl.sum(grad * raw, axis=1)
             y = load_operand(text_ptr, cols, col_valid, acc_d, acc_valid, dim, 1.0, element, False, CAST_DOT)
-            acc = tl.dot(dot_operand(grad, element, CAST_DOT), y, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(dot_operand(grad * grad_scale, element, CAST_DOT), y, acc, input_precision=DOT_PRECISION)
     if WITH_GRAD:
-        d_image = (acc * grad_factor).to(d_image_ptr.dtype.element_ty)
+        d_image = (acc * (grad_factor / grad_scale)).to(d_image_ptr.dtype.element_ty)
         tl.store(d_image_ptr + rows[:, None] * dim + acc_d[None, :], d_image, mask=row_valid[:, None] & acc_valid[None, :])
     if group == 0:
         tl.store(row_stats_ptr + rows * 3, loss, mask=row_valid)
@@ -95,6 +102,7 @@ def siglip_kernel_columns(
     logit_scale = tl.load(scalars_ptr)
     logit_bias = tl.load(scalars_ptr + 1)
     grad_factor = tl.load(scalars_ptr + 2)
+    grad_scale = tl.load(scalars_ptr + 3)
     pid = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -110,8 +118,8 @@ def siglip_kernel_columns(
                               CAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         _, grad = _siglip_tile(raw, rows, cols, row_valid, col_valid, logit_scale, logit_bias)
         x = load_operand(image_ptr, rows, row_valid, acc_d, acc_valid, dim, 1.0, element, False, CAST_DOT)
-        acc = tl.dot(tl.trans(dot_operand(grad, element, CAST_DOT)), x, acc, input_precision=DOT_PRECISION)
-    d_text = (acc * grad_factor).to(d_text_ptr.dtype.element_ty)
+        acc = tl.dot(tl.trans(dot_operand(grad * grad_scale, element, CAST_DOT)), x, acc, input_precision=DOT_PRECISION)
+    d_text = (acc * (grad_factor / grad_scale)).to(d_text_ptr.dtype.element_ty)
     tl.store(d_text_ptr + cols[:, None] * dim + acc_d[None, :], d_text, mask=col_valid[:, None] & acc_valid[None, :])
 
 
@@ -130,7 +138,8 @@ def _triton_siglip(image_features, text_features, logit_scale, logit_bias, compu
     batch, dim = image.shape
     device = image.device
     scalars = device_scalars(device, logit_scale, logit_bias)
-    scalars = torch.cat([scalars, scalars[:1] / batch])  # [t, b, t / B]
+    tile_scale = torch.full((1,), FLOAT16_TILE_SCALE if image.dtype == torch.float16 else 1.0, device=device)
+    scalars = torch.cat([scalars, scalars[:1] / batch, tile_scale])  # [t, b, t / B, tile scale]
     row_stats = torch.empty(batch, 3, dtype=torch.float32, device=device)
     d_image = torch.empty(batch, dim, dtype=image_features.dtype, device=device) if compute_grads else row_stats
     cast, precision = dot_settings(image)
