@@ -405,3 +405,118 @@ def test_d6_float16_gradients_keep_tiny_probabilities():
     assert float(expected_tail.abs().max()) > 1e-5
     error = float((tail - expected_tail).abs().max() / expected_tail.abs().max())
     assert error < 0.02, f"extra keys' gradients off by {error:.3g} of their size (flushed to zero: 1.0)"
+
+
+# --------------------------------------------------------------------------------------------
+# 10. deterministic mode: bit-reproducible backward, no float atomics
+
+
+@pytest.fixture
+def deterministic():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+def _atomic_kernels(launches):
+    import inspect
+
+    found = set()
+    for name, _, kwargs in launches:
+        if name == "info_nce_fwd_kernel_rows" and kwargs.get("FUSED_COLUMNS"):
+            found.add(name + "[FUSED_COLUMNS]")  # the only atomics of the InfoNCE kernels
+    return found
+
+
+def test_d10_kernel_sources_atomics_are_where_documented():
+    """The only float atomics of the Triton InfoNCE / SigLIP kernels are the fused column sums;
+    the patch kernels' atomics are in the (non-deterministic) backward kernel only."""
+    import inspect
+
+    import fastcl.ops.patches.triton as patch_kernels
+
+    info_nce, siglip, _ = _kernel_modules()
+    for module in (info_nce, siglip):
+        source = inspect.getsource(module)
+        assert source.count("tl.atomic_add(") == (3 if module is info_nce else 0)
+        assert "if FUSED_COLUMNS" in source.split("def info_nce_fwd_kernel_rows")[1] if module is info_nce else True
+    assert "atomic" not in inspect.getsource(patch_kernels.gather_patches_fwd_kernel.fn)
+
+
+def test_d10_deterministic_clip_uses_no_atomics_and_repeats_bit_for_bit(monkeypatch, deterministic):
+    launches = spy_launches(monkeypatch)
+    generator = torch.Generator().manual_seed(5)
+    query = torch.randn(37, 40, generator=generator).to(DEVICE)
+    key = torch.randn(37, 40, generator=generator).to(DEVICE)
+    runs = []
+    for _ in range(2):
+        q, k = query.clone().requires_grad_(), key.clone().requires_grad_()
+        temperature = torch.tensor(0.1, device=DEVICE, requires_grad=True)
+        loss = fastcl.info_nce(q, k, temperature=temperature, symmetric=True, normalize=True, backend="triton")
+        runs.append([loss.detach(), *torch.autograd.grad(loss, [q, k, temperature])])
+    assert not _atomic_kernels(launches), "deterministic mode launched the fused (atomic) column pass"
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+    q0, k0 = query.double().requires_grad_(), key.double().requires_grad_()
+    expected = naive.info_nce(q0, k0, temperature=0.1, symmetric=True, normalize=True)
+    assert_close(runs[0][0], expected, 1e-5, "loss")
+    expected_grads = torch.autograd.grad(expected, [q0, k0])
+    assert_close(runs[0][1], expected_grads[0], 1e-4, "dquery")
+    assert_close(runs[0][2], expected_grads[1], 1e-4, "dkey")
+
+
+def _patch_case(dtype=torch.float32):
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 3, 45, 38, generator=generator).to(DEVICE, dtype)
+    index = torch.tensor([[0, 1, 5, 6, 7], [3, 2, 4, 8, 0]]).to(DEVICE)  # neighbours share source pixels
+    return images, index
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"], ids=["triton_backend", "native_backend"])
+def test_d10_deterministic_patch_gather_backward(monkeypatch, deterministic, backend):
+    """The patch gradient under deterministic mode: no atomic scatter kernel (Triton's
+    gather_patches_bwd_kernel, the native CUDA one), the same bits twice, and the naive gradient."""
+    import fastcl.ops.patches.op as patch_op
+    from fastcl.ops.patches import naive as patches_naive
+
+    images, index = _patch_case()
+    used = []
+    monkeypatch.setattr(patch_op, "_kernels", lambda name, _real=patch_op._kernels: used.append(name) or _real(name))
+    if backend == "cuda" and not ON_GPU:
+        from fastcl.ops.patches import triton as patch_triton
+        # no CUDA build here: the forward of the 'cuda' backend is the Triton one, so the
+        # backward's dispatch is what is tested
+        monkeypatch.setattr(patch_op, "_kernels", lambda name: used.append(name) or (patch_triton.triton_forward, None))
+    atomic = []
+    import fastcl.ops.patches.triton as patch_triton_module
+
+    real_bwd = patch_triton_module.gather_patches_bwd_kernel
+    monkeypatch.setattr(patch_triton_module, "gather_patches_bwd_kernel",
+                        _LaunchSpy("gather_patches_bwd_kernel", real_bwd, atomic))
+    grads = []
+    for _ in range(2):
+        leaf = images.clone().requires_grad_()
+        from fastcl.ops.patches.sampling import axis_taps
+
+        size = (56, 42)
+        row_taps = axis_taps(45, size[0], torch.float32, images.device)
+        col_taps = axis_taps(38, size[1], torch.float32, images.device)
+        patches = patch_op.gather_patches_forward(leaf, index, *row_taps, *col_taps, 14, 3, backend)
+        weight = torch.linspace(-1, 1, patches.numel(), device=DEVICE).view_as(patches)
+        (grad,) = torch.autograd.grad((patches * weight).sum(), leaf)
+        grads.append(grad)
+    assert not atomic, "the atomic scatter kernel ran in deterministic mode"
+    assert torch.equal(grads[0], grads[1])
+    leaf = images.double().requires_grad_()
+    expected = patches_naive.gather_patches(leaf, index, 14, (56, 42))[0]
+    (expected_grad,) = torch.autograd.grad((expected * weight.double()).sum(), leaf)
+    assert_close(grads[0], expected_grad, 1e-5, "d(images)")
+
+
+def test_d10_cuda_infonce_backend_refuses_deterministic_mode(deterministic):
+    from fastcl.ops.info_nce.native_cuda import check_cuda_options
+    from fastcl.ops.info_nce.options import InfoNCEOptions
+
+    with pytest.raises(ValueError, match="deterministic"):
+        check_cuda_options(torch.empty(2, 2, device="meta"), InfoNCEOptions(), None)

@@ -231,6 +231,10 @@ def cuda_backward(query, key, hard_negatives, temperature: torch.Tensor, positiv
 
 def check_cuda_options(query, options: InfoNCEOptions, labels) -> None:
     """What ``backend="cuda"`` refuses, with the reason (float64 runs on the chunked path)."""
+    if torch.are_deterministic_algorithms_enabled():
+        raise ValueError("backend='cuda' adds d(key) with float atomics and is not deterministic, but "
+                         "torch.use_deterministic_algorithms(True) is on: use backend='triton' (deterministic "
+                         "backward) or 'torch'")
     unsupported = unsupported_options(options, labels)
     if unsupported:
         raise ValueError(
