@@ -520,3 +520,176 @@ def test_d10_cuda_infonce_backend_refuses_deterministic_mode(deterministic):
 
     with pytest.raises(ValueError, match="deterministic"):
         check_cuda_options(torch.empty(2, 2, device="meta"), InfoNCEOptions(), None)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. a pinned tile configuration is validated per kernel against the on-chip budget
+
+
+@pytest.fixture
+def compiled_mode(monkeypatch):
+    """Tile selection as on a GPU (not the interpreter's fixed tile)."""
+    from fastcl.ops import triton_common
+
+    monkeypatch.setattr(triton_common, "interpreting", lambda: False)
+    return triton_common
+
+
+def test_d3_one_pinned_configuration_fits_every_kernel(monkeypatch, compiled_mode):
+    """FASTCL_TRITON_CONFIG=128,128,64,8,3 at D = 512: the forward keeps it, each backward kernel
+    gets the widest ACC_D within the register and shared-memory budget (never 128 x 512 fp32)."""
+    common = compiled_mode
+    monkeypatch.setenv(common.CONFIG_ENV, "128,128,64,8,3")
+    (forward,) = common.tile_candidates("forward", 512, torch.bfloat16, 90)
+    assert forward.kwargs == {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64}
+    for kind in ("rows", "columns"):
+        (config,) = common.tile_candidates(kind, 512, torch.bfloat16, 90)
+        values, shared = common.tile_budget(kind, config.kwargs, config.num_warps, config.num_stages, 2)
+        assert values <= common.REGISTER_VALUES_LIMIT and shared <= common.SHARED_MEMORY_LIMIT[90]
+        assert config.kwargs["ACC_D"] < 512 and config.kwargs["BLOCK_M"] == 128
+
+
+def test_d3_per_kernel_pins_are_checked_with_a_clear_error(monkeypatch, compiled_mode):
+    common = compiled_mode
+    monkeypatch.setenv(common.CONFIG_ENV, "forward=64,64,32,4,2;rows=128,64,64,512,8,2")
+    assert common.tile_candidates("forward", 512, torch.bfloat16, 90)[0].num_warps == 4
+    with pytest.raises(ValueError, match=r"FASTCL_TRITON_CONFIG.*rows kernel.*per thread"):
+        common.tile_candidates("rows", 512, torch.bfloat16, 90)
+    assert len(common.tile_candidates("columns", 512, torch.bfloat16, 90)) > 1  # not pinned: autotuned
+    monkeypatch.setenv(common.CONFIG_ENV, "rows=64,64,64,128,8,2")
+    common.tile_candidates("rows", 512, torch.float32, 90)  # fits sm_90's 227 KB
+    with pytest.raises(ValueError, match=r"shared memory.*sm_86"):
+        common.tile_candidates("rows", 512, torch.float32, 86)
+    for bad in ("64,32", "rows=64,64,64,8,2", "middle=64,64,64,8,2", "64,48,16,4,2"):
+        monkeypatch.setenv(common.CONFIG_ENV, bad)
+        with pytest.raises(ValueError, match=common.CONFIG_ENV):
+            common.tile_candidates("rows", 64, torch.float32, 90)
+
+
+def test_d3_shipped_lists_fit_their_budget(compiled_mode):
+    common = compiled_mode
+    for kind, listing in (("forward", common.FORWARD_CONFIGS), ("rows", common.BACKWARD_ROWS_CONFIGS),
+                          ("columns", common.BACKWARD_COLUMNS_CONFIGS)):
+        assert len(common.tile_candidates(kind, 512, torch.bfloat16, 90)) == len(listing)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. tuning: keyed on every constexpr, on a capped size, cached across processes, rank 0 decides
+
+
+@pytest.fixture
+def tuning(monkeypatch, tmp_path):
+    """The GPU's tuning path on CPU: timings replaced by a stand-in that prefers the smallest
+    ACC_D (then the smallest BLOCK_M), every timed launch recorded with its size arguments."""
+    from fastcl.ops import triton_common as common
+
+    monkeypatch.setattr(common, "_tuning_enabled", lambda device: True)
+    monkeypatch.setattr(common, "interpreting", lambda: False)
+    monkeypatch.delenv(common.CONFIG_ENV, raising=False)
+    monkeypatch.setenv(common.TUNE_CACHE_ENV, str(tmp_path / "tiles.json"))
+    monkeypatch.setenv(common.TUNE_ROWS_ENV, "16")
+    timed = []
+
+    def fake_benchmark(launch):
+        config = launch.__defaults__[0]
+        timed.append(config)
+        launch()  # recorded (with its capped sizes), not executed
+        return float(config.kwargs.get("ACC_D", 0) * 1000 + config.kwargs["BLOCK_M"])
+
+    monkeypatch.setattr(common, "_benchmark", fake_benchmark)
+    # the interpreter runs the chosen tile; the candidates carry GPU tiles, so launches are
+    # made with the interpreter's tile instead while the choice itself is recorded
+    real_run = common.TileKernel._run
+    launched = []
+
+    def small_run(self, grid, args, constexprs, config, resolved_grid=None):
+        launched.append((self.fn.__name__, config, dict(zip(self.fn.arg_names, args))))
+        if resolved_grid is not None:  # a timed launch: not executed on CPU
+            return None
+        small = common.triton.Config({k: min(v, 32) for k, v in config.kwargs.items()}, num_warps=4, num_stages=1)
+        return real_run(self, grid, args, constexprs, small)
+
+    monkeypatch.setattr(common.TileKernel, "_run", small_run)
+    for kernel in _tile_kernels():
+        monkeypatch.setattr(kernel, "chosen", {})
+    return common, timed, launched
+
+
+def _tile_kernels():
+    from fastcl.ops import triton_common as common
+
+    return [value for module in _kernel_modules()[:2] for value in vars(module).values()
+            if isinstance(value, common.TileKernel)]
+
+
+def test_d4_key_holds_every_constexpr(tuning):
+    """Two calls differing only in NORMALIZE (not in the old key) are tuned separately."""
+    common, timed, _ = tuning
+    query, key = torch.randn(20, 40).to(DEVICE), torch.randn(20, 40).to(DEVICE)
+    with torch.no_grad():
+        fastcl.info_nce(query, key, backend="triton")
+        first = len(timed)
+        fastcl.info_nce(query, key, backend="triton")
+        assert len(timed) == first, "the same call tuned twice"
+        fastcl.info_nce(query, key, normalize=True, backend="triton")
+    assert len(timed) > first, "a configuration tuned without NORMALIZE served NORMALIZE=True"
+    import inspect
+
+    kernel = _kernel_modules()[0].info_nce_fwd_kernel_rows
+    constexprs = [name for name, parameter in inspect.signature(kernel.fn.fn).parameters.items()
+                  if "constexpr" in str(parameter.annotation) and not name.startswith(("BLOCK", "ACC_D"))]
+    flags = {name: index for index, name in enumerate(constexprs)}
+    text = kernel.key({"dim": 40}, flags, torch.device("cpu"), torch.float32)
+    assert all(f"{name}={index}" in text for name, index in flags.items())
+
+
+def test_d4_tuning_runs_on_a_capped_size(tuning):
+    common, timed, launched = tuning
+    query, key = torch.randn(40, 24).to(DEVICE), torch.randn(50, 24).to(DEVICE)
+    with torch.no_grad():
+        fastcl.info_nce(query, key, backend="triton")
+    timed_launches = [named for name, config, named in launched if name == "info_nce_fwd_kernel_rows"][:-1]
+    assert timed_launches and all(n["num_rows"] <= 16 and n["num_candidates"] <= 16 for n in timed_launches)
+    real = [named for name, config, named in launched if name == "info_nce_fwd_kernel_rows"][-1]
+    assert (real["num_rows"], real["num_candidates"]) == (40, 50)
+
+
+def test_d4_choice_is_cached_across_processes(tuning, monkeypatch):
+    common, timed, _ = tuning
+    query, key = torch.randn(20, 40).to(DEVICE), torch.randn(20, 40).to(DEVICE)
+    with torch.no_grad():
+        fastcl.info_nce(query, key, symmetric=True, backend="triton")
+    assert timed
+    entries = common._read_cache(common.tune_cache_path())
+    assert entries and all("triton " + common.triton.__version__ in k and "interpreter|" in k for k in entries)
+    # a new process: empty memory, the file holds the choice, nothing is timed
+    for kernel in _tile_kernels():
+        monkeypatch.setattr(kernel, "chosen", {})
+    timed.clear()
+    with torch.no_grad():
+        fastcl.info_nce(query, key, symmetric=True, backend="triton")
+    assert not timed
+
+
+def test_d4_rank_zero_decides_for_every_rank(tuning, monkeypatch):
+    common, timed, launched = tuning
+    rank_zero_choice = [{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64}, 8, 3]  # not the stand-in's favourite
+    monkeypatch.setattr(common, "_distributed_world", lambda: (1, 2))
+    broadcasts = []
+
+    def broadcast_object_list(box, src):
+        assert src == 0 and box == [None]  # rank 1 neither reads the file nor tunes
+        broadcasts.append(1)
+        box[0] = rank_zero_choice if not broadcasts[1:] else box[0]
+
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast_object_list, raising=False)
+    # rank 0 would have filled every key: every kernel asks once
+    original = common.tile_candidates
+    monkeypatch.setattr(common, "tile_candidates", lambda kind, *a: original("forward", *a) if kind == "forward"
+                        else original(kind, *a))
+    query, key = torch.randn(20, 40).to(DEVICE), torch.randn(20, 40).to(DEVICE)
+    with torch.no_grad():
+        fastcl.info_nce(query, key, backend="triton")
+    assert broadcasts and not timed
+    forward = [config for name, config, _ in launched if name == "info_nce_fwd_kernel_rows"]
+    assert forward[-1].kwargs == rank_zero_choice[0] and forward[-1].num_stages == 3

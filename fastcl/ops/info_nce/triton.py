@@ -47,18 +47,12 @@ import triton
 import triton.language as tl
 
 from .. import triton_common
-from ..triton_common import (BACKWARD_COLUMNS_CONFIGS, BACKWARD_ROWS_CONFIGS, FORWARD_CONFIGS, accumulator_configs,
-                             configs, dot_operand, dot_settings, load_operand, prune_accumulator, softplus,
-                             tile_similarity)
+from ..triton_common import dot_operand, dot_settings, load_operand, softplus, tile_kernel, tile_similarity
 from .chunked import NORM_EPS, count_positives
 from .function import _normalize_backward, scale_gradients, temperature_meta
 from .options import MASK, PAIRWISE, SUPCON, InfoNCEOptions
 
 MODES = {MASK: 0, SUPCON: 1, PAIRWISE: 2}
-# fp32 exp overflows above ~88.7: a column whose sum shifted by its diagonal overflowed is
-# recomputed with an online max.
-_KEY = ["dim", "MODE", "STAGE", "FUSED_COLUMNS", "HAS_PRIVATE"]
-_TILE_KEY = ["dim", "MODE", "STAGE", "FUSED_COLUMNS"]  # the backward tile kernels (no hard negatives)
 
 
 @triton.jit
@@ -212,7 +206,7 @@ def _online_update_vector(row_max, row_sum, scores, included):
     return new_max, row_sum
 
 
-@triton.autotune(configs=configs(FORWARD_CONFIGS), key=_KEY, reset_to_zero=["column_stats_ptr"])
+@tile_kernel("forward", grid_size="num_rows", grid_block="BLOCK_M", reset=["column_stats_ptr"])
 @triton.jit
 def info_nce_fwd_kernel_rows(
     anchor_ptr, candidate_ptr, private_ptr,
@@ -385,8 +379,7 @@ def _grad_tile(raw, rows, cols, row_valid, col_valid, n0, positive, positive_raw
     return grad, scores
 
 
-@triton.autotune(configs=accumulator_configs(BACKWARD_ROWS_CONFIGS), key=_TILE_KEY,
-                 prune_configs_by={"early_config_prune": prune_accumulator})
+@tile_kernel("rows", grid_size="num_rows", grid_block="BLOCK_M")
 @triton.jit
 def info_nce_bwd_kernel_rows(
     anchor_ptr, candidate_ptr,
@@ -494,8 +487,7 @@ def info_nce_bwd_kernel_private(
     tl.store(dtemp_ptr + rows, dtemp, mask=row_valid)
 
 
-@triton.autotune(configs=accumulator_configs(BACKWARD_COLUMNS_CONFIGS), key=_TILE_KEY,
-                 prune_configs_by={"early_config_prune": prune_accumulator})
+@tile_kernel("columns", grid_size="num_candidates", grid_block="BLOCK_N")
 @triton.jit
 def info_nce_bwd_kernel_columns(
     anchor_ptr, candidate_ptr,

@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from .. import triton_common
-from ..triton_common import (BACKWARD_COLUMNS_CONFIGS, BACKWARD_ROWS_CONFIGS, accumulator_configs, device_scalars,
-                             dot_operand, dot_settings, load_operand, prune_accumulator, softplus, tile_similarity)
+from ..triton_common import (device_scalars, dot_operand, dot_settings, load_operand, softplus, tile_kernel,
+                             tile_similarity)
 
 
 # per-pair gradients lie in [-1, 1]: x 2^12 keeps those down to 1.5e-11 in float16
@@ -37,8 +37,7 @@ def _siglip_tile(raw, rows, cols, row_valid, col_valid, logit_scale, logit_bias)
     return tl.where(valid, softplus(-signed), 0.0), tl.where(valid, -sign * tl.sigmoid(-signed), 0.0)
 
 
-@triton.autotune(configs=accumulator_configs(BACKWARD_ROWS_CONFIGS), key=["dim", "WITH_GRAD"],
-                 prune_configs_by={"early_config_prune": prune_accumulator})
+@tile_kernel("rows", grid_size="batch", grid_block="BLOCK_M")
 @triton.jit
 def siglip_kernel_rows(
     image_ptr, text_ptr, row_stats_ptr, d_image_ptr,
@@ -88,8 +87,7 @@ def siglip_kernel_rows(
         tl.store(row_stats_ptr + rows * 3 + 2, d_scale, mask=row_valid)
 
 
-@triton.autotune(configs=accumulator_configs(BACKWARD_COLUMNS_CONFIGS), key=["dim"],
-                 prune_configs_by={"early_config_prune": prune_accumulator})
+@tile_kernel("columns", grid_size="batch", grid_block="BLOCK_N")
 @triton.jit
 def siglip_kernel_columns(
     image_ptr, text_ptr, d_text_ptr,
