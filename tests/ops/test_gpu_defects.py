@@ -693,3 +693,45 @@ def test_d4_rank_zero_decides_for_every_rank(tuning, monkeypatch):
     assert broadcasts and not timed
     forward = [config for name, config, _ in launched if name == "info_nce_fwd_kernel_rows"]
     assert forward[-1].kwargs == rank_zero_choice[0] and forward[-1].num_stages == 3
+
+
+# --------------------------------------------------------------------------------------------
+# 5. latent attention: scores and their gradients in fp32 out of bf16 products
+
+
+def test_d5_latent_attention_keeps_scores_and_their_gradients_in_fp32(monkeypatch):
+    """The CUDA bf16 path emulated on CPU (bf16 operands for the products): what the softmax
+    kernels read and write (S, P, dP, dS) is fp32, and the result still matches the reference."""
+    from fastcl.ops.latent_attention import chunked
+    from fastcl.ops.latent_attention import naive as latent_naive
+
+    monkeypatch.setattr(chunked, "compute_dtype", lambda h: h.dtype if h.dtype == torch.bfloat16 else torch.float32)
+    seen = []
+
+    class Recording(chunked.ElementwiseKernels):
+        def softmax_forward(self, scores):
+            seen.append(("S", scores.dtype))
+            return super().softmax_forward(scores)
+
+        def softmax_recompute(self, scores, lse):
+            seen.append(("P", scores.dtype))
+            return super().softmax_recompute(scores, lse)
+
+        def softmax_backward(self, probs, grad):
+            seen.append(("dP", grad.dtype))
+            return super().softmax_backward(probs, grad)
+
+    pool = fastcl.LatentAttentionPooling(32, num_latents=16, num_heads=2, head_dim=8).to(torch.bfloat16)
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 7, 32, generator=generator).to(torch.bfloat16).requires_grad_()
+    mask = torch.ones(2, 7)
+    params = pool.flat_parameters()
+    out = chunked.LatentAttentionFunction.apply(hidden, mask, 2, 1e-5, Recording(), *params)
+    (grad,) = torch.autograd.grad(out.float().sum(), hidden)
+    assert seen and all(dtype == torch.float32 for _, dtype in seen), seen
+    hidden64 = hidden.detach().double().requires_grad_()
+    expected = latent_naive.latent_attention_pool(hidden64, mask.double(), *[p.double() for p in params], num_heads=2,
+                                                  normalize=False)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), hidden64)
+    assert_close(out, expected, 3e-2, "pooled")
+    assert_close(grad, expected_grad, 5e-2, "d(hidden)")
