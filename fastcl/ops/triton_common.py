@@ -1,13 +1,15 @@
-"""What every fastcl Triton kernel shares: tile configurations, the pinned-config switch, the
+"""What every fastcl Triton kernel shares: tile selection (:class:`TileKernel`: pinned
+configurations checked against each kernel's on-chip budget, or timed candidates cached per key,
+in a file and across ranks), the device guard of every launch, device-resident scalars, the
 interpreter switches, and the small similarity helpers.
 
 Imported lazily (only when a Triton backend runs), so ``import fastcl`` never imports triton.
 
-Configurations: a short fixed list is autotuned on the GPU (the choice is cached per head
-dimension and dtype). ``FASTCL_TRITON_CONFIG="BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages"``
-pins one configuration (tests, reproducible benchmarks, very large runs where autotuning
-would take too long). Under ``TRITON_INTERPRET=1`` a small configuration is pinned unless the
-variable says otherwise: the interpreter would otherwise "benchmark" every configuration.
+``FASTCL_TRITON_CONFIG`` pins tiles (one ``BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages`` for
+every kernel, or ``forward=...;rows=...;columns=...``); under ``TRITON_INTERPRET=1`` a small tile
+is used unless the variable says otherwise (the interpreter would "benchmark" every candidate).
+``FASTCL_TUNE_ROWS`` caps the size tuning runs at, ``FASTCL_TUNE_CACHE`` names the file of
+tuned choices (see :class:`TileKernel`).
 """
 from __future__ import annotations
 

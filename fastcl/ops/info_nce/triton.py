@@ -13,10 +13,10 @@ h_ih; s = a.c / tau, with a, c, h unit vectors when ``normalize``)::
 Passes over the B x N tiles (never stored):
 
 * forward, one pass: an online max / sum per row gives LSE_i. For the symmetric (CLIP) loss
-  the *column* sums come out of the same pass: column j is shifted by its diagonal score
-  s_jj (always in column j's denominator, so the sum is >= 1 and cannot underflow) and the
-  per-tile column sums are added with atomics. Should a column overflow (some s_ij > s_jj + 88
-  in fp32), that direction alone is recomputed with an online max (a second pass, rare).
+  the *column* sums come out of the same pass, shifted per column and added with atomics. The
+  shift is max(s_jj, norm bound - 80) (see _column_shift), so no term overflows; columns whose sum underflowed are recomputed by a launch the device filters
+  (no host decision). Under torch.use_deterministic_algorithms the key->query direction runs
+  as a pass of its own instead (no atomics).
   ``pairwise`` needs a second pass (its terms need the finished negative LSE).
 * backward, no atomics: two kernels, each recomputing every tile and forming the gradient of
   *both* directions for it. One owns anchor rows and accumulates d(anchor) and dtau on chip;
@@ -579,7 +579,7 @@ class _Direction:
     anchor_labels: Optional[torch.Tensor]
     candidate_labels: Optional[torch.Tensor]
     num_positive: Optional[torch.Tensor]  # (R,) int64, supcon / pairwise
-    divisor: float  # what "mean" divides the direction's total by
+    divisor: object  # what "mean" divides the direction's total by: a float, or a device tensor (supcon / pairwise)
     exclude_self: bool
     fused_columns: int = 0  # B when the key->query direction rides along (symmetric, mask mode)
 
