@@ -27,10 +27,12 @@ PARAMETER_SHAPES = (
 )
 
 
-def _checking_values() -> bool:
-    """Data-dependent checks need the values on the host; skip them while torch.compile traces."""
-    compiler = getattr(torch, "compiler", None)
-    return not (compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+def _checking_values(*tensors) -> bool:
+    """Data-dependent checks need the values on the host: CPU tensors always, GPU tensors in
+    validation mode only (:mod:`fastcl.validation`), nothing while torch.compile traces."""
+    from ...validation import checks_values
+
+    return checks_values(*tensors)
 
 
 def check_latent_attention_args(hidden_states, pool_mask, params, num_heads, eps, backend) -> None:
@@ -77,7 +79,7 @@ def check_latent_attention_args(hidden_states, pool_mask, params, num_heads, eps
             raise ValueError(f"{name} is on {tensor.device} but hidden_states is on {hidden_states.device}")
     if pool_mask.device != hidden_states.device:
         raise ValueError(f"pool_mask is on {pool_mask.device} but hidden_states is on {hidden_states.device}")
-    if _checking_values():
+    if _checking_values(pool_mask):
         weights = pool_mask.float()
         if bool((weights < 0).any()):
             raise ValueError("pool_mask must be non-negative (0/1 weights)")
