@@ -11,9 +11,10 @@
 #    configuration included (benchmarks/triton_compile_check.py --all-configs), in the
 #    background on the CPU while the GPU steps run;
 # 3. runs the `cuda` tests AND the Triton parity tests (`-m "cuda or triton"`: on a GPU the
-#    Triton tests run compiled on CUDA tensors, fp32 / fp16 / bf16) with one pinned tile
-#    configuration (correctness; each autotuning candidate would be one more compile per option
-#    set);
+#    Triton tests run compiled on CUDA tensors) with one pinned tile configuration (correctness;
+#    each autotuning candidate would be one more compile per option set): first the cuda tests,
+#    issue 15's defect tests and the patch / latent-attention ones, then (after the benchmark)
+#    the InfoNCE / SigLIP parity tests in bf16, then in fp32 / fp16 with the time left;
 # 4. the InfoNCE / CLIP benchmark (benchmarks/bench_info_nce_gpu.py): B = 65536 and B = 1M CLIP
 #    rows against Inf-CL and naive, achieved TFLOP/s, the autotuned (not pinned) kernels'
 #    parity with bf16 products, and a CUDA-graph capture of a training step;
@@ -21,7 +22,7 @@
 # 6. writes OUT_DIR/summary.md, one file a reader can paste (every step's status, the tests'
 #    line, the compile check's line, the benchmark tables and goals, the suites' rows).
 # Everything else lands in OUT_DIR too: gpu_check.log, install.log, compile_check.log,
-# pytest.log/.xml, info_nce_gpu.csv/.md/.log, bench/ (suite CSVs and plots), triton_tiles.json
+# tests_*.log/.xml, info_nce_gpu.csv/.md/.log, bench/ (suite CSVs and plots), triton_tiles.json
 # (the tuned tile choices). GPU_CHECK_BUDGET seconds in all (default 290).
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [--dry-run]}
@@ -36,9 +37,10 @@ start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
 left() { echo $(( budget - $(elapsed) )); }
 share() { local s=$(( $(left) - $1 )); [ "$s" -lt "$2" ] && s=$2; echo "$s"; }  # share RESERVE MINIMUM
+cap() { local s; s=$(share "$2" "$3"); [ "$s" -gt "$1" ] && s=$1; echo "$s"; }  # cap MAX RESERVE MINIMUM
 log() { echo "[gpu_check +$(elapsed)s] $*" | tee -a "$out/gpu_check.log"; }
 declare -A step_status
-steps="install compile_check pytest info_nce_gpu suites"
+steps="install compile_check tests_cuda_and_defects info_nce_gpu tests_triton_bf16 suites tests_triton_other"
 for step in $steps; do step_status[$step]="not run"; done
 export FASTCL_TUNE_CACHE="$out/triton_tiles.json"
 
@@ -87,20 +89,37 @@ else compile_args=(--all-configs --arch "$arch"); fi
     > "$out/compile_check.log" 2>&1; echo $? > "$out/compile_check.rc" ) &
 compile_pid=$!
 
-log "pytest -m 'cuda or triton'"
-if [ "$dry_run" = 1 ]; then test_args=(tests/ops/test_gpu_defects.py -k "d2 or d9"); else test_args=(tests); fi
-FASTCL_TRITON_CONFIG=${FASTCL_TRITON_CONFIG:-64,64,64,8,2} timeout "$(share 200 45)" \
-  $python -m pytest -m "cuda or triton" -q -p no:cacheprovider --junitxml="$out/pytest.xml" "${test_args[@]}" \
-  > "$out/pytest.log" 2>&1
-step_status[pytest]=$?
-tail -15 "$out/pytest.log"
+# The tests, most telling first (each option set and dtype is one more compile on the device):
+# the cuda-marked tests and issue 15's defect tests, then the Triton parity tests in bf16, and
+# (after the benchmarks, with the time left) their fp32 / fp16 cases. One pinned tile
+# configuration: the tests check correctness; the benchmark checks the autotuned kernels.
+run_tests() {  # STEP SECONDS PYTEST-ARGS...
+  local step=$1 seconds=$2; shift 2
+  log "pytest $* (up to ${seconds}s)"
+  FASTCL_TRITON_CONFIG=${FASTCL_TRITON_CONFIG:-64,64,64,8,2} timeout "$seconds" \
+    $python -m pytest -q -p no:cacheprovider --junitxml="$out/$step.xml" "$@" > "$out/$step.log" 2>&1
+  step_status[$step]=$?
+  tail -8 "$out/$step.log"
+}
+if [ "$dry_run" = 1 ]; then
+  run_tests tests_cuda_and_defects "$(cap 120 150 30)" -m "cuda or triton" tests/ops/test_gpu_defects.py -k "d2 or d9"
+else
+  run_tests tests_cuda_and_defects "$(cap 90 150 30)" -m "cuda or triton" tests/ops/test_info_nce_cuda.py \
+    tests/ops/test_gpu_defects.py tests/ops/test_patches.py tests/ops/test_latent_attention.py tests/test_ps3.py
+fi
 
 log "InfoNCE / CLIP benchmark"
 bench_args=(--out "$out")
 [ "$dry_run" = 1 ] && bench_args+=(--dry-run)
-timeout "$(share 60 60)" $python benchmarks/bench_info_nce_gpu.py "${bench_args[@]}" > "$out/info_nce_gpu.log" 2>&1
+timeout "$(cap 110 60 45)" $python benchmarks/bench_info_nce_gpu.py "${bench_args[@]}" > "$out/info_nce_gpu.log" 2>&1
 step_status[info_nce_gpu]=$?
 tail -25 "$out/info_nce_gpu.log"
+
+if [ "$dry_run" = 1 ]; then
+  step_status[tests_triton_bf16]="skipped (dry run)"
+else
+  run_tests tests_triton_bf16 "$(cap 60 45 20)" -m triton tests/ops/test_info_nce_triton.py -k bfloat16
+fi
 
 if [ "$dry_run" = 1 ]; then
   step_status[suites]="skipped (dry run)"
@@ -111,7 +130,7 @@ else
   step_status[suites]=0
   remaining=3
   for suite in latent_attention patches siglip; do
-    s=$(( ($(left) - 15) / remaining )); [ "$s" -lt 20 ] && s=20
+    s=$(( ($(left) - 35) / remaining )); [ "$s" -lt 15 ] && s=15
     log "  suite $suite (up to ${s}s)"
     timeout "$s" $python -m fastcl.bench --device cuda --suite "$suite" --out "$out/bench" --timeout 40 \
       >> "$out/bench.log" 2>&1
@@ -120,6 +139,12 @@ else
     remaining=$(( remaining - 1 ))
   done
   tail -30 "$out/bench.log"
+fi
+
+if [ "$dry_run" = 1 ] || [ "$(left)" -lt 25 ]; then
+  step_status[tests_triton_other]="not run (dry run or no time left)"
+else
+  run_tests tests_triton_other "$(share 10 15)" -m triton tests/ops/test_info_nce_triton.py -k "not bfloat16"
 fi
 
 wait "$compile_pid"
@@ -133,7 +158,10 @@ summary_file="$out/summary.md"
   echo "- torch $($python -c 'import torch; print(torch.__version__)'), triton $($python -c 'import triton; print(triton.__version__)' 2>&1 | tail -1), fastcl commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   echo "- total time: $(elapsed) s of a ${budget} s budget (exit status 124 = stopped by the time budget)"
   for step in $steps; do echo "- $step: exit status ${step_status[$step]}"; done
-  echo "- tests (-m 'cuda or triton'): $(grep -E '(passed|failed|error|skipped)' "$out/pytest.log" 2>/dev/null | tail -1)"
+  for step in tests_cuda_and_defects tests_triton_bf16 tests_triton_other; do
+    [ -f "$out/$step.log" ] && echo "- $step: $(grep -E '(passed|failed|error|skipped)' "$out/$step.log" | tail -1)"
+    grep -E '^(FAILED|ERROR) ' "$out/$step.log" 2>/dev/null | head -10 | sed 's/^/  - /'
+  done
   echo "- compile check (sm_$arch): $(grep -E 'compiles in' "$out/compile_check.log" 2>/dev/null | tail -1)"
   grep -E "OVER the|FAILED" "$out/compile_check.log" 2>/dev/null | head -10 | sed 's/^/  - /'
   echo
@@ -148,5 +176,5 @@ summary_file="$out/summary.md"
 log "done: $summary_file"
 cat "$summary_file"
 failed=0
-for step in pytest info_nce_gpu compile_check; do [ "${step_status[$step]}" = 0 ] || failed=1; done
+for step in tests_cuda_and_defects info_nce_gpu compile_check; do [ "${step_status[$step]}" = 0 ] || failed=1; done
 exit $failed
