@@ -736,3 +736,22 @@ def test_d5_latent_attention_keeps_scores_and_their_gradients_in_fp32(monkeypatc
     (expected_grad,) = torch.autograd.grad(expected.sum(), hidden64)
     assert_close(out, expected, 3e-2, "pooled")
     assert_close(grad, expected_grad, 5e-2, "d(hidden)")
+
+
+def test_d6_siglip_float16_gradients_keep_tiny_pair_gradients():
+    """x_i = y_i = u + e_i / 2 with t = 144, b = -162: every pair's gradient is +-sigmoid(-18) =
+    1.5e-8 (below float16's 6e-8); the shared direction u of d(text) sums them to ~2e-6."""
+    batch, dim = 64, 72
+    features = torch.zeros(batch, dim)
+    features[:, 0] = 1.0
+    features[torch.arange(batch), 1 + torch.arange(batch)] = 0.5
+    image = features.to(DEVICE, torch.float16)
+    text = features.to(DEVICE, torch.float16).requires_grad_()
+    loss = fastcl.siglip_loss(image, text, 144.0, -162.0, backend="triton")
+    (grad_text,) = torch.autograd.grad(loss, text)
+    text64 = features.double().requires_grad_()
+    (expected,) = torch.autograd.grad(naive.siglip_loss(features.double(), text64, 144.0, -162.0), text64)
+    shared, expected_shared = grad_text[:, 0].double().cpu(), expected[:, 0]
+    assert float(expected_shared.abs().min()) > 1e-6
+    error = float((shared - expected_shared).abs().max() / expected_shared.abs().max())
+    assert error < 0.1, f"d(text) along u off by {error:.3g} of its size (flushed to zero: 1.0)"
