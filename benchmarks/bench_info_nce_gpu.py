@@ -1,6 +1,6 @@
 """InfoNCE / CLIP on one GPU at the issue's sizes: fastcl Triton, fastcl CUDA, naive PyTorch, Inf-CL.
 
-    python benchmarks/bench_info_nce_gpu.py --out OUT_DIR [--quick]
+    python benchmarks/bench_info_nce_gpu.py --out OUT_DIR [--quick] [--dry-run]
 
 Cases (bf16 inputs, L2-normalized, forward + backward of the scalar loss):
 
@@ -11,6 +11,14 @@ Cases (bf16 inputs, L2-normalized, forward + backward of the scalar loss):
   power-of-two batch naive fits in (the issue compares with naive "where naive fits").
 * ``one_direction``: B = N = 1,048,576, D = 512, fastcl ``triton`` only (the naive logits would
   need 4 TiB; the simple CUDA kernels would take minutes at this size).
+* ``clip_1m``: the symmetric loss at B = 1,048,576, fastcl ``triton`` and Inf-CL (when its wheel
+  is installed), one timed step each (the tile choice comes from the B = 65536 run: tuning
+  happens on a capped size and is cached, so the 1M step is not also a warm-up).
+* a CUDA-graph capture of a CLIP training step (learnable temperature on the GPU): captured,
+  replayed, compared bit for bit with the eager step (issue 15: no host sync in the hot path).
+
+``--dry-run`` runs everything on CPU tensors (Triton interpreter) at tiny sizes, to exercise the
+script and its summary without a GPU (the graph check is reported as not run).
 
 Reported per run: median time, achieved TFLOP/s counting the useful work 6 B N D (one product
 for the logits, two for the gradients; recomputation not counted) against the H100's dense
@@ -30,6 +38,9 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+
+if __name__ == "__main__":  # this checkout's fastcl before an installed one (as pytest does)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 H100_DENSE_BF16_TFLOPS = 989.0
 TEMPERATURE = 0.05
@@ -57,8 +68,10 @@ def provider_step(provider, query, key, symmetric):
     raise ValueError(provider)
 
 
-def run_case(case, provider, batch, num_keys, dim, symmetric, repeats, dtype=torch.bfloat16, device="cuda"):
-    """One measurement (``device="cpu"`` only to smoke-test this script: no memory figures)."""
+def run_case(case, provider, batch, num_keys, dim, symmetric, repeats, dtype=torch.bfloat16, device="cuda",
+             warmup=True):
+    """One measurement (``device="cpu"`` only to smoke-test this script: no memory figures).
+    ``warmup=False``: the first step is the timed one (at B = 1M a step takes seconds)."""
     on_gpu = device == "cuda"
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     row = {"case": case, "provider": provider, "batch": batch, "num_keys": num_keys, "dim": dim,
@@ -79,11 +92,12 @@ def run_case(case, provider, batch, num_keys, dim, symmetric, repeats, dtype=tor
             loss.backward()
             return loss
 
-        loss = once()  # warm-up: compilation, autotuning
-        sync()
-        row["loss"] = f"{float(loss.detach()):.6f}"
-        query.grad = key.grad = None
-        del loss
+        if warmup:
+            loss = once()  # warm-up: compilation, autotuning
+            sync()
+            row["loss"] = f"{float(loss.detach()):.6f}"
+            query.grad = key.grad = None
+            del loss
         if on_gpu:
             torch.cuda.empty_cache()
             before = torch.cuda.memory_allocated()
@@ -92,9 +106,12 @@ def run_case(case, provider, batch, num_keys, dim, symmetric, repeats, dtype=tor
         for _ in range(repeats):
             sync()
             start = time.perf_counter()
-            once()
+            loss = once()
             sync()
             times.append(time.perf_counter() - start)
+        if not warmup:
+            row["loss"] = f"{float(loss.detach()):.6f}"
+        del loss
         peak = torch.cuda.max_memory_allocated() - before if on_gpu else float("nan")
         seconds = statistics.median(times)
         flops = 6.0 * batch * num_keys * dim
@@ -113,6 +130,53 @@ def run_case(case, provider, batch, num_keys, dim, symmetric, repeats, dtype=tor
     print(f"{case:14s} {provider:7s} B={batch:>8d} N={num_keys:>8d}: {row['time_ms'] or '-':>9s} ms  "
           f"{row['tflops'] or '-':>6s} TFLOP/s  extra {row['peak_extra_mb'] or '-':>8s} MB  {row['status']}", flush=True)
     return row
+
+
+def graph_capture_check(device="cuda", batch=4096, dim=512):
+    """A CLIP step (bf16 features, learnable temperature on the GPU, Triton backend) captured in a
+    CUDA graph and replayed: the replay must give the eager step's loss and gradients bit for
+    bit. Capture fails on any host synchronization inside the step. Returns one summary line."""
+    import fastcl
+
+    if device != "cuda":
+        return "- CUDA-graph capture of a CLIP step: not run (needs a GPU)"
+    try:
+        generator = torch.Generator(device=device).manual_seed(2)
+        query = F.normalize(torch.randn(batch, dim, device=device, generator=generator), dim=-1).to(torch.bfloat16)
+        key = F.normalize(torch.randn(batch, dim, device=device, generator=generator), dim=-1).to(torch.bfloat16)
+        query.requires_grad_()
+        key.requires_grad_()
+        temperature = torch.tensor(0.07, device=device, requires_grad=True)
+
+        def step():
+            for tensor in (query, key, temperature):
+                tensor.grad = None
+            loss = fastcl.info_nce(query, key, temperature=temperature, symmetric=True, backend="triton")
+            loss.backward()
+            return loss
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks
+            for _ in range(2):
+                eager = step()
+        torch.cuda.current_stream().wait_stream(side)
+        expected = [eager.detach().clone(), query.grad.clone(), key.grad.clone(), temperature.grad.clone()]
+        graph = torch.cuda.CUDAGraph()
+        for tensor in (query, key, temperature):
+            tensor.grad = None
+        with torch.cuda.graph(graph):
+            captured = fastcl.info_nce(query, key, temperature=temperature, symmetric=True, backend="triton")
+            captured.backward()
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed = [captured.detach(), query.grad, key.grad, temperature.grad]
+        same = all(torch.equal(a, b) for a, b in zip(replayed, expected))
+        return (f"- CUDA-graph capture of a CLIP step (B={batch}, bf16, tensor temperature): captured and replayed, "
+                + ("bit-identical to eager" if same else "replay DIFFERS from eager"))
+    except Exception as error:
+        traceback.print_exc()
+        return f"- CUDA-graph capture of a CLIP step: FAILED ({type(error).__name__}: {str(error).splitlines()[0][:160]})"
 
 
 def autotuned_parity(device="cuda", sizes=((4096, 4608), (2048, 2048)), dim=512):
@@ -177,7 +241,8 @@ def summary(rows, device_name, quick, parity_lines=()):
         return None
 
     lines = [f"# InfoNCE / CLIP GPU benchmark ({device_name})", "",
-             f"torch {torch.__version__}, triton {_triton_version()}, bf16 inputs, fwd+bwd of the scalar loss, "
+             f"torch {torch.__version__}, triton {_triton_version()}, "
+             f"{rows[0]['dtype'] if rows else 'bfloat16'} inputs, fwd+bwd of the scalar loss, "
              f"TFLOP/s count 6·B·N·D against {H100_DENSE_BF16_TFLOPS:.0f} TFLOP/s (H100 dense bf16)."
              + (" Quick mode: smaller sizes than the issue's goals." if quick else ""), "",
              "| case | provider | B | N | D | time (ms) | TFLOP/s | % peak | extra MB | beyond grads MB | loss | status |",
@@ -207,8 +272,18 @@ def summary(rows, device_name, quick, parity_lines=()):
         lines.append(f"- CLIP extra memory beyond inputs and grads (triton) = {beyond:.0f} MB (bound 2·B·D·4 B + 16 MB "
                      f"= {bound:.0f} MB): " + ("met" if beyond <= bound else "NOT met"))
     lines += list(parity_lines)
-    big = find("one_direction", "triton")
-    lines.append("- one-direction B=1,048,576 D=512: " + (f"ran in {big['time_ms']} ms" if big else "did not run"))
+    big = next((row for row in reversed(rows) if row["case"] == "one_direction" and row["provider"] == "triton"
+                and row["status"] == "ok"), None)
+    lines.append(f"- one-direction B={big['batch'] if big else '1,048,576'}: "
+                 + (f"ran in {big['time_ms']} ms, {big['tflops']} TFLOP/s" if big else "did not run"))
+    for provider in ("triton", "inf_cl"):
+        row = find("clip_1m", provider)
+        lines.append(f"- CLIP {provider} at B={row['batch'] if row else '1,048,576'}: "
+                     + (f"{row['time_ms']} ms, {row['tflops']} TFLOP/s" if row else "did not run"))
+    mine, other = find("clip_1m", "triton"), find("clip_1m", "inf_cl")
+    if mine and other:
+        lines.append(f"- CLIP time triton / inf_cl at B={mine['batch']} = "
+                     f"{float(mine['time_ms']) / float(other['time_ms']):.2f}")
     return "\n".join(lines) + "\n"
 
 
@@ -225,14 +300,25 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--quick", action="store_true", help="B=8192 / 65536 instead of 65536 / 1,048,576")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU tensors, Triton interpreter, tiny sizes: exercise the script without a GPU")
+    parser.add_argument("--skip-1m", action="store_true", help="leave out the B = 1,048,576 rows")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench_info_nce_gpu.py needs a CUDA GPU")
+    device = "cpu" if args.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_info_nce_gpu.py needs a CUDA GPU (or --dry-run)")
     os.makedirs(args.out, exist_ok=True)
-    device_name = torch.cuda.get_device_name(0)
+    device_name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu (dry run, Triton interpreter)"
     providers = available_providers()
     clip_batch, big_batch = (8192, 65536) if args.quick else (65536, 1048576)
+    dim, dtype = 512, torch.bfloat16
+    if args.dry_run:
+        providers = [p for p in providers if p != "cuda"]
+        clip_batch, big_batch, dim, dtype = 48, 96, 32, torch.float32
     rows, parity_lines = [], []
+
+    def case(name, provider, batch, symmetric, repeats, **kwargs):
+        return run_case(name, provider, batch, batch, dim, symmetric, repeats, dtype=dtype, device=device, **kwargs)
 
     def write_outputs():
         # rewritten after every measurement: a run stopped by a time limit keeps what it measured
@@ -249,34 +335,43 @@ def main(argv=None):
     # most informative first: the headline comparison, the large run, then the other baselines
     def clip(provider):
         if provider in providers:
-            rows.append(run_case("clip", provider, clip_batch, clip_batch, 512, True, repeats=3))
+            rows.append(case("clip", provider, clip_batch, True, repeats=3))
             write_outputs()
 
     clip("triton")
     clip("inf_cl")
     if "triton" in providers:
-        # autotune the one-direction kernels where each trial takes milliseconds; the choice
-        # (keyed by dim and options) is then reused at the large size
-        rows.append(run_case("one_direction", "triton", clip_batch, clip_batch, 512, False, repeats=3))
-        rows.append(run_case("one_direction", "triton", big_batch, big_batch, 512, False, repeats=1))
+        parity_lines.append(graph_capture_check(device))
         write_outputs()
+    if "triton" in providers and not args.skip_1m:
+        # the tile choice (tuned on a capped size, keyed by every option) carries over from the
+        # runs above, so the large steps are timed once without a warm-up
+        rows.append(case("one_direction", "triton", clip_batch, False, repeats=3))
+        rows.append(case("one_direction", "triton", big_batch, False, repeats=1, warmup=False))
+        write_outputs()
+        rows.append(case("clip_1m", "triton", big_batch, True, repeats=1, warmup=False))
+        write_outputs()
+        if "inf_cl" in providers:
+            rows.append(case("clip_1m", "inf_cl", big_batch, True, repeats=1, warmup=False))
+            write_outputs()
     clip("naive")
     if rows[-1]["provider"] == "naive" and rows[-1]["status"] != "ok":
         # the issue compares with naive "where it fits": the largest power-of-two batch it fits in
         batch = clip_batch // 2
         while batch >= 1024:
-            naive_row = run_case("clip_fit", "naive", batch, batch, 512, True, repeats=3)
+            naive_row = case("clip_fit", "naive", batch, True, repeats=3)
             rows.append(naive_row)
             write_outputs()
             if naive_row["status"] == "ok":
-                rows.append(run_case("clip_fit", "triton", batch, batch, 512, True, repeats=3))
+                rows.append(case("clip_fit", "triton", batch, True, repeats=3))
                 write_outputs()
                 break
             batch //= 2
     clip("cuda")
     if "triton" in providers:
         try:
-            parity_lines.extend(autotuned_parity())
+            parity_lines.extend(autotuned_parity(device, ((40, 56), (32, 32)), 32) if args.dry_run
+                                else autotuned_parity(device))
         except Exception as error:
             parity_lines.append(f"- autotuned parity check failed: {type(error).__name__}: {error}")
             traceback.print_exc()

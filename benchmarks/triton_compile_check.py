@@ -70,13 +70,14 @@ DATA_POINTERS = {
 INDEX_POINTERS = {"positive_ptr", "anchor_label_ptr", "candidate_label_ptr", "num_positive_ptr", "index_ptr",
                   "index", "row_index0", "row_index1", "col_index0", "col_index1"}
 FLOAT_POINTERS = {"row_lambda1", "col_lambda1", "grad_images"}
-FLOAT_SCALARS = {"inv_temperature", "margin", "label_smoothing", "grad_scale", "logit_scale", "logit_bias",
-                 "grad_factor"}
+BYTE_POINTERS = {"row_filter_ptr"}  # int8 flags
+# temperature, logit scale / bias and the gradient scale are read from device memory (*_ptr, fp32)
+FLOAT_SCALARS = {"margin", "label_smoothing"}
 ALIGNED_SIZES = {"dim", "cols", "width"}  # embedding size, latents per row, GEGLU width
 TYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
 
-# Largest shared memory one block may use (opt-in), bytes.
-SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+# Largest shared memory one block may use (opt-in), bytes: the table the tile checks use.
+SHARED_MEMORY_LIMIT = triton_common.SHARED_MEMORY_LIMIT
 
 
 def signature(fn, dtype: str, constexprs: dict) -> dict:
@@ -88,6 +89,8 @@ def signature(fn, dtype: str, constexprs: dict) -> dict:
             out[name] = "*" + TYPE_NAMES[dtype]
         elif name in INDEX_POINTERS:
             out[name] = "*i64"
+        elif name in BYTE_POINTERS:
+            out[name] = "*i8"
         elif name in FLOAT_POINTERS or name.endswith("_ptr"):
             out[name] = "*fp32"
         elif name in FLOAT_SCALARS:
@@ -145,7 +148,8 @@ def kernels_and_helpers():
 
 def rows_flags(**overrides):
     flags = dict(MODE=0, STAGE=1, HAS_PRIVATE=False, NORMALIZE=False, EXCLUDE_SELF=False, HAS_LABELS=False,
-                 HAS_MARGIN=False, SMOOTHING=False, FUSED_COLUMNS=False, CAST_DOT=False, DOT_PRECISION="tf32")
+                 HAS_MARGIN=False, SMOOTHING=False, FUSED_COLUMNS=False, HAS_FILTER=False, CAST_DOT=False,
+                 DOT_PRECISION="tf32")
     flags.update(overrides)
     return flags
 
@@ -153,7 +157,7 @@ def rows_flags(**overrides):
 def tile_flags(**overrides):
     """Flags of the backward tile kernels (hard negatives have a kernel of their own)."""
     flags = rows_flags(**overrides)
-    del flags["HAS_PRIVATE"]
+    del flags["HAS_PRIVATE"], flags["HAS_FILTER"]
     return flags
 
 
@@ -186,6 +190,10 @@ def info_nce_jobs():
         Job("fwd clip", forward, "bfloat16", rows_flags(FUSED_COLUMNS=True), fwd_tiles, quick=True),
         Job("bwd rows clip", rows, "bfloat16", tile_flags(FUSED_COLUMNS=True), rows_tiles, quick=True),
         Job("bwd columns clip", columns, "bfloat16", tile_flags(FUSED_COLUMNS=True), columns_tiles, quick=True),
+        Job("fwd column recompute", forward, "bfloat16", rows_flags(HAS_FILTER=True), fwd_tiles, quick=True),
+        Job("fwd column recompute all", forward, "bfloat16",
+            rows_flags(HAS_FILTER=True, NORMALIZE=True, HAS_LABELS=True, HAS_MARGIN=True, SMOOTHING=True), fwd_tiles),
+        Job("fwd deterministic clip rows", forward, "bfloat16", rows_flags(NORMALIZE=True), fwd_tiles),
         Job("fwd mask all options", forward, "bfloat16", rows_flags(HAS_PRIVATE=True, **everything), fwd_tiles,
             quick=True),
         Job("bwd rows all options", rows, "bfloat16", tile_flags(**everything), rows_tiles, quick=True),
@@ -229,6 +237,8 @@ def siglip_jobs():
         Job("siglip rows grad", rows, "bfloat16", dict(WITH_GRAD=True, **common), rows_tiles, quick=True),
         Job("siglip columns", columns, "bfloat16", common, columns_tiles, quick=True),
         Job("siglip loss only", rows, "float16", dict(WITH_GRAD=False, **common), rows_tiles),
+        Job("siglip rows grad fp16", rows, "float16", dict(WITH_GRAD=True, **common), rows_tiles),
+        Job("siglip columns fp16", columns, "float16", common, columns_tiles),
         Job("siglip rows grad fp32 ieee", rows, "float32", dict(WITH_GRAD=True, **ieee), rows_fp32),
         Job("siglip columns fp32 ieee", columns, "float32", ieee, columns_fp32),
     ]

@@ -54,6 +54,12 @@ def _cpu_backend() -> Backend:
     return Backend("cpu", True, f"native C++ kernels, {detail}")
 
 
+# The native CUDA InfoNCE kernels (csrc/cuda/info_nce.cu) run on CUDA cores in fp32 and add
+# d(key) with atomics: a portable fallback, seconds per step at B = 65536, not deterministic.
+CUDA_INFO_NCE_NOTE = ("InfoNCE's native CUDA kernels are a portable fallback (CUDA cores, fp32, atomics): "
+                      "auto never picks them (triton, else the chunked torch path); name backend='cuda' to use them")
+
+
 def _cuda_backend() -> Backend:
     if _C is None:
         return Backend("cuda", False, f"native module fastcl._C did not load ({_C_ERROR})")
@@ -61,7 +67,7 @@ def _cuda_backend() -> Backend:
         return Backend("cuda", False, "fastcl._C was built without CUDA kernels (no nvcc or no GPU driver at build time, or FASTCL_CUDA=OFF)")
     if not torch.cuda.is_available():
         return Backend("cuda", False, "CUDA kernels are built but torch sees no CUDA device")
-    return Backend("cuda", True, "native CUDA kernels")
+    return Backend("cuda", True, f"native CUDA kernels; {CUDA_INFO_NCE_NOTE}")
 
 
 def triton_interpreting() -> bool:

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-__all__ = ["is_compiling", "checking_values", "plain_eager", "lazy_dynamo_disable"]
+__all__ = ["is_compiling", "plain_eager", "lazy_dynamo_disable"]
 
 
 def is_compiling() -> bool:
@@ -19,11 +19,6 @@ def is_compiling() -> bool:
         return False
     compiler = getattr(torch, "compiler", None)
     return compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling()
-
-
-def checking_values() -> bool:
-    """Data-dependent checks need the values on the host; skip them while torch.compile traces."""
-    return not is_compiling()
 
 
 def plain_eager(*tensors) -> bool:

@@ -62,3 +62,21 @@ def test_summary_compares_with_naive_where_it_fits():
     text = bench.summary(rows, "test", quick=False)
     assert "triton / inf_cl at B=65536 = 0.40 (goal <= 0.7): met" in text
     assert "triton / naive at B=32768 = 0.75 (goal <= 1.0): met" in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_gpu_check_dry_run_writes_the_summary(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run: every step the GPU run takes, on CPU at tiny sizes
+    (Triton interpreter), down to the summary a reader pastes."""
+    import sys
+
+    environment = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_BUDGET="600")
+    result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), str(tmp_path), "--dry-run"],
+                            env=environment, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    summary = (tmp_path / "summary.md").read_text()
+    for line in ("# GPU check", "- compile_check: exit status 0", "- tests_cuda_and_defects: exit status 0",
+                 "- info_nce_gpu: exit status 0", "| clip | triton |", "| clip_1m | triton |",
+                 "CUDA-graph capture of a CLIP step: not run", "autotuned triton vs naive"):
+        assert line in summary, line

@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 
 from ..._native import backends as _backends
-from ..._tracing import checking_values
-from ..._native import requested_backend, warn_once
+from ...validation import checks_values
+from ..._native import CUDA_INFO_NCE_NOTE, requested_backend, warn_once
 from . import naive
 from .op import info_nce_op
 from .options import check_embeddings, check_info_nce_args, check_same_device, check_scalar, input_dtypes
@@ -41,9 +41,12 @@ def resolve_backend(backend: str, device: torch.device, extra_backends=None) -> 
     if backend == "auto":
         available = _backends()
         if device.type == "cuda":
-            for name in ("triton", "cuda"):
-                if name in extra and available[name].available:
-                    return name
+            if "triton" in extra and available["triton"].available:
+                return "triton"
+            if "cuda" in extra and available["cuda"].available:
+                # the native CUDA kernels are slower than the chunked path on tensor cores
+                warn_once("cuda-not-auto", f"fastcl: Triton unavailable ({available['triton'].reason}); "
+                          f"using the chunked torch path. {CUDA_INFO_NCE_NOTE}")
             return "torch"
         if device.type == "cpu":
             if available["cpu"].available:
@@ -158,7 +161,7 @@ def _inverse_scale(logit_scale):
     if isinstance(logit_scale, torch.Tensor):
         # the temperature check would name "temperature": check the scale itself (CPU values
         # only; a GPU tensor would need a host sync, and compiled graphs skip value checks)
-        if logit_scale.device.type == "cpu" and checking_values():
+        if logit_scale.device.type == "cpu" and checks_values(logit_scale):
             value = float(logit_scale.detach().reshape(()))
             if not value > 0 or math.isinf(value):
                 raise ValueError(f"logit_scale must be a finite value > 0, got {value}")

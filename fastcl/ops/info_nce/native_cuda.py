@@ -8,6 +8,12 @@ inputs (float64 goes to the chunked PyTorch path). ``labels``, ``false_negative_
 ``label_smoothing`` and ``multi_positive="supcon"|"pairwise"`` raise ``ValueError``: use
 ``backend="triton"``, which covers every option.
 
+A documented portable fallback, never chosen by ``backend="auto"`` (issue 15): the kernels run
+on CUDA cores in fp32, add d(key) with atomics (not bit-reproducible) and re-read / re-write
+d(query) in global memory every tile: seconds per step at B = 65536, minutes at 1M, where the
+Triton kernels (tensor cores, row-owned backward, no atomics) take milliseconds. Under
+``torch.use_deterministic_algorithms(True)`` this backend raises; use ``backend="triton"``.
+
 Python validates and allocates; the kernels take data pointers, sizes, strides and the
 current CUDA stream, so the native module does not depend on libtorch's C++ ABI. With
 ``normalize`` the unit vectors are formed here in float32 and the kernels run on them.
@@ -225,6 +231,10 @@ def cuda_backward(query, key, hard_negatives, temperature: torch.Tensor, positiv
 
 def check_cuda_options(query, options: InfoNCEOptions, labels) -> None:
     """What ``backend="cuda"`` refuses, with the reason (float64 runs on the chunked path)."""
+    if torch.are_deterministic_algorithms_enabled():
+        raise ValueError("backend='cuda' adds d(key) with float atomics and is not deterministic, but "
+                         "torch.use_deterministic_algorithms(True) is on: use backend='triton' (deterministic "
+                         "backward) or 'torch'")
     unsupported = unsupported_options(options, labels)
     if unsupported:
         raise ValueError(

@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..._tracing import checking_values
+from ...validation import checks_values
 
 MASK, SUPCON, PAIRWISE = "mask", "supcon", "pairwise"
 MULTI_POSITIVE_MODES = (MASK, SUPCON, PAIRWISE)
@@ -29,10 +29,11 @@ class InfoNCEOptions:
     reduction: str = "mean"
 
 
-def _readable(*tensors) -> bool:
-    """Data-dependent checks run on tensors whose values exist: not while torch.compile traces,
-    not on meta tensors (shape-only, e.g. deferred initialization)."""
-    return checking_values() and all(t.device.type != "meta" for t in tensors)
+def _checking_values(*tensors) -> bool:
+    """Data-dependent checks need the values on the host: CPU tensors always, GPU tensors in
+    validation mode only (:mod:`fastcl.validation`), never on meta tensors or while
+    torch.compile traces."""
+    return checks_values(*tensors)
 
 
 def check_scalar_device(name: str, value, like: torch.Tensor) -> None:
@@ -88,12 +89,10 @@ def check_temperature(temperature, name: str = "temperature"):
     """A positive float, or a scalar floating tensor (whose gradient the op computes)."""
     temperature = check_scalar(name, temperature)
     if isinstance(temperature, torch.Tensor):
-        if _readable(temperature) and temperature.device.type == "cpu":
+        if _checking_values(temperature):
             value = float(temperature.detach().reshape(()))
             if not (value > 0) or math.isinf(value):
                 raise ValueError(f"{name} must be a finite value > 0, got {value}")
-        elif _readable(temperature) and not bool(temperature.detach().reshape(()) > 0):
-            raise ValueError(f"{name} must be > 0, got {float(temperature)}")
         return temperature
     if not (temperature > 0) or math.isinf(temperature):
         raise ValueError(f"{name} must be a finite value > 0, got {temperature}")
@@ -201,7 +200,7 @@ def check_info_nce_args(
     else:
         _check_index_vector("positive", positive, batch, "B")
         positive = positive.long()  # any integer dtype, as labels
-        if _readable(positive) and batch > 0:
+        if _checking_values(positive) and batch > 0:
             low, high = int(positive.min()), int(positive.max())
             if low < 0 or high >= num_keys:
                 raise ValueError(f"positive must index key rows in [0, N) = [0, {num_keys}), got values in [{low}, {high}]")
@@ -210,7 +209,7 @@ def check_info_nce_args(
         rows = torch.arange(batch, device=query.device)
         if positive is None:
             raise ValueError("exclude_self=True drops logit (i, i), which is the default positive arange(B): pass positive")
-        if _readable(positive) and bool((positive == rows).any()):
+        if _checking_values(positive) and bool((positive == rows).any()):
             first = int(torch.nonzero(positive == rows)[0, 0])
             raise ValueError(f"exclude_self=True drops logit (i, i), but positive[{first}] == {first}")
 

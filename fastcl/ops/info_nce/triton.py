@@ -13,10 +13,10 @@ h_ih; s = a.c / tau, with a, c, h unit vectors when ``normalize``)::
 Passes over the B x N tiles (never stored):
 
 * forward, one pass: an online max / sum per row gives LSE_i. For the symmetric (CLIP) loss
-  the *column* sums come out of the same pass: column j is shifted by its diagonal score
-  s_jj (always in column j's denominator, so the sum is >= 1 and cannot underflow) and the
-  per-tile column sums are added with atomics. Should a column overflow (some s_ij > s_jj + 88
-  in fp32), that direction alone is recomputed with an online max (a second pass, rare).
+  the *column* sums come out of the same pass, shifted per column and added with atomics. The
+  shift is max(s_jj, norm bound - 80) (see _column_shift), so no term overflows; columns whose sum underflowed are recomputed by a launch the device filters
+  (no host decision). Under torch.use_deterministic_algorithms the key->query direction runs
+  as a pass of its own instead (no atomics).
   ``pairwise`` needs a second pass (its terms need the finished negative LSE).
 * backward, no atomics: two kernels, each recomputing every tile and forming the gradient of
   *both* directions for it. One owns anchor rows and accumulates d(anchor) and dtau on chip;
@@ -46,18 +46,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import (BACKWARD_COLUMNS_CONFIGS, BACKWARD_ROWS_CONFIGS, FORWARD_CONFIGS, accumulator_configs,
-                             configs, dot_operand, dot_settings, load_operand, prune_accumulator, softplus,
-                             tile_similarity)
+from .. import triton_common
+from ..triton_common import dot_operand, dot_settings, load_operand, softplus, tile_kernel, tile_similarity
 from .chunked import NORM_EPS, count_positives
-from .function import _normalize_backward, inverse_temperature, scale_gradients, temperature_meta
+from .function import _normalize_backward, scale_gradients, temperature_meta
 from .options import MASK, PAIRWISE, SUPCON, InfoNCEOptions
 
 MODES = {MASK: 0, SUPCON: 1, PAIRWISE: 2}
-# fp32 exp overflows above ~88.7: a column whose sum shifted by its diagonal overflowed is
-# recomputed with an online max.
-_KEY = ["dim", "MODE", "STAGE", "FUSED_COLUMNS", "HAS_PRIVATE"]
-_TILE_KEY = ["dim", "MODE", "STAGE", "FUSED_COLUMNS"]  # the backward tile kernels (no hard negatives)
 
 
 @triton.jit
@@ -211,18 +206,18 @@ def _online_update_vector(row_max, row_sum, scores, included):
     return new_max, row_sum
 
 
-@triton.autotune(configs=configs(FORWARD_CONFIGS), key=_KEY, reset_to_zero=["column_stats_ptr"])
+@tile_kernel("forward", grid_size="num_rows", grid_block="BLOCK_M", reset=["column_stats_ptr"])
 @triton.jit
 def info_nce_fwd_kernel_rows(
     anchor_ptr, candidate_ptr, private_ptr,
     anchor_scale_ptr, candidate_scale_ptr, private_scale_ptr,
     positive_ptr, positive_raw_ptr, anchor_label_ptr, candidate_label_ptr,
-    row_stats_ptr, column_shift_ptr, column_stats_ptr,
+    row_stats_ptr, column_shift_ptr, column_stats_ptr, row_filter_ptr,
     num_rows, num_candidates, num_private, dim, num_column_anchors,
-    inv_temperature, margin,
+    inv_temperature_ptr, margin,
     MODE: tl.constexpr, STAGE: tl.constexpr, HAS_PRIVATE: tl.constexpr, NORMALIZE: tl.constexpr,
     EXCLUDE_SELF: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_MARGIN: tl.constexpr, SMOOTHING: tl.constexpr,
-    FUSED_COLUMNS: tl.constexpr, CAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FUSED_COLUMNS: tl.constexpr, HAS_FILTER: tl.constexpr, CAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Row statistics of one direction, row_stats (R, 4) fp32:
@@ -231,10 +226,19 @@ def info_nce_fwd_kernel_rows(
     pairwise STAGE 1: [LSE over negatives, ...]; STAGE 2 (reads column 0): [.., loss, sum of sigmoids, ..]
     FUSED_COLUMNS (symmetric, mask): column_stats (B, 3) += [sum exp(s - shift_j), sum of candidate
     scores, #candidates] over the key->query direction, shift_j = column_shift[j].
+    HAS_FILTER: only the rows with row_filter != 0 are computed and written (a program with none
+    walks no tile): the device-side recompute of underflowed columns, without a host decision.
+    inv_temperature is read from device memory (a learnable temperature costs no host sync).
     """
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = rows < num_rows
+    inv_temperature = tl.load(inv_temperature_ptr)
+    limit = num_candidates
+    if HAS_FILTER:
+        wanted = tl.load(row_filter_ptr + rows, mask=row_valid, other=0) != 0
+        row_valid = row_valid & wanted
+        limit = tl.where(tl.sum(wanted.to(tl.int32), axis=0) > 0, num_candidates, 0)
     positive, positive_raw, anchor_labels, anchor_scale = _row_inputs(
         rows, row_valid, positive_ptr, positive_raw_ptr, anchor_label_ptr, anchor_scale_ptr,
         MODE, NORMALIZE, HAS_LABELS, HAS_MARGIN)
@@ -246,7 +250,7 @@ def info_nce_fwd_kernel_rows(
     sigma_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     negative_lse = tl.load(row_stats_ptr + rows * 4, mask=row_valid, other=0.0) if STAGE == 2 else rows * 0.0
 
-    for n0 in range(0, num_candidates, BLOCK_N):
+    for n0 in range(0, limit, BLOCK_N):
         cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # 64-bit offsets: N * D may pass 2^31
         col_valid = cols < num_candidates
         raw, candidate_scale = _unit_similarity(
@@ -375,8 +379,7 @@ def _grad_tile(raw, rows, cols, row_valid, col_valid, n0, positive, positive_raw
     return grad, scores
 
 
-@triton.autotune(configs=accumulator_configs(BACKWARD_ROWS_CONFIGS), key=_TILE_KEY,
-                 prune_configs_by={"early_config_prune": prune_accumulator})
+@tile_kernel("rows", grid_size="num_rows", grid_block="BLOCK_M")
 @triton.jit
 def info_nce_bwd_kernel_rows(
     anchor_ptr, candidate_ptr,
@@ -385,7 +388,7 @@ def info_nce_bwd_kernel_rows(
     row_stats_ptr, row_weight_ptr, column_lse_ptr, column_count_ptr, column_weight_ptr,
     d_anchor_ptr, dtemp_ptr,
     num_rows, num_candidates, dim, num_column_anchors,
-    inv_temperature, margin, label_smoothing, grad_scale,
+    inv_temperature_ptr, margin, label_smoothing, grad_scale_ptr,
     MODE: tl.constexpr, STAGE: tl.constexpr, NORMALIZE: tl.constexpr,
     EXCLUDE_SELF: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_MARGIN: tl.constexpr, SMOOTHING: tl.constexpr,
     FUSED_COLUMNS: tl.constexpr, CAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_D: tl.constexpr,
@@ -399,7 +402,9 @@ def info_nce_bwd_kernel_rows(
     similarities (full D), forms g and accumulates g @ c for its columns on chip, then writes
     them once. No atomics, no read-modify-write of global memory. Products take g rounded to the
     input dtype, scaled by ``grad_scale`` (1 / the largest row weight) so float16 keeps its
-    precision."""
+    precision (read from device memory, like inv_temperature: no host sync)."""
+    inv_temperature = tl.load(inv_temperature_ptr)
+    grad_scale = tl.load(grad_scale_ptr)
     pid = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -442,13 +447,14 @@ def info_nce_bwd_kernel_private(
     anchor_ptr, private_ptr, anchor_scale_ptr, private_scale_ptr,
     positive_ptr, positive_raw_ptr, anchor_label_ptr, num_positive_ptr, row_stats_ptr, row_weight_ptr,
     d_anchor_ptr, d_private_ptr, dtemp_ptr,
-    num_rows, num_private, dim, inv_temperature, margin, label_smoothing,
+    num_rows, num_private, dim, inv_temperature_ptr, margin, label_smoothing,
     MODE: tl.constexpr, NORMALIZE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_MARGIN: tl.constexpr,
     SMOOTHING: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Hard negatives (never positives): d(private) (R, H, D), their share of d(anchor) added to
     what :func:`info_nce_bwd_kernel_rows` wrote, and their share of dtemp. A kernel of its own
     (after the rows kernel), so the rows kernel's registers go to its main loop."""
+    inv_temperature = tl.load(inv_temperature_ptr)
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = rows < num_rows
@@ -481,8 +487,7 @@ def info_nce_bwd_kernel_private(
     tl.store(dtemp_ptr + rows, dtemp, mask=row_valid)
 
 
-@triton.autotune(configs=accumulator_configs(BACKWARD_COLUMNS_CONFIGS), key=_TILE_KEY,
-                 prune_configs_by={"early_config_prune": prune_accumulator})
+@tile_kernel("columns", grid_size="num_candidates", grid_block="BLOCK_N")
 @triton.jit
 def info_nce_bwd_kernel_columns(
     anchor_ptr, candidate_ptr,
@@ -491,7 +496,7 @@ def info_nce_bwd_kernel_columns(
     row_stats_ptr, row_weight_ptr, column_lse_ptr, column_count_ptr, column_weight_ptr,
     d_candidate_ptr,
     num_rows, num_candidates, dim, num_column_anchors,
-    inv_temperature, margin, label_smoothing, grad_scale,
+    inv_temperature_ptr, margin, label_smoothing, grad_scale_ptr,
     MODE: tl.constexpr, STAGE: tl.constexpr, NORMALIZE: tl.constexpr,
     EXCLUDE_SELF: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_MARGIN: tl.constexpr, SMOOTHING: tl.constexpr,
     FUSED_COLUMNS: tl.constexpr, CAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_D: tl.constexpr,
@@ -500,6 +505,8 @@ def info_nce_bwd_kernel_columns(
     """d(candidate) (M, D) fp32: program (j, group) owns BLOCK_N candidates and the embedding
     columns of its group, walks over every anchor tile, recomputes the same g tiles as
     :func:`info_nce_bwd_kernel_rows` and accumulates g^T @ a on chip. Deterministic (no atomics)."""
+    inv_temperature = tl.load(inv_temperature_ptr)
+    grad_scale = tl.load(grad_scale_ptr)
     pid = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     n0 = pid * BLOCK_N
@@ -572,20 +579,36 @@ class _Direction:
     anchor_labels: Optional[torch.Tensor]
     candidate_labels: Optional[torch.Tensor]
     num_positive: Optional[torch.Tensor]  # (R,) int64, supcon / pairwise
-    divisor: float  # what "mean" divides the direction's total by
+    divisor: object  # what "mean" divides the direction's total by: a float, or a device tensor (supcon / pairwise)
     exclude_self: bool
     fused_columns: int = 0  # B when the key->query direction rides along (symmetric, mask mode)
 
 
-def _flags(direction: _Direction, options: InfoNCEOptions, stage: int) -> dict:
+def _flags(direction: _Direction, options: InfoNCEOptions, stage: int, has_filter: bool = False) -> dict:
     cast, precision = dot_settings(direction.anchors)
     return dict(
         MODE=MODES[options.multi_positive], STAGE=stage, HAS_PRIVATE=direction.private is not None,
         NORMALIZE=options.normalize, EXCLUDE_SELF=direction.exclude_self,
         HAS_LABELS=direction.anchor_labels is not None,
         HAS_MARGIN=options.margin is not None, SMOOTHING=options.label_smoothing > 0,
-        FUSED_COLUMNS=direction.fused_columns > 0, CAST_DOT=cast, DOT_PRECISION=precision,
+        FUSED_COLUMNS=direction.fused_columns > 0, HAS_FILTER=has_filter, CAST_DOT=cast, DOT_PRECISION=precision,
     )
+
+
+def deterministic_requested() -> bool:
+    """``torch.use_deterministic_algorithms(True)``: the symmetric loss's key->query direction
+    runs as a pass of its own instead of riding along with atomics (bit-reproducible)."""
+    return torch.are_deterministic_algorithms_enabled()
+
+
+def device_inverse_temperature(temperature: torch.Tensor, device) -> torch.Tensor:
+    """1 / temperature as a (1,) fp32 tensor on ``device`` for the kernels to read: a CPU
+    temperature (a Python float) is read on the host, a device one stays on the device, so
+    neither costs a host synchronization (and both can be captured in a CUDA graph)."""
+    temperature = temperature.detach().reshape(1)
+    if temperature.device.type == "cpu":
+        return torch.full((1,), 1.0 / float(temperature), dtype=torch.float32, device=device)
+    return torch.reciprocal(temperature.to(device=device, dtype=torch.float64)).to(torch.float32)
 
 
 def _pointers(direction: _Direction):
@@ -627,8 +650,11 @@ def _prepare(query, key, hard_negatives, positive, labels, key_labels, options: 
                 positive_raw = positive_raw * q_scale * k_scale[positive]
         if labels is not None:
             labels, key_labels = labels.contiguous(), key_labels.contiguous()
+        fused = options.symmetric and not deterministic_requested()
         row = _Direction(q, k, h, q_scale, k_scale, h_scale, positive, positive_raw, labels, key_labels, None,
-                         float(batch), options.exclude_self, batch if options.symmetric else 0)
+                         float(batch), options.exclude_self, batch if fused else 0)
+        if options.symmetric and not fused:  # deterministic: no atomics, the columns as a direction of their own
+            return [row, _column_direction(row)]
         return [row]
     directions = []
     pairs = [(q, k, h, q_scale, k_scale, h_scale, labels, key_labels)]
@@ -637,10 +663,11 @@ def _prepare(query, key, hard_negatives, positive, labels, key_labels, options: 
                       key_labels[:batch], labels))
     for anchors, candidates, private, a_scale, c_scale, p_scale, a_labels, c_labels in pairs:
         num_positive = count_positives(a_labels, c_labels, options.exclude_self)
+        # a device tensor: reading it on the host would be a sync
         if mode == SUPCON:
-            divisor = float((num_positive > 0).sum())
+            divisor = (num_positive > 0).sum().to(torch.float32)
         else:
-            divisor = float(num_positive.sum())
+            divisor = num_positive.sum().to(torch.float32)
         directions.append(_Direction(anchors, candidates, private, a_scale, c_scale, p_scale, None, None,
                                      a_labels.contiguous(), c_labels.contiguous(), num_positive.contiguous(),
                                      divisor, options.exclude_self))
@@ -648,7 +675,8 @@ def _prepare(query, key, hard_negatives, positive, labels, key_labels, options: 
 
 
 def _column_direction(row: _Direction) -> _Direction:
-    """The key->query direction of a fused symmetric loss as a direction of its own (fallback)."""
+    """The key->query direction of a symmetric loss as a direction of its own (deterministic
+    mode; the recompute of underflowed columns)."""
     batch = row.anchors.shape[0]
     return _Direction(row.candidates[:batch], row.anchors, None,
                       row.candidate_scale[:batch] if row.candidate_scale is not None else None, row.anchor_scale,
@@ -657,26 +685,55 @@ def _column_direction(row: _Direction) -> _Direction:
                       None, float(batch), False)
 
 
-def _run_forward(direction: _Direction, options: InfoNCEOptions, inv_temperature: float):
-    """Launch the forward kernel(s). Returns (row_stats (R, 4), column_stats (B, 3) or None, column_shift)."""
+# The column sums of the fused symmetric pass are shifted by
+#     shift_j = max(s_jj, bound_j * (1 + 2^-7) - 80),   bound_j = max_i |a_i| |c_j| / tau >= max_i s_ij,
+# so no term exceeds exp(80) (fp32 overflows past 88.7; 2^-7 covers the products' rounding). A
+# column sum can then only underflow (below 2^-100) when the bound exceeds the column's largest
+# score by more than 167: those columns are recomputed with an online max by a launch filtered
+# on the device, so no host synchronization decides anything.
+_SHIFT_HEADROOM = 80.0
+_BOUND_ROUNDING = 1.0 + 2.0 ** -7
+_UNDERFLOW = 2.0 ** -100
+
+
+def _row_norms(x: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """|x_r| in fp32 (of the unit vectors when ``scale`` holds the inverse norms)."""
+    norms = pair_dot(x, x).clamp_min(0).sqrt()
+    return norms * scale if scale is not None else norms
+
+
+def _column_shift(direction: _Direction, inv_temperature: torch.Tensor) -> torch.Tensor:
+    batch = direction.fused_columns
+    diagonal = direction.positive_raw[:batch] * inv_temperature
+    anchor_norm = _row_norms(direction.anchors, direction.anchor_scale).max()
+    candidate_norm = _row_norms(direction.candidates[:batch], direction.candidate_scale[:batch]
+                                if direction.candidate_scale is not None else None)
+    bound = anchor_norm * candidate_norm * inv_temperature * _BOUND_ROUNDING
+    return torch.maximum(diagonal, bound - _SHIFT_HEADROOM).contiguous()
+
+
+def _run_forward(direction: _Direction, options: InfoNCEOptions, inv_temperature: torch.Tensor,
+                 row_filter: Optional[torch.Tensor] = None):
+    """Launch the forward kernel(s). Returns (row_stats (R, 4), column_stats (B, 3) or None, column_shift).
+    ``row_filter`` (R,) int8: only those rows are computed (the others stay 0)."""
     rows = direction.anchors.shape[0]
     device = direction.anchors.device
     row_stats = torch.zeros(rows, 4, dtype=torch.float32, device=device)
     column_stats = column_shift = None
     if direction.fused_columns:
-        column_shift = (direction.positive_raw[:direction.fused_columns] * inv_temperature).contiguous()
+        column_shift = _column_shift(direction, inv_temperature)
         column_stats = torch.zeros(direction.fused_columns, 3, dtype=torch.float32, device=device)
     stages = (1, 2) if options.multi_positive == PAIRWISE else (1,)
     margin = options.margin if options.margin is not None else 0.0
-    # never alias row_stats here: the autotuner zeroes column_stats between trials, and the
-    # second pairwise stage reads row_stats
+    # never alias row_stats here: the second pairwise stage reads row_stats
     unused = torch.zeros(1, dtype=torch.float32, device=device)
     for stage in stages:
         info_nce_fwd_kernel_rows[_grid(rows)](
             *_pointers(direction), row_stats,
             column_shift if column_shift is not None else unused,
             column_stats if column_stats is not None else unused,
-            *_sizes(direction), inv_temperature, margin, **_flags(direction, options, stage),
+            row_filter if row_filter is not None else unused,
+            *_sizes(direction), inv_temperature, margin, **_flags(direction, options, stage, row_filter is not None),
         )
     return row_stats, column_stats, column_shift
 
@@ -700,7 +757,7 @@ def _row_losses(direction: _Direction, row_stats: torch.Tensor, options: InfoNCE
 class _Forward:
     """Everything the backward pass needs from the forward pass, all O(B)."""
 
-    def __init__(self, directions: List[_Direction], options: InfoNCEOptions, inv_temperature: float):
+    def __init__(self, directions: List[_Direction], options: InfoNCEOptions, inv_temperature: torch.Tensor):
         self.directions = directions
         self.losses = []  # per direction (R,) fp32
         self.row_stats = []
@@ -715,13 +772,13 @@ class _Forward:
     def _finish_columns(self, direction, column_stats, column_shift, options, inv_temperature):
         shifted_sum, candidate_sum, candidate_count = column_stats.unbind(1)
         eps = options.label_smoothing
-        if bool(torch.isfinite(shifted_sum).all()):
-            lse = column_shift + torch.log(shifted_sum)
-            positive_score = column_shift
-        else:  # some column overflowed its diagonal shift: recompute that direction with an online max
-            column = _column_direction(direction)
-            stats, _, _ = _run_forward(column, options, inv_temperature)
-            lse, positive_score, candidate_sum, candidate_count = stats.unbind(1)
+        positive_score = direction.positive_raw[:direction.fused_columns] * inv_temperature
+        # columns whose sum underflowed the shift (or is NaN) are recomputed with an online max, by
+        # a launch that does nothing when none did (decided on the device)
+        underflowed = ~(shifted_sum >= _UNDERFLOW)
+        recomputed, _, _ = _run_forward(_column_direction(direction), options, inv_temperature,
+                                        row_filter=underflowed.to(torch.int8))
+        lse = torch.where(underflowed, recomputed[:, 0], column_shift + torch.log(shifted_sum))
         loss = lse - (1.0 - eps) * positive_score
         if eps > 0:
             loss = loss - eps * candidate_sum / candidate_count.clamp_min(1.0)
@@ -729,7 +786,9 @@ class _Forward:
         self.column_count = candidate_count.contiguous()
         self.losses.append(loss)
 
-    def divisors(self) -> List[float]:
+    def divisors(self) -> list:
+        """What "mean" divides each direction's total by: floats, or device tensors (supcon /
+        pairwise count positives on the device)."""
         divisors = [d.divisor for d in self.directions]
         if self.column_lse is not None:
             divisors.append(float(self.column_lse.shape[0]))
@@ -742,7 +801,7 @@ class _Forward:
         for loss, divisor in zip(self.losses, self.divisors()):
             total = loss.sum()
             if reduction == "mean":
-                total = total / divisor if divisor > 0 else total * 0.0
+                total = _divide(total, divisor)
             totals.append(total)
         return totals[0] if len(totals) == 1 else 0.5 * (totals[0] + totals[1])
 
@@ -756,19 +815,47 @@ class _Forward:
                 continue
             value = scale
             if options.reduction == "mean":
-                value = scale / divisor if divisor > 0 else 0.0
-            out.append(torch.full_like(loss, value))
+                value = _divide(scale, divisor)
+            if isinstance(value, torch.Tensor):
+                out.append((torch.zeros_like(loss) + value).contiguous())
+            else:
+                out.append(torch.full_like(loss, value))
         return out
 
 
-def _run_backward(forward: _Forward, options: InfoNCEOptions, inv_temperature: float, weights: List[torch.Tensor]):
+def _divide(total, divisor):
+    """total / divisor, 0 where divisor is 0; divisor a float or a device tensor (no host read)."""
+    if isinstance(divisor, torch.Tensor):
+        return torch.where(divisor > 0, total / divisor.clamp_min(1.0), torch.zeros_like(divisor))
+    return total / divisor if divisor > 0 else total * 0.0
+
+
+# float16 gradient tiles are scaled by this (past the largest row weight) before they are rounded
+# for the tensor-core product, so probabilities down to 1.5e-11 keep their value instead of
+# flushing to zero below float16's 6e-8; |g| <= 2 per weight in mask / supcon mode, so
+# 2 * 2^12 * (1 + smoothing) stays far below float16's 65504. Pairwise tiles (sigma_sum up to
+# the number of positives) keep the plain scale.
+FLOAT16_GRAD_SCALE = 2.0 ** 12
+
+
+def _grad_scale(weights: List[torch.Tensor], options: InfoNCEOptions, dtype: torch.dtype) -> torch.Tensor:
+    """(1,) fp32 on the device: 1 / the largest row weight (x FLOAT16_GRAD_SCALE for float16), from
+    device tensors without reading them on the host."""
+    largest = torch.stack([w.abs().max() if w.numel() else w.new_zeros(()) for w in weights]).max()
+    scale = torch.where(largest > 0, 1.0 / largest.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(largest))
+    if dtype == torch.float16 and options.multi_positive != PAIRWISE:
+        scale = scale * FLOAT16_GRAD_SCALE
+    return scale.reshape(1).to(torch.float32).contiguous()
+
+
+def _run_backward(forward: _Forward, options: InfoNCEOptions, inv_temperature: torch.Tensor,
+                  weights: List[torch.Tensor]):
     """Gradients wrt the (unit, when normalize) inputs: per direction (d_anchor, d_candidate, d_private) fp32, and sum g*s.
 
     Two kernels per direction, each recomputing the similarity tiles: one owns anchor rows
     (d_anchor, dtemp), the other owns candidates (d_candidate); every gradient is accumulated on
     chip and written once, without atomics. A third, light kernel adds the hard negatives."""
-    largest = max(float(w.abs().max()) if w.numel() else 0.0 for w in weights)
-    grad_scale = 1.0 / largest if largest > 0 else 1.0
+    grad_scale = _grad_scale(weights, options, forward.directions[0].anchors.dtype)
     margin = options.margin if options.margin is not None else 0.0
     results = []
     dtemp_total = torch.zeros((), dtype=torch.float32, device=weights[0].device)
@@ -792,6 +879,7 @@ def _run_backward(forward: _Forward, options: InfoNCEOptions, inv_temperature: f
             weights[1] if fused else row_stats,
         ]
         flags = _flags(direction, options, 2 if options.multi_positive == PAIRWISE else 1)
+        del flags["HAS_FILTER"]
         scalars = (inv_temperature, margin, options.label_smoothing, grad_scale)
         anchors, candidates, private, anchor_scale, candidate_scale, private_scale, *rest = _pointers(direction)
         tile_flags = {name: value for name, value in flags.items() if name != "HAS_PRIVATE"}
@@ -859,9 +947,10 @@ def triton_forward(query, key, hard_negatives, temperature: torch.Tensor, positi
                    options: InfoNCEOptions, compute_grads: bool):
     """Loss and, when ``compute_grads``, the gradients of the scalar loss wrt (query, key,
     hard_negatives, temperature), computed in this forward pass. The body of the
-    ``fastcl::info_nce_forward`` custom op for ``backend="triton"``; arguments validated."""
-    inv_temperature = inverse_temperature(temperature)
-    with torch.no_grad():
+    ``fastcl::info_nce_forward`` custom op for ``backend="triton"``; arguments validated.
+    Nothing here reads a device tensor on the host (no synchronization)."""
+    inv_temperature = device_inverse_temperature(temperature, query.device)
+    with torch.no_grad(), triton_common.device_guard(query.device):
         directions = _prepare(query, key, hard_negatives, positive, labels, key_labels, options)
         forward = _Forward(directions, options, inv_temperature)
         loss = forward.reduce(options.reduction)
@@ -877,9 +966,9 @@ def triton_backward(query, key, hard_negatives, temperature: torch.Tensor, posit
                     options: InfoNCEOptions, grad_output: torch.Tensor):
     """Gradients wrt (query, key, hard_negatives, temperature) given dL_total/dloss. The forward
     statistics (O(B)) are recomputed with one forward pass, then one backward pass."""
-    inv_temperature = inverse_temperature(temperature)
+    inv_temperature = device_inverse_temperature(temperature, query.device)
     per_row = options.reduction == "none"
-    with torch.no_grad():
+    with torch.no_grad(), triton_common.device_guard(query.device):
         directions = _prepare(query, key, hard_negatives, positive, labels, key_labels, options)
         forward = _Forward(directions, options, inv_temperature)
         weights = forward.weights(options, grad_output.reshape(-1) if per_row else None)

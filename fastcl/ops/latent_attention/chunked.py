@@ -142,6 +142,21 @@ def _accumulate_product(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Ten
     accumulator += _wide(a @ b)
 
 
+def _wide_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with 16-bit operands (tensor cores) and a float32 result, as flash-attention keeps
+    its scores: the attention scores S and their gradients dP are never rounded to 16 bits
+    (the softmax backward P * (dP - sum P dP) cancels badly from a bf16 dP). cuBLAS writes the
+    float32 product directly (``out_dtype``, torch >= 2.8); elsewhere the operands are widened."""
+    if a.dtype not in (torch.float16, torch.bfloat16):
+        return a @ b
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    return a.float() @ b.float()
+
+
 class _Weights:
     """The parameters in the compute dtype, plus the per-call latent products."""
 
@@ -242,7 +257,8 @@ class LatentAttentionFunction(torch.autograd.Function):
         flat_hidden = hidden_states.detach().reshape(batch * length, hidden)
         heads, r = num_heads, weights.num_latents
         element = torch.finfo(dtype).bits // 8
-        chunk = chunk_tokens_for(max(heads * r, 2 * weights.w1.shape[0]), element)
+        # the (n, H*r) scores are float32 whatever the operands (see _wide_product)
+        chunk = min(chunk_tokens_for(heads * r, max(element, 4)), chunk_tokens_for(2 * weights.w1.shape[0], element))
         count = index.numel()
         lse = torch.empty(count, heads, dtype=stats, device=hidden_states.device)
         residual = torch.empty(count, hidden, dtype=stats, device=hidden_states.device)
@@ -256,9 +272,9 @@ class LatentAttentionFunction(torch.autograd.Function):
             rows = index[start:stop]
             h = _wide(flat_hidden.index_select(0, rows))
             x, _, _ = _layer_norm(h, *weights.norm, eps)
-            scores = x.to(dtype) @ weights.score_map                            # (n, H*r)
+            scores = _wide_product(x.to(dtype), weights.score_map)             # (n, H*r) float32
             lse[start:stop] = kernels.softmax_forward(scores.view(-1, r)).view(-1, heads)
-            y = h + _wide(scores @ weights.value_map)                          # attention residual
+            y = h + _wide(scores.to(dtype) @ weights.value_map)                # attention residual
             del scores  # chunk buffers are dropped as soon as possible: the peak is one of them, not all
             residual[start:stop] = y
             z, _, _ = _layer_norm(y, *weights.ff_norm, eps)
@@ -330,13 +346,14 @@ class LatentAttentionFunction(torch.autograd.Function):
             h = _wide(flat_hidden.index_select(0, rows))
             x, x_mean, x_rstd = _layer_norm(h, *weights.norm, eps)
             x = x.to(dtype)
-            probs = x @ weights.score_map
+            probs = _wide_product(x, weights.score_map)  # float32 S, then P
             kernels.softmax_recompute(probs.view(-1, r), lse[start:stop].reshape(-1))
             grad_y_c = grad_y.to(dtype)
-            _accumulate_product(grad_value_map, probs.T, grad_y_c)
-            grad_scores = grad_y_c @ weights.value_map.T
+            _accumulate_product(grad_value_map, probs.to(dtype).T, grad_y_c)
+            grad_scores = _wide_product(grad_y_c, weights.value_map.T)  # float32 dP, then dS
             kernels.softmax_backward(probs.view(-1, r), grad_scores.view(-1, r))
             del probs
+            grad_scores = grad_scores.to(dtype)
             _accumulate_product(grad_score_map, x.T, grad_scores)
             grad_x = grad_scores @ weights.score_map.T
             del grad_scores

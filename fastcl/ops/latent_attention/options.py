@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._tracing import checking_values
+from ...validation import checks_values
 
 from ..info_nce.options import FLOAT_DTYPES, check_float_tensor
 
@@ -29,9 +29,10 @@ PARAMETER_SHAPES = (
 )
 
 
-def _checking_values() -> bool:
-    """Data-dependent checks need the values on the host; skip them while torch.compile traces."""
-    return checking_values()
+def _checking_values(*tensors) -> bool:
+    """Data-dependent checks need the values on the host: CPU tensors always, GPU tensors in
+    validation mode only (:mod:`fastcl.validation`), nothing while torch.compile traces."""
+    return checks_values(*tensors)
 
 
 def check_latent_attention_args(hidden_states, pool_mask, params, num_heads, eps, backend) -> None:
@@ -78,7 +79,7 @@ def check_latent_attention_args(hidden_states, pool_mask, params, num_heads, eps
             raise ValueError(f"{name} is on {tensor.device} but hidden_states is on {hidden_states.device}")
     if pool_mask.device != hidden_states.device:
         raise ValueError(f"pool_mask is on {pool_mask.device} but hidden_states is on {hidden_states.device}")
-    if _checking_values():
+    if _checking_values(pool_mask):
         weights = pool_mask.float()
         if bool((weights < 0).any()):
             raise ValueError("pool_mask must be non-negative (0/1 weights)")

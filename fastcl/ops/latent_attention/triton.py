@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import triton_common
 from .chunked import ElementwiseKernels
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
@@ -101,28 +102,32 @@ class TritonKernels(ElementwiseKernels):
         _check("scores", scores)
         rows, cols = scores.shape
         lse = torch.empty(rows, dtype=torch.float32, device=scores.device)
-        latent_attention_fwd_kernel_softmax[(rows,)](scores, lse, cols, BLOCK=triton.next_power_of_2(cols))
+        with triton_common.device_guard(scores.device):
+            latent_attention_fwd_kernel_softmax[(rows,)](scores, lse, cols, BLOCK=triton.next_power_of_2(cols))
         return lse
 
     def softmax_recompute(self, scores: torch.Tensor, lse: torch.Tensor) -> None:
         _check("scores", scores)
         rows, cols = scores.shape
         lse = lse.contiguous()
-        latent_attention_bwd_kernel_recompute[(rows,)](scores, lse, cols, BLOCK=triton.next_power_of_2(cols))
+        with triton_common.device_guard(scores.device):
+            latent_attention_bwd_kernel_recompute[(rows,)](scores, lse, cols, BLOCK=triton.next_power_of_2(cols))
 
     def softmax_backward(self, probs: torch.Tensor, grad: torch.Tensor) -> None:
         _check("probs", probs)
         _check("grad", grad)
         rows, cols = probs.shape
-        latent_attention_bwd_kernel_softmax[(rows,)](probs, grad, cols, BLOCK=triton.next_power_of_2(cols))
+        with triton_common.device_guard(probs.device):
+            latent_attention_bwd_kernel_softmax[(rows,)](probs, grad, cols, BLOCK=triton.next_power_of_2(cols))
 
     def geglu_forward(self, u: torch.Tensor) -> torch.Tensor:
         _check("u", u)
         rows, width = u.shape[0], u.shape[1] // 2
         gated = torch.empty(rows, width, dtype=u.dtype, device=u.device)
         block = min(_GEGLU_BLOCK, triton.next_power_of_2(width))
-        latent_attention_fwd_kernel_geglu[(rows, triton.cdiv(width, block))](u, gated, width, SQRT_HALF=_SQRT_HALF,
-                                                                             BLOCK=block)
+        with triton_common.device_guard(u.device):
+            latent_attention_fwd_kernel_geglu[(rows, triton.cdiv(width, block))](u, gated, width, SQRT_HALF=_SQRT_HALF,
+                                                                                 BLOCK=block)
         return gated
 
     def geglu_backward(self, u: torch.Tensor, grad_gated: torch.Tensor) -> torch.Tensor:
@@ -132,6 +137,7 @@ class TritonKernels(ElementwiseKernels):
         rows, width = u.shape[0], u.shape[1] // 2
         grad_u = torch.empty_like(u)
         block = min(_GEGLU_BLOCK, triton.next_power_of_2(width))
-        latent_attention_bwd_kernel_geglu[(rows, triton.cdiv(width, block))](
-            u, grad_gated, grad_u, width, SQRT_HALF=_SQRT_HALF, INV_SQRT_2PI=_INV_SQRT_2PI, BLOCK=block)
+        with triton_common.device_guard(u.device):
+            latent_attention_bwd_kernel_geglu[(rows, triton.cdiv(width, block))](
+                u, grad_gated, grad_u, width, SQRT_HALF=_SQRT_HALF, INV_SQRT_2PI=_INV_SQRT_2PI, BLOCK=block)
         return grad_u

@@ -4,6 +4,9 @@ breaks, and autograd saves only the index and the per-axis tap tables (O(B*K + H
 
 ``fastcl::gather_patches_forward`` cuts the patches, ``fastcl::gather_patches_backward``
 scatter-adds their gradient into a new image gradient; ``backend`` is "cpu", "cuda" or "triton".
+Under ``torch.use_deterministic_algorithms(True)`` the GPU backends' backward is the
+bit-reproducible :func:`~fastcl.ops.patches.indexed.scatter_patches_deterministic` (their
+kernels scatter with float atomics).
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..._tracing import lazy_dynamo_disable
+from .indexed import scatter_patches_deterministic
 from .sampling import AxisTaps
 
 
@@ -43,8 +47,13 @@ def _(images, index, row_index0, row_index1, row_lambda1, col_index0, col_index1
 def gather_patches_backward(grad_patches: Tensor, index: Tensor, row_index0: Tensor, row_index1: Tensor,
                             row_lambda1: Tensor, col_index0: Tensor, col_index1: Tensor, col_lambda1: Tensor,
                             patch_size: int, grid_w: int, height: int, width: int, backend: str) -> Tensor:
-    _, backward = _kernels(backend)
     channels = grad_patches.shape[2] // (patch_size * patch_size)
+    if backend in ("triton", "cuda") and torch.are_deterministic_algorithms_enabled():
+        # the GPU kernels scatter with float atomics: a bit-reproducible sum instead
+        return scatter_patches_deterministic(
+            grad_patches, index, patch_size, grid_w, AxisTaps(row_index0, row_index1, row_lambda1),
+            AxisTaps(col_index0, col_index1, col_lambda1), (grad_patches.shape[0], channels, height, width))
+    _, backward = _kernels(backend)
     return backward(grad_patches, index, patch_size, grid_w, AxisTaps(row_index0, row_index1, row_lambda1),
                     AxisTaps(col_index0, col_index1, col_lambda1), (grad_patches.shape[0], channels, height, width))
 

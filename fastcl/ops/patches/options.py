@@ -5,7 +5,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ..._tracing import checking_values
+from ...validation import checks_values as checking_values
 from ..info_nce.options import check_float_tensor
 
 BACKENDS = ("auto", "naive", "torch", "cpu", "triton", "cuda")
@@ -52,7 +52,7 @@ def check_gather_args(images, index, patch_size, size, backend) -> Tuple[Tuple[i
     grid = (size[0] // patch_size, size[1] // patch_size)
     if grid[0] == 0 or grid[1] == 0:
         raise ValueError(f"size {size} is smaller than patch_size {patch_size}: the patch grid would be empty")
-    if checking_values() and index.numel() > 0:
+    if checking_values(index) and index.numel() > 0:
         low, high = int(index.min()), int(index.max())
         if low < 0 or high >= grid[0] * grid[1]:
             raise ValueError(
@@ -71,7 +71,7 @@ def check_scores(name: str, scores) -> None:
         raise ValueError(f"{name} must have shape (B, Hp, Wp), got {tuple(scores.shape)}")
     if not scores.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {scores.dtype}")
-    if checking_values() and bool(torch.isnan(scores).any()):
+    if checking_values(scores) and bool(torch.isnan(scores).any()):
         raise ValueError(f"{name} contains NaN: selection needs comparable scores")
 
 

@@ -18,8 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import (BACKWARD_COLUMNS_CONFIGS, BACKWARD_ROWS_CONFIGS, accumulator_configs, dot_operand,
-                             dot_settings, load_operand, prune_accumulator, softplus, tile_similarity)
+from .. import triton_common
+from ..triton_common import (device_scalars, dot_operand, dot_settings, load_operand, softplus, tile_kernel,
+                             tile_similarity)
+
+
+# per-pair gradients lie in [-1, 1]: x 2^12 keeps those down to 1.5e-11 in float16
+FLOAT16_TILE_SCALE = 2.0 ** 12
 
 
 @triton.jit
@@ -32,18 +37,24 @@ def _siglip_tile(raw, rows, cols, row_valid, col_valid, logit_scale, logit_bias)
     return tl.where(valid, softplus(-signed), 0.0), tl.where(valid, -sign * tl.sigmoid(-signed), 0.0)
 
 
-@triton.autotune(configs=accumulator_configs(BACKWARD_ROWS_CONFIGS), key=["dim", "WITH_GRAD"],
-                 prune_configs_by={"early_config_prune": prune_accumulator})
+@tile_kernel("rows", grid_size="batch", grid_block="BLOCK_M")
 @triton.jit
 def siglip_kernel_rows(
     image_ptr, text_ptr, row_stats_ptr, d_image_ptr,
-    batch, dim, logit_scale, logit_bias, grad_factor,
+    batch, dim, scalars_ptr,
     WITH_GRAD: tl.constexpr, CAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """row_stats (B, 3) fp32 = [sum_j softplus(-y z), sum_j dl/dz, sum_j dl/dz * raw] (dl = B dL);
     with WITH_GRAD, d_image (B, D) = dL/dx (``grad_factor`` = t / B) in d_image's dtype for the
-    embedding slice of the program's group, accumulated on chip in fp32 and written once."""
+    embedding slice of the program's group, accumulated on chip in fp32 and written once.
+    scalars (4,) fp32 in device memory: [t, b, t / B, gradient tile scale] (no host sync for
+    learnable t, b); float16 tiles are scaled by 2^12 before rounding, so per-pair gradients
+    below float16's 6e-8 are kept."""
+    logit_scale = tl.load(scalars_ptr)
+    logit_bias = tl.load(scalars_ptr + 1)
+    grad_factor = tl.load(scalars_ptr + 2)
+    grad_scale = tl.load(scalars_ptr + 3)
     pid = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -66,9 +77,9 @@ def siglip_kernel_rows(
             d_bias += tl.sum(grad, axis=1)
             d_scale += tl.sum(grad * raw, axis=1)
             y = load_operand(text_ptr, cols, col_valid, acc_d, acc_valid, dim, 1.0, element, False, CAST_DOT)
-            acc = tl.dot(dot_operand(grad, element, CAST_DOT), y, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(dot_operand(grad * grad_scale, element, CAST_DOT), y, acc, input_precision=DOT_PRECISION)
     if WITH_GRAD:
-        d_image = (acc * grad_factor).to(d_image_ptr.dtype.element_ty)
+        d_image = (acc * (grad_factor / grad_scale)).to(d_image_ptr.dtype.element_ty)
         tl.store(d_image_ptr + rows[:, None] * dim + acc_d[None, :], d_image, mask=row_valid[:, None] & acc_valid[None, :])
     if group == 0:
         tl.store(row_stats_ptr + rows * 3, loss, mask=row_valid)
@@ -76,17 +87,20 @@ def siglip_kernel_rows(
         tl.store(row_stats_ptr + rows * 3 + 2, d_scale, mask=row_valid)
 
 
-@triton.autotune(configs=accumulator_configs(BACKWARD_COLUMNS_CONFIGS), key=["dim"],
-                 prune_configs_by={"early_config_prune": prune_accumulator})
+@tile_kernel("columns", grid_size="batch", grid_block="BLOCK_N")
 @triton.jit
 def siglip_kernel_columns(
     image_ptr, text_ptr, d_text_ptr,
-    batch, dim, logit_scale, logit_bias, grad_factor,
+    batch, dim, scalars_ptr,
     CAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """d_text (B, D) = dL/dy: program (j, group) owns BLOCK_N text rows, walks over the
     image tiles and accumulates g^T x for its embedding slice on chip (no atomics)."""
+    logit_scale = tl.load(scalars_ptr)
+    logit_bias = tl.load(scalars_ptr + 1)
+    grad_factor = tl.load(scalars_ptr + 2)
+    grad_scale = tl.load(scalars_ptr + 3)
     pid = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -102,8 +116,8 @@ def siglip_kernel_columns(
                               CAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         _, grad = _siglip_tile(raw, rows, cols, row_valid, col_valid, logit_scale, logit_bias)
         x = load_operand(image_ptr, rows, row_valid, acc_d, acc_valid, dim, 1.0, element, False, CAST_DOT)
-        acc = tl.dot(tl.trans(dot_operand(grad, element, CAST_DOT)), x, acc, input_precision=DOT_PRECISION)
-    d_text = (acc * grad_factor).to(d_text_ptr.dtype.element_ty)
+        acc = tl.dot(tl.trans(dot_operand(grad * grad_scale, element, CAST_DOT)), x, acc, input_precision=DOT_PRECISION)
+    d_text = (acc * (grad_factor / grad_scale)).to(d_text_ptr.dtype.element_ty)
     tl.store(d_text_ptr + cols[:, None] * dim + acc_d[None, :], d_text, mask=col_valid[:, None] & acc_valid[None, :])
 
 
@@ -112,23 +126,30 @@ def triton_siglip(image_features, text_features, logit_scale: torch.Tensor, logi
     """(loss, (d_image, d_text, d_scale, d_bias) or None): the loss alone is one kernel; with
     gradients a second kernel owns the text rows. The body of the ``fastcl::siglip_forward``
     custom op for ``backend="triton"``."""
+    with triton_common.device_guard(image_features.device):
+        return _triton_siglip(image_features, text_features, logit_scale, logit_bias, compute_grads)
+
+
+def _triton_siglip(image_features, text_features, logit_scale, logit_bias, compute_grads):
     image = image_features.contiguous()
     text = text_features.contiguous()
     batch, dim = image.shape
-    scale, bias = float(logit_scale.detach().reshape(())), float(logit_bias.detach().reshape(()))
     device = image.device
+    scalars = device_scalars(device, logit_scale, logit_bias)
+    tile_scale = torch.full((1,), FLOAT16_TILE_SCALE if image.dtype == torch.float16 else 1.0, device=device)
+    scalars = torch.cat([scalars, scalars[:1] / batch, tile_scale])  # [t, b, t / B, tile scale]
     row_stats = torch.empty(batch, 3, dtype=torch.float32, device=device)
     d_image = torch.empty(batch, dim, dtype=image_features.dtype, device=device) if compute_grads else row_stats
     cast, precision = dot_settings(image)
     groups = (lambda meta: triton.cdiv(dim, meta["ACC_D"])) if compute_grads else (lambda meta: 1)
     siglip_kernel_rows[lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]), groups(meta))](
-        image, text, row_stats, d_image, batch, dim, scale, bias, scale / batch,
+        image, text, row_stats, d_image, batch, dim, scalars,
         WITH_GRAD=compute_grads, CAST_DOT=cast, DOT_PRECISION=precision,
     )
     if compute_grads:
         d_text = torch.empty(batch, dim, dtype=text_features.dtype, device=device)
         siglip_kernel_columns[lambda meta: (triton.cdiv(batch, meta["BLOCK_N"]), triton.cdiv(dim, meta["ACC_D"]))](
-            image, text, d_text, batch, dim, scale, bias, scale / batch, CAST_DOT=cast, DOT_PRECISION=precision,
+            image, text, d_text, batch, dim, scalars, CAST_DOT=cast, DOT_PRECISION=precision,
         )
     # (loss, dL/db, dL/dt): separate tensors, since a custom op's outputs may not alias each other
     loss, d_bias, d_scale = (row_stats[:, column].sum() / batch for column in range(3))
