@@ -277,3 +277,33 @@ def test_siglip_nonfinite_like_naive(backend, case):
     else:
         x[3, 2] = {"nan": float("nan"), "inf": float("inf"), "neg_inf": float("-inf")}[case]
     compare_siglip(backend, x, y, 10.0, -10.0)
+
+
+# ---------------------------------------------------------------- auto: per call, by size
+
+def test_auto_materializes_small_calls_on_the_cpu(monkeypatch):
+    from fastcl.ops.info_nce import MATERIALIZE_LOGITS, resolve_backend
+
+    fused = "cpu" if backends()["cpu"].available else "torch"
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu, logits=MATERIALIZE_LOGITS) == "naive"
+    assert resolve_backend("auto", cpu, logits=MATERIALIZE_LOGITS + 1) == fused
+    assert resolve_backend("auto", cpu) == fused  # no size given: the fused path
+    assert resolve_backend("torch", cpu, logits=1) == "torch"  # an explicit backend is kept
+    monkeypatch.setenv("FASTCL_MATERIALIZE_LOGITS", "0")
+    assert resolve_backend("auto", cpu, logits=1) == fused
+
+
+def test_auto_takes_the_path_its_rule_names(monkeypatch):
+    from fastcl.ops import info_nce as info_nce_module
+
+    calls = []
+    original = info_nce_module.info_nce_op
+    monkeypatch.setattr(info_nce_module, "info_nce_op", lambda *a: calls.append(a[-1]) or original(*a))
+    q, k = torch.randn(64, 8), torch.randn(64, 8)
+    expected = naive.info_nce(q, k, hard_negatives=torch.randn(64, 2, 8).mul(0), temperature=0.1)
+    loss = fastcl.info_nce(q, k, hard_negatives=torch.randn(64, 2, 8).mul(0), temperature=0.1)
+    assert calls == [] and torch.equal(loss, expected)  # 64 x 66 logits: materialized
+    monkeypatch.setenv("FASTCL_MATERIALIZE_LOGITS", str(64 * 66 - 1))
+    fastcl.info_nce(q, k, hard_negatives=torch.zeros(64, 2, 8), temperature=0.1)
+    assert calls == ["cpu" if backends()["cpu"].available else "torch"]

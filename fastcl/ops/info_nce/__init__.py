@@ -10,6 +10,7 @@ over row blocks and never do.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -30,10 +31,27 @@ from .gpu import register_gpu_backends  # noqa: E402  (needs EXTRA_BACKENDS defi
 register_gpu_backends(EXTRA_BACKENDS)
 
 
-def resolve_backend(backend: str, device: torch.device, extra_backends=None) -> str:
-    """The backend that will run: ``auto`` picks the fastest available for ``device``.
+# ``auto`` on the CPU materializes the logits (the naive path) when a call has at most this many
+# (B x (N + H)): then one block of the fused path would hold them all anyway, so it saves no
+# memory, and its fixed costs (custom op, block driver, native calls) lose to PyTorch's own
+# elementwise ops. Measurements behind the number: docs/robustness.md, "How auto chooses".
+MATERIALIZE_LOGITS = 2**20
 
-    ``extra_backends``: the op's GPU implementations (defaults to InfoNCE's).
+
+def materialize_logits() -> int:
+    """The threshold above, or the ``FASTCL_MATERIALIZE_LOGITS`` override (benchmarks use 0 to
+    time the fused path at every size)."""
+    override = os.environ.get("FASTCL_MATERIALIZE_LOGITS")
+    return int(override) if override else MATERIALIZE_LOGITS
+
+
+def resolve_backend(backend: str, device: torch.device, extra_backends=None, logits: Optional[int] = None) -> str:
+    """The backend that will run: ``auto`` picks the fastest exact path for ``device`` and size.
+
+    ``extra_backends``: the op's GPU implementations (defaults to InfoNCE's). ``logits``: how
+    many logits the call has (B x (N + H)); on the CPU, ``auto`` takes the materializing
+    ``naive`` path when they are at most :func:`materialize_logits`. Without it, the size is
+    not considered.
     """
     extra = EXTRA_BACKENDS if extra_backends is None else extra_backends
     if backend == "auto":
@@ -44,9 +62,12 @@ def resolve_backend(backend: str, device: torch.device, extra_backends=None) -> 
                     return name
             return "torch"
         if device.type == "cpu":
+            if not available["cpu"].available:
+                warn_once("cpu-fallback", f"fastcl: native CPU kernels unavailable ({available['cpu'].reason}); using the chunked PyTorch path")
+            if logits is not None and logits <= materialize_logits():
+                return "naive"
             if available["cpu"].available:
                 return "cpu"
-            warn_once("cpu-fallback", f"fastcl: native CPU kernels unavailable ({available['cpu'].reason}); using the chunked PyTorch path")
         return "torch"
     requested_backend(backend, device)
     if backend in ("triton", "cuda") and backend not in extra:
@@ -110,7 +131,8 @@ def info_nce(
         query, key, positive, hard_negatives, temperature, normalize, symmetric, exclude_self,
         labels, key_labels, multi_positive, false_negative_margin, label_smoothing, reduction, backend,
     )
-    chosen = resolve_backend(backend, query.device)
+    hard = hard_negatives.shape[1] if hard_negatives is not None else 0
+    chosen = resolve_backend(backend, query.device, logits=query.shape[0] * (key.shape[0] + hard))
     if chosen == "naive":
         return naive.info_nce(
             query, key, positive=positive, hard_negatives=hard_negatives, temperature=temperature,
