@@ -23,9 +23,10 @@ def no_subnormal(tensor: torch.Tensor) -> bool:
     return bool(((tensor == 0) | (tensor.abs() >= tiny) | ~torch.isfinite(tensor)).all())
 
 
-def assert_like_naive(actual, expected, what, rtol=1e-4):
+def assert_like_naive(actual, expected, what, rtol=1e-4, floor=0.0):
     """Non-finite in exactly the same places (and the same inf where naive is inf); finite
-    entries within ``rtol`` times the largest finite reference magnitude."""
+    entries within ``rtol`` times the largest finite reference magnitude (at least ``floor``:
+    a gradient that is 0 but for rounding has no scale of its own)."""
     assert actual.shape == expected.shape, what
     actual, expected = actual.detach().double(), expected.detach().double()
     finite = torch.isfinite(expected)
@@ -34,7 +35,7 @@ def assert_like_naive(actual, expected, what, rtol=1e-4):
     infinite = torch.isinf(expected)
     assert torch.equal(actual[infinite], expected[infinite]), f"{what}: infinities differ"
     if finite.any():
-        scale = expected[finite].abs().max().clamp_min(1e-30)
+        scale = expected[finite].abs().max().clamp_min(max(floor, 1e-30))
         error = float((actual[finite] - expected[finite]).abs().max() / scale)
         assert error <= rtol, f"{what}: error {error:.3g} x {float(scale):.3g}"
 
