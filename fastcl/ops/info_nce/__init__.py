@@ -18,6 +18,7 @@ import torch
 from ..._native import backends as _backends
 from ..._native import requested_backend, warn_once
 from . import naive
+from .dense import dense_info_nce
 from .op import info_nce_op
 from .options import check_embeddings, check_scalar, check_info_nce_args, check_same_device
 
@@ -133,6 +134,8 @@ def info_nce(
     )
     hard = hard_negatives.shape[1] if hard_negatives is not None else 0
     chosen = resolve_backend(backend, query.device, logits=query.shape[0] * (key.shape[0] + hard))
+    if chosen == "naive" and backend == "auto":  # a small call: materialize the logits
+        return dense_info_nce(query, key, positive, hard_negatives, temperature, labels, key_labels, options)
     if chosen == "naive":
         return naive.info_nce(
             query, key, positive=positive, hard_negatives=hard_negatives, temperature=temperature,
