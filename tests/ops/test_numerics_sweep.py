@@ -167,6 +167,13 @@ def test_contract_sweep(backend, problem):
     # a temperature / scale gradient sums score-sized terms times 1/tau: its rounding is that big
     bound, inverse = _score_bound(problem)
     scalar_floor = max(floor, 1e-3 * (bound * inverse + bound + 1.0))
+    # an input's gradient is of order (1/tau) x (the other inputs' size), or (1/tau) / |x| when
+    # normalized: a loss constant in that input (one key, ties) leaves only rounding below that
+    largest = max(float(t.abs().max()) for t in problem["tensors"].values())
+    smallest_norm = min(float(t.reshape(-1, t.shape[-1]).norm(dim=-1).min()) for t in problem["tensors"].values())
+    normalized = problem["kwargs"].get("normalize") or problem["function"] == "nt_xent"
+    natural = inverse / max(smallest_norm, 1e-300) if normalized else inverse * largest
+    floor = max(floor, 1e-3 * natural)
     for index, (name, a, e) in enumerate(zip(names, actual, expected)):
         if compare_values:
             scalar = index > len(problem["tensors"])
