@@ -44,11 +44,6 @@ def dense_info_nce(query, key, positive, hard_negatives, temperature, labels, ke
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     inv_temperature = 1.0 / temperature.to(dtype) if isinstance(temperature, torch.Tensor) else 1.0 / float(temperature)
     logits = (q @ k.T) * inv_temperature
-    # cross-entropy's log-softmax backward differs from the reference's formulas only where a
-    # logit is non-finite (NaN / Inf inputs, an overflowed product): such calls run the reference
-    # (a data-dependent branch: skipped while torch.compile traces, like the other value checks)
-    if _checking_values() and not bool(torch.isfinite(logits.detach()).all()):
-        return _reference(query, key, positive, hard_negatives, temperature, labels, key_labels, options)
     batch = q.shape[0]
     index = torch.arange(batch, device=q.device)
     target = index if positive is None else positive
@@ -56,4 +51,10 @@ def dense_info_nce(query, key, positive, hard_negatives, temperature, labels, ke
     loss = F.cross_entropy(logits, target, reduction=reduction)
     if options.symmetric:
         loss = 0.5 * (loss + F.cross_entropy(logits[:, :batch].T, index, reduction=reduction))
+    # cross-entropy's log-softmax backward differs from the reference's formulas only in a row
+    # with a NaN or +inf logit (NaN / Inf inputs, an overflowed product), and such a row's loss
+    # is not finite: then the reference runs instead. Checking the loss, not the B x N logits,
+    # costs nothing. (A data-dependent branch: skipped under torch.compile, like the other checks.)
+    if _checking_values() and not bool(torch.isfinite(loss.detach()).all()):
+        return _reference(query, key, positive, hard_negatives, temperature, labels, key_labels, options)
     return loss
