@@ -6,6 +6,13 @@
 // log-sum-exp and the loss, and, when weights are given, overwrites S with dL/dS (the gradient
 // with respect to the raw similarity) and returns sum_j dL/dS_ij * S_ij for the temperature
 // gradient. Rows are independent: OpenMP splits them across the threads torch uses.
+//
+// Numerics: exp follows the contract of fast_math.h (accurate or exactly 0, never subnormal),
+// so any gap between scores is exact. A row holding a non-finite score (NaN, +-inf, or a
+// product that overflowed) is not computed here: the kernel flags it (nonfinite_out[r] = 1) and
+// the Python driver recomputes that row with the PyTorch row kernel, which follows the naive
+// reference's formulas, so NaN and Inf land in the loss and every gradient exactly where the
+// reference puts them. Finite rows never produce a NaN.
 #include "registry.h"
 #include "cpu/fast_math.h"
 
@@ -21,9 +28,8 @@ namespace {
 
 enum Mode : int { kMask = 0, kSupCon = 1, kPairwise = 2 };
 
-// exp for x <= 0: the float version from fast_math.h (vectorizable), exact for float64.
+// exp for x <= 0 under the numerics contract of fast_math.h (float: vectorizable polynomial).
 using ::fastcl::exp_nonpositive;
-inline double exp_nonpositive(double x) { return std::exp(x); }
 
 template <typename T>
 inline T softplus(T x) {
@@ -61,9 +67,19 @@ struct RowProblem {
   T* loss_out;
   T* lse_out;
   T* dtemp_out;
+  uint8_t* nonfinite_out;
 };
 
-constexpr float kNotCandidate = -1.0f;  // marks masked entries once they hold exp() >= 0
+// A score sum that is not finite means a non-finite score in the row (or an overflow of huge
+// finite ones): the row goes to the reference-faithful path (see the top of the file).
+template <typename T>
+inline bool flag_nonfinite(const RowProblem<T>& p, int64_t r, T score_total) {
+  const bool bad = !std::isfinite(score_total);
+  p.nonfinite_out[r] = bad ? 1 : 0;
+  return bad;
+}
+
+constexpr float kNotCandidate = -1.0f;  // marks masked entries once the others hold exp() in [0, 1]
 
 // "mask" mode: one indexed positive, same-label keys and margin-violating negatives masked.
 template <typename T>
@@ -82,7 +98,7 @@ void mask_row(const RowProblem<T>& p, int64_t r) {
   if (p.has_margin) threshold = keys[pos] - p.margin;
 
   // Pass 1: scores, masks, max, candidate count and sum.
-  T row_max = neg_inf, count = 0, score_sum = 0;
+  T row_max = neg_inf, count = 0, score_sum = 0, masked_sum = 0;
   if (plain) {
 #pragma omp simd reduction(max : row_max) reduction(+ : score_sum)
     for (int64_t j = 0; j < p.cols; ++j) {
@@ -108,6 +124,8 @@ void mask_row(const RowProblem<T>& p, int64_t r) {
         row_max = std::max(row_max, s);
         count += 1;
         score_sum += s;
+      } else {
+        masked_sum += s;
       }
     }
   }
@@ -120,8 +138,11 @@ void mask_row(const RowProblem<T>& p, int64_t r) {
       row_max = std::max(row_max, s);
       count += 1;
       score_sum += s;
+    } else {
+      masked_sum += s;
     }
   }
+  if (flag_nonfinite(p, r, score_sum + masked_sum)) return;
 
   // Pass 2: exp(s - max) in place (masked entries become kNotCandidate), sum, sum e*s.
   T sum = 0, weighted = 0;
@@ -157,11 +178,11 @@ void mask_row(const RowProblem<T>& p, int64_t r) {
 #pragma omp simd
   for (int64_t j = 0; j < p.cols; ++j) {
     const T e = keys[j];
-    keys[j] = e >= 0 ? e * scale - smooth : T(0);
+    keys[j] = e != T(kNotCandidate) ? e * scale - smooth : T(0);
   }
   for (int64_t j = 0; j < p.private_cols; ++j) {
     const T e = priv[j];
-    priv[j] = e >= 0 ? e * scale - smooth : T(0);
+    priv[j] = e != T(kNotCandidate) ? e * scale - smooth : T(0);
   }
   keys[pos] -= c * (T(1) - eps);
   // sum_j dL/dS_ij * S_ij = w * sum_j g_ij s_ij
@@ -178,7 +199,8 @@ void supcon_row(const RowProblem<T>& p, int64_t r) {
   const int64_t num_positive = p.num_positive[g];
   const int64_t label = p.anchor_labels[g];
   const T inv_t = p.inv_temperature;
-  if (num_positive == 0) {  // no positive: contributes nothing
+  if (num_positive == 0) {  // no positive: contributes nothing (the reference's term is a 0 too)
+    p.nonfinite_out[r] = 0;
     p.loss_out[r] = 0;
     p.lse_out[r] = neg_inf;
     if (p.weights) {
@@ -188,11 +210,12 @@ void supcon_row(const RowProblem<T>& p, int64_t r) {
     }
     return;
   }
-  T row_max = neg_inf, positive_sum = 0;
+  T row_max = neg_inf, positive_sum = 0, score_total = 0;
   for (int64_t j = 0; j < p.cols; ++j) {
     const bool candidate = !(p.self_excluded && j == g);
     const T s = keys[j] * inv_t;
     keys[j] = candidate ? s : neg_inf;
+    score_total += s;
     if (candidate) {
       row_max = std::max(row_max, s);
       if (p.candidate_labels[j] == label) positive_sum += s;
@@ -201,7 +224,9 @@ void supcon_row(const RowProblem<T>& p, int64_t r) {
   for (int64_t j = 0; j < p.private_cols; ++j) {
     priv[j] *= inv_t;
     row_max = std::max(row_max, priv[j]);
+    score_total += priv[j];
   }
+  if (flag_nonfinite(p, r, score_total)) return;
   T sum = 0, weighted = 0;
 #pragma omp simd reduction(+ : sum, weighted)
   for (int64_t j = 0; j < p.cols; ++j) {
@@ -229,7 +254,7 @@ void supcon_row(const RowProblem<T>& p, int64_t r) {
   const T positive_share = c * inv_num_positive;
   for (int64_t j = 0; j < p.cols; ++j) {
     const T e = keys[j];
-    const bool candidate = e >= 0;
+    const bool candidate = e != T(kNotCandidate);
     const bool is_positive = candidate && p.candidate_labels[j] == label;
     keys[j] = candidate ? e * scale - (is_positive ? positive_share : T(0)) : T(0);
   }
@@ -250,16 +275,19 @@ void pairwise_row(const RowProblem<T>& p, int64_t r) {
     return p.candidate_labels[j] == label && !(p.self_excluded && j == g);
   };
   // Pass 1: scores in place, max over the negatives.
-  T negative_max = neg_inf;
+  T negative_max = neg_inf, score_total = 0;
   for (int64_t j = 0; j < p.cols; ++j) {
     const T s = keys[j] * inv_t;
     keys[j] = s;
+    score_total += s;
     if (!is_positive(j) && !(p.self_excluded && j == g)) negative_max = std::max(negative_max, s);
   }
   for (int64_t j = 0; j < p.private_cols; ++j) {
     priv[j] *= inv_t;
     negative_max = std::max(negative_max, priv[j]);
+    score_total += priv[j];
   }
+  if (flag_nonfinite(p, r, score_total)) return;
   // Pass 2: negatives' exp in place; positives keep their score.
   T sum = 0, weighted = 0;
   for (int64_t j = 0; j < p.cols; ++j) {
@@ -332,7 +360,7 @@ void info_nce_rows(std::uintptr_t similarity, int64_t ld_similarity, int64_t row
                    std::uintptr_t anchor_labels, std::uintptr_t candidate_labels,
                    std::uintptr_t num_positive, double label_smoothing, bool self_excluded,
                    std::uintptr_t weights, std::uintptr_t loss_out, std::uintptr_t lse_out,
-                   std::uintptr_t dtemp_out, int64_t num_threads) {
+                   std::uintptr_t dtemp_out, std::uintptr_t nonfinite_out, int64_t num_threads) {
   RowProblem<T> p{ptr<T>(similarity),
                   ld_similarity,
                   cols,
@@ -353,11 +381,13 @@ void info_nce_rows(std::uintptr_t similarity, int64_t ld_similarity, int64_t row
                   ptr<const T>(weights),
                   ptr<T>(loss_out),
                   ptr<T>(lse_out),
-                  ptr<T>(dtemp_out)};
+                  ptr<T>(dtemp_out),
+                  ptr<uint8_t>(nonfinite_out)};
   if (mode == kMask && !p.positive) throw std::invalid_argument("info_nce_rows: mode 'mask' needs positive");
   if (mode != kMask && (!p.anchor_labels || !p.candidate_labels || !p.num_positive))
     throw std::invalid_argument("info_nce_rows: modes 'supcon'/'pairwise' need labels and num_positive");
   if (mode < kMask || mode > kPairwise) throw std::invalid_argument("info_nce_rows: unknown mode");
+  if (!p.nonfinite_out) throw std::invalid_argument("info_nce_rows: nonfinite_out is required");
   pybind11::gil_scoped_release release;
   run_rows(p, rows, clamp_threads(num_threads));
 }
@@ -368,21 +398,23 @@ FASTCL_REGISTER(info_nce_cpu) {
   namespace py = pybind11;
   auto doc =
       "Row kernel of the chunked InfoNCE (see fastcl/ops/info_nce/native.py). Pointers are "
-      "integers (tensor.data_ptr()); 0 means absent.";
+      "integers (tensor.data_ptr()); 0 means absent. nonfinite_out (uint8 per row) is set to 1 for a "
+      "row holding a non-finite score, which the kernel leaves for the caller (loss, lse, gradient "
+      "row and dtemp unset).";
   m.def("info_nce_rows_f32", &info_nce_rows<float>, doc, py::arg("similarity"), py::arg("ld_similarity"),
         py::arg("rows"), py::arg("cols"), py::arg("private_similarity"), py::arg("ld_private"),
         py::arg("private_cols"), py::arg("row0"), py::arg("inv_temperature"), py::arg("mode"),
         py::arg("positive"), py::arg("has_margin"), py::arg("margin"),
         py::arg("anchor_labels"), py::arg("candidate_labels"), py::arg("num_positive"),
         py::arg("label_smoothing"), py::arg("self_excluded"), py::arg("weights"), py::arg("loss_out"),
-        py::arg("lse_out"), py::arg("dtemp_out"), py::arg("num_threads"));
+        py::arg("lse_out"), py::arg("dtemp_out"), py::arg("nonfinite_out"), py::arg("num_threads"));
   m.def("info_nce_rows_f64", &info_nce_rows<double>, doc, py::arg("similarity"), py::arg("ld_similarity"),
         py::arg("rows"), py::arg("cols"), py::arg("private_similarity"), py::arg("ld_private"),
         py::arg("private_cols"), py::arg("row0"), py::arg("inv_temperature"), py::arg("mode"),
         py::arg("positive"), py::arg("has_margin"), py::arg("margin"),
         py::arg("anchor_labels"), py::arg("candidate_labels"), py::arg("num_positive"),
         py::arg("label_smoothing"), py::arg("self_excluded"), py::arg("weights"), py::arg("loss_out"),
-        py::arg("lse_out"), py::arg("dtemp_out"), py::arg("num_threads"));
+        py::arg("lse_out"), py::arg("dtemp_out"), py::arg("nonfinite_out"), py::arg("num_threads"));
 }
 
 }  // namespace fastcl

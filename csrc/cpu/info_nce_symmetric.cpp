@@ -27,7 +27,6 @@ namespace fastcl {
 namespace {
 
 using ::fastcl::exp_nonpositive;
-inline double exp_nonpositive(double x) { return std::exp(x); }
 
 template <typename T>
 struct Block {

@@ -32,6 +32,9 @@ class Case:
     x: int  # the swept size (plotted on the x axis)
     skip: Optional[str] = None  # reason not to run (e.g. needs more memory than the machine has)
     repeats: int = 3
+    # time and peak memory of the *first* step in this fresh process (lazy imports, thread
+    # pools, allocator growth included), reported against the steady state in ``extra``
+    first_call: bool = False
 
 
 @dataclass
@@ -94,6 +97,7 @@ def measure_in_process(case: Case, device: str) -> Measurement:
     module = importlib.import_module(case.module)
     step: Callable[[], object] = getattr(module, case.factory)(device=device, provider=case.provider, **case.params)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    first = _measure_first_step(step, device, sync) if case.first_call else None
     step()  # warm-up: one-time allocations, thread pools, autotuning
     sync()
     gc.collect()
@@ -118,8 +122,32 @@ def measure_in_process(case: Case, device: str) -> Measurement:
     else:
         peak = _rss_bytes("VmHWM") - before if before is not None else float("nan")
     extra = getattr(step, "extra", {}) or {}
-    return Measurement(case.suite, case.provider, case.params, case.x,
-                       time_ms=statistics.median(times) * 1e3, peak_mb=max(0.0, peak) / 2**20, extra=extra)
+    time_ms, peak_mb = statistics.median(times) * 1e3, max(0.0, peak) / 2**20
+    if first is not None:  # the row is the first call; the steady state goes to extra
+        extra = dict(extra, steady_ms=time_ms, steady_peak_mb=peak_mb, first_minus_steady_ms=first[0] - time_ms,
+                     first_minus_steady_mb=first[1] - peak_mb)
+        time_ms, peak_mb = first
+    return Measurement(case.suite, case.provider, case.params, case.x, time_ms=time_ms, peak_mb=peak_mb, extra=extra)
+
+
+def _measure_first_step(step, device: str, sync):
+    """(ms, peak extra MB) of the first call of ``step`` in this process."""
+    gc.collect()
+    if device == "cuda":
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        _release_freed_memory()
+        before = _rss_bytes("VmRSS") if _reset_peak_rss() else None
+    start = time.perf_counter()
+    step()
+    sync()
+    elapsed = time.perf_counter() - start
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = _rss_bytes("VmHWM") - before if before is not None else float("nan")
+    return elapsed * 1e3, max(0.0, peak) / 2**20
 
 
 def _run_worker(case: Case, device: str, timeout: float) -> Measurement:

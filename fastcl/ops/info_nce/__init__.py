@@ -11,6 +11,7 @@ over row blocks and never do.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -19,6 +20,7 @@ from ..._native import backends as _backends
 from ...validation import checks_values
 from ..._native import CUDA_INFO_NCE_NOTE, requested_backend, warn_once
 from . import naive
+from .dense import dense_info_nce
 from .op import info_nce_op
 from .options import check_embeddings, check_info_nce_args, check_same_device, check_scalar, input_dtypes
 
@@ -32,10 +34,27 @@ from .gpu import register_gpu_backends  # noqa: E402  (needs EXTRA_BACKENDS defi
 register_gpu_backends(EXTRA_BACKENDS)
 
 
-def resolve_backend(backend: str, device: torch.device, extra_backends=None) -> str:
-    """The backend that will run: ``auto`` picks the fastest available for ``device``.
+# ``auto`` on the CPU materializes the logits (the naive path) when a call has at most this many
+# (B x (N + H)): then one block of the fused path would hold them all anyway, so it saves no
+# memory, and its fixed costs (custom op, block driver, native calls) lose to PyTorch's own
+# elementwise ops. Measurements behind the number: docs/robustness.md, "How auto chooses".
+MATERIALIZE_LOGITS = 2**20
 
-    ``extra_backends``: the op's GPU implementations (defaults to InfoNCE's).
+
+def materialize_logits() -> int:
+    """The threshold above, or the ``FASTCL_MATERIALIZE_LOGITS`` override (benchmarks use 0 to
+    time the fused path at every size)."""
+    override = os.environ.get("FASTCL_MATERIALIZE_LOGITS")
+    return int(override) if override else MATERIALIZE_LOGITS
+
+
+def resolve_backend(backend: str, device: torch.device, extra_backends=None, logits: Optional[int] = None) -> str:
+    """The backend that will run: ``auto`` picks the fastest exact path for ``device`` and size.
+
+    ``extra_backends``: the op's GPU implementations (defaults to InfoNCE's). ``logits``: how
+    many logits the call has (B x (N + H)); on the CPU, ``auto`` takes the materializing
+    ``naive`` path when they are at most :func:`materialize_logits`. Without it, the size is
+    not considered.
     """
     extra = EXTRA_BACKENDS if extra_backends is None else extra_backends
     if backend == "auto":
@@ -49,9 +68,12 @@ def resolve_backend(backend: str, device: torch.device, extra_backends=None) -> 
                           f"using the chunked torch path. {CUDA_INFO_NCE_NOTE}")
             return "torch"
         if device.type == "cpu":
+            if not available["cpu"].available:
+                warn_once("cpu-fallback", f"fastcl: native CPU kernels unavailable ({available['cpu'].reason}); using the chunked PyTorch path")
+            if logits is not None and logits <= materialize_logits():
+                return "naive"
             if available["cpu"].available:
                 return "cpu"
-            warn_once("cpu-fallback", f"fastcl: native CPU kernels unavailable ({available['cpu'].reason}); using the chunked PyTorch path")
         return "torch"
     requested_backend(backend, device)
     if backend in ("triton", "cuda") and backend not in extra:
@@ -118,7 +140,10 @@ def info_nce(
         query, key, positive, hard_negatives, temperature, normalize, symmetric, exclude_self,
         labels, key_labels, multi_positive, false_negative_margin, label_smoothing, reduction, backend,
     )
-    chosen = resolve_backend(backend, query.device)
+    hard = hard_negatives.shape[1] if hard_negatives is not None else 0
+    chosen = resolve_backend(backend, query.device, logits=query.shape[0] * (key.shape[0] + hard))
+    if chosen == "naive" and backend == "auto":  # a small call: materialize the logits
+        return dense_info_nce(query, key, positive, hard_negatives, temperature, labels, key_labels, options)
     if chosen == "naive":
         return naive.info_nce(
             query, key, positive=positive, hard_negatives=hard_negatives, temperature=temperature,

@@ -28,6 +28,18 @@ from .options import MASK, PAIRWISE, SUPCON, InfoNCEOptions
 
 NORM_EPS = 1e-12
 DEFAULT_BLOCK_BYTES = 8 * 2**20
+# exp(x - max) below these is flushed to 0, as the native kernels do (csrc/cpu/fast_math.h:
+# 2^-64 in float32, 2^-93 in float64, far below what can change a result at that precision),
+# so no subnormal (or normal but tiny value whose products are subnormal) enters a gradient product.
+EXP_FLUSH = {torch.float32: 2.0**-64, torch.float64: 2.0**-93}
+
+
+def flush_tiny(probabilities: torch.Tensor) -> torch.Tensor:
+    """Sets entries below the flush threshold to exactly 0, in place (NaN stays NaN)."""
+    threshold = EXP_FLUSH.get(probabilities.dtype)
+    if threshold is not None:
+        probabilities.masked_fill_(probabilities < threshold, 0.0)
+    return probabilities
 
 
 @dataclass
@@ -141,7 +153,7 @@ def torch_row_kernel(
         if eps > 0:
             loss = loss - eps * torch.where(candidate, scores, zero).sum(1) / count
         if weights is not None:
-            grad = torch.where(candidate, torch.exp(masked - lse[:, None]), zero)
+            grad = flush_tiny(torch.where(candidate, torch.exp(masked - lse[:, None]), zero))
             grad = grad - (1.0 - eps) * is_positive.to(dtype)
             if eps > 0:
                 grad = grad - eps * candidate.to(dtype) / count[:, None]
@@ -156,7 +168,7 @@ def torch_row_kernel(
             positive_sum = torch.where(is_positive, scores, zero).sum(1)
             loss = torch.where(valid, safe_lse - positive_sum / num_positive, zero)
             if weights is not None:
-                grad = torch.where(candidate & valid[:, None], torch.exp(masked - safe_lse[:, None]), zero)
+                grad = flush_tiny(torch.where(candidate & valid[:, None], torch.exp(masked - safe_lse[:, None]), zero))
                 grad = grad - is_positive.to(dtype) / num_positive[:, None]
         else:  # PAIRWISE
             negative = candidate & ~is_positive
@@ -165,11 +177,14 @@ def torch_row_kernel(
             terms = torch.nn.functional.softplus(lse[:, None] - scores)
             loss = torch.where(is_positive, terms, zero).sum(1)
             if weights is not None:
-                sigma = torch.where(is_positive, torch.sigmoid(lse[:, None] - scores), zero)
+                # the reference differentiates softplus at every entry and masks afterwards, so
+                # a NaN argument off the positives still reaches the row (0 * sigmoid(NaN))
+                sigmoid = torch.sigmoid(lse[:, None] - scores)
+                sigma = torch.where(is_positive, sigmoid, sigmoid * 0.0)
                 has_negative = negative.any(1)
                 safe_lse = torch.where(has_negative, lse, zero)
-                negative_share = torch.where(negative, torch.exp(masked - safe_lse[:, None]), zero)
-                grad = sigma.sum(1, keepdim=True) * negative_share - sigma
+                negative_share = flush_tiny(torch.where(negative, torch.exp(masked - safe_lse[:, None]), zero))
+                grad = torch.where(negative, sigma.sum(1, keepdim=True) * negative_share, zero) - sigma
 
     if weights is not None:
         grad = grad * (weights[row0:row0 + rows, None] * inv_temperature)

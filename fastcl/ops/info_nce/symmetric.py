@@ -11,6 +11,11 @@ directions come from the same blocks of S = Q K^T:
   dK += G^T Q.
 
 Memory stays O(B·D) plus O(B) statistics; the block buffer is the driver's.
+
+When a statistic of pass 1 is not finite (NaN or +-inf among the similarities), the loss is
+recomputed direction by direction with the row kernel, which sends such rows through the
+reference-faithful PyTorch formulas (native.py), so non-finite values land exactly where the
+naive reference puts them.
 """
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ from typing import Optional, Tuple
 import torch
 
 from ..._native import typed_kernel
-from .chunked import similarity_blocks
+from .chunked import Direction, run_direction, similarity_blocks
+from .native import native_row_kernel
 from .options import MASK, InfoNCEOptions
 
 
@@ -60,6 +66,8 @@ def two_pass_symmetric(
                    tracked=batch, inv_temperature=inv_temperature, row_max_out=row_max[row0:].data_ptr(),
                    row_sum_out=row_sum[row0:].data_ptr(), diagonal_out=diagonal[row0:].data_ptr(), column_max=column_max.data_ptr(),
                    column_sum=column_sum.data_ptr(), num_threads=threads)
+    if not all(bool(torch.isfinite(t).all()) for t in (row_max, row_sum, column_max, column_sum)):
+        return _per_direction(q, k, inv_temperature, weights, grads_out)
     # maxima and diagonal are raw similarities: loss = (max - S_ii) / tau + log(sum)
     row_loss = (row_max - diagonal) * inv_temperature + torch.log(row_sum)
     column_loss = (column_max - diagonal) * inv_temperature + torch.log(column_sum)
@@ -80,3 +88,22 @@ def two_pass_symmetric(
         dq[row0:row1].addmm_(block, k)
         dk.addmm_(block.T, q[row0:row1])
     return row_loss, column_loss, dtemp.sum()
+
+
+def _per_direction(q, k, inv_temperature: float, weights, grads_out):
+    """The same loss by the chunked driver, one direction at a time (the non-finite case)."""
+    batch = q.shape[0]
+    index = torch.arange(batch)
+    rows = Direction(q, k, None, index, None, None, None, float(batch), False)
+    columns = Direction(k[:batch], q, None, index, None, None, None, float(batch), False)
+    options = InfoNCEOptions(symmetric=True)
+    if weights is None:
+        row_loss = run_direction(rows, options, inv_temperature, native_row_kernel, None)[0]
+        column_loss = run_direction(columns, options, inv_temperature, native_row_kernel, None)[0]
+        return row_loss, column_loss, torch.zeros((), dtype=q.dtype)
+    dq, dk = grads_out
+    row_loss, _, row_dtemp = run_direction(rows, options, inv_temperature, native_row_kernel, weights[0],
+                                           (dq, dk, None))
+    column_loss, _, column_dtemp = run_direction(columns, options, inv_temperature, native_row_kernel, weights[1],
+                                                 (dk[:batch], dq, None))
+    return row_loss, column_loss, row_dtemp + column_dtemp

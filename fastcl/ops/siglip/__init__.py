@@ -51,7 +51,8 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     check_scalar_device("logit_bias", logit_bias, image_features)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    chosen = resolve_backend(backend, image_features.device, EXTRA_BACKENDS)
+    batch = image_features.shape[0]
+    chosen = resolve_backend(backend, image_features.device, EXTRA_BACKENDS, logits=batch * batch)
     if chosen == "naive":
         return naive.siglip_loss(image_features, text_features, logit_scale, logit_bias)
     if chosen in EXTRA_BACKENDS:

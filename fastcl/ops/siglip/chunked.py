@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..._native import typed_kernel
-from ..info_nce.chunked import similarity_blocks
+from ..info_nce.chunked import flush_tiny, similarity_blocks
 from ..info_nce.function import compute_dtype
 
 
@@ -29,7 +29,7 @@ def torch_siglip_rows(raw: torch.Tensor, row0: int, scale: float, bias: float, f
     zero = torch.zeros((), dtype=raw.dtype, device=raw.device)
     if not with_grad:
         return loss, zero, zero
-    grad = torch.sigmoid(-signed)  # dl/d(signed) = -sigmoid(-signed); dz = sign * that
+    grad = flush_tiny(torch.sigmoid(-signed))  # dl/d(signed) = -sigmoid(-signed); dz = sign * that
     grad[local, diagonal] = -grad[local, diagonal]
     grad *= factor  # now dL/dz_ij
     d_bias = grad.sum()
