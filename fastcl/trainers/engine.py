@@ -368,10 +368,13 @@ def train(method_name: str, build: Callable[[TrainConfig], Method], config: Trai
           default_steps: int = 100) -> Dict[str, Any]:
     """Build the method, train it, evaluate it; returns what metrics.json holds."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
+    AcceleratorState._reset_state()  # each run its own precision (repeated in-process runs, tests)
     accelerator = Accelerator(mixed_precision="bf16" if config.precision == "bf16" else "no",
-                              step_scheduler_with_optimizer=False)
+                              step_scheduler_with_optimizer=False,
+                              cpu=not torch.cuda.is_available())  # Accelerate needs cpu=True to run gloo DDP
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     say = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
