@@ -444,6 +444,8 @@ def train(method_name: str, build: Callable[[TrainConfig], Method], config: Trai
 
     if state is not None:
         before, baselines, evals = state.get("before", {}), state.get("baselines", {}), state.get("evals", [])
+    elif config.skip_before:
+        before, baselines, evals = {}, {}, []
     else:
         before = evaluate()
         baselines = (method.baselines() if method.baselines is not None and not config.skip_eval else {}) if main else {}

@@ -49,16 +49,16 @@ class Config(TextConfig):
 def _training_texts(config: Config):
     if config.mode == "unsup":
         return choose(config.data, lambda: [(s,) for s in lee.background_sentences()],
-                      lambda: [(s,) for s, _ in synthetic.sentences(512, seed=config.seed)],
+                      lambda: [(s,) for s, _ in synthetic.sentences(config.synthetic_size or 512, seed=config.seed)],
                       "Lee background sentences (gensim)")
     from .data import faq
 
-    return choose(config.data, faq.simcse_triples, lambda: synthetic_triples(config.seed),
+    return choose(config.data, faq.simcse_triples, lambda: synthetic_triples(config.seed, config.synthetic_size or 256),
                   "FAQ triples (question, its answer, another answer of the same FAQ)")
 
 
-def synthetic_triples(seed: int):
-    pairs = synthetic.question_passages(256, seed=seed)
+def synthetic_triples(seed: int, count: int):
+    pairs = synthetic.question_passages(count, seed=seed)
     return [(q, p, pairs[(i + 1) % len(pairs)][1]) for i, (q, p) in enumerate(pairs)]
 
 
