@@ -97,7 +97,7 @@ def build(config: Config) -> Method:
 
 
 # -- benchmark (python -m fastcl.bench trainers) ----------------------------------------------------
-BENCH_ARGS = ["--data", "auto", "--steps", "8", "--batch-size", "32", "--max-length", "32", "--lr", "3e-5"]
+BENCH_ARGS = ["--data", "auto", "--steps", "4", "--batch-size", "16", "--max-length", "32", "--skip-save"]
 
 
 def bench_peer(config: Config):
