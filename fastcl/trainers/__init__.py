@@ -1,0 +1,1 @@
+"""Reference trainers (python -m fastcl.trainers METHOD)."""

@@ -1,0 +1,1 @@
+"""Offline data loaders and generators of the trainers."""
