@@ -25,9 +25,12 @@ from .data.canvases import box_mask
 
 
 @torch.no_grad()
-def extract_features(encoder: Callable, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Features of ``images`` in batches, float32 on the CPU. The caller sets eval mode."""
-    device = next((p.device for p in getattr(encoder, "parameters", lambda: [])()), torch.device("cpu"))
+def extract_features(encoder: Callable, images: torch.Tensor, batch_size: int = 512,
+                     device: Optional[torch.device] = None) -> torch.Tensor:
+    """Features of ``images`` in batches (moved to ``device``, default the encoder's parameters'),
+    float32 on the CPU. The caller sets eval mode."""
+    if device is None:
+        device = next((p.device for p in getattr(encoder, "parameters", lambda: [])()), torch.device("cpu"))
     out = [encoder(images[start:start + batch_size].to(device)).float().cpu()
            for start in range(0, len(images), batch_size)]
     return torch.cat(out)

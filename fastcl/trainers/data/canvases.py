@@ -143,11 +143,12 @@ def box_mask(boxes: torch.Tensor, grid: int, patch_size: int, scale_side: int, c
 
 
 def box_overlap(boxes: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
-    """(B, M) fraction of each cell (M, 4) covered by each box (B, 4)."""
+    """(B, M) fraction of each cell covered by each box (B, 4); cells (M, 4) shared by the
+    batch or (B, M, 4) per image, all (top, left, bottom, right) in canvas pixels."""
     b = boxes.to(cells.dtype)[:, None]
-    height = (torch.minimum(b[..., 2], cells[:, 2]) - torch.maximum(b[..., 0], cells[:, 0])).clamp(min=0)
-    width = (torch.minimum(b[..., 3], cells[:, 3]) - torch.maximum(b[..., 1], cells[:, 1])).clamp(min=0)
-    area = (cells[:, 2] - cells[:, 0]) * (cells[:, 3] - cells[:, 1])
+    height = (torch.minimum(b[..., 2], cells[..., 2]) - torch.maximum(b[..., 0], cells[..., 0])).clamp(min=0)
+    width = (torch.minimum(b[..., 3], cells[..., 3]) - torch.maximum(b[..., 1], cells[..., 1])).clamp(min=0)
+    area = (cells[..., 2] - cells[..., 0]) * (cells[..., 3] - cells[..., 1])
     return height * width / area
 
 
