@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import losses
+from . import losses, vision_peers
 from .config import TrainConfig, option
 from .data.captions import class_prompts, clip_captions, sample_caption_ids
 from .data.fashion_mnist import load_images
@@ -34,6 +34,8 @@ from .vision_evaluation import extract_features, zero_shot_accuracy
 from .vision_models import CaptionTower, ImageEncoder, SmallResNet, efficientnet_lite0
 
 DEFAULT_STEPS = 200
+BENCH_ARGS = ["--data", "auto", "--steps", "6", "--batch-size", "256", "--eval-test", "2000"]
+BENCH_BATCH_ARGS = ["--data", "auto", "--steps", "2", "--eval-test", "200"]
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
@@ -53,6 +55,7 @@ class Config(TrainConfig):
     init_temperature: float = option(0.07, "initial temperature: logit_scale starts at log(1 / this)")
     train_limit: Optional[int] = option(None, "train on a fixed random slice of this many images")
     eval_test: int = option(10000, "test images of the zero-shot evaluation")
+    peer: Literal["none", "open_clip"] = option("none", "benchmark only: open_clip's ClipLoss instead of fastcl")
 
     def __post_init__(self):
         super().__post_init__()
@@ -123,7 +126,11 @@ def build(config: Config) -> Method:
         caption_ids = sample_caption_ids(batch["labels"].cpu(), ids_per_class).to(batch["labels"].device)
         return ({"images": batch["images"]}, {"caption_ids": caption_ids}), {}
 
+    peer_loss = vision_peers.open_clip_loss() if config.peer == "open_clip" else None
+
     def representation_loss(image_features, text_features):
+        if peer_loss is not None:
+            return peer_loss(image_features, text_features, model.logit_scale.exp())
         return losses.clip_loss(image_features, text_features, model.logit_scale.exp(), loss=config.loss)
 
     def after_step(trained: CLIPModel):
@@ -150,3 +157,10 @@ def build(config: Config) -> Method:
                               f"({len(captions)} distinct), text encoder {text_kind}, image encoder {config.image_encoder}; "
                               f"zero-shot on {len(data.test_images)} test images",
                   extra={"prompts": prompts, "captions": len(captions)})
+
+
+def bench_peer(argv, out_dir):
+    """The peer's row: this trainer with open_clip's ClipLoss."""
+    from .vision_bench import run_trainer
+
+    return run_trainer("clip", list(argv) + ["--peer", "open_clip"], out_dir)

@@ -48,6 +48,9 @@ from .vision_evaluation import box_recall, peak_memory, retrieval_accuracy
 from .vision_models import CaptionTower
 
 DEFAULT_STEPS = 200
+BENCH_ARGS = ["--data", "auto", "--steps", "6", "--batch-size", "16", "--eval-canvases", "8"]
+# PS3's memory axis is the canvas side (vision_bench.largest_canvas), not the batch
+BENCH_BATCH_ARGS = ["--data", "auto", "--steps", "2", "--eval-canvases", "2"]
 
 
 @dataclass
@@ -73,6 +76,8 @@ class Config(TrainConfig):
     eval_canvases: int = option(48, "held-out canvases (every item's caption is evaluated)")
     timing_batch: int = option(2, "canvases of the forward+backward time and memory measurement")
     source_limit: Optional[int] = option(None, "paste items from a fixed slice of this many source images")
+    encoder: Literal["selective", "full"] = option(
+        "selective", "selective: PS3; full: every high-res patch of the largest scale (the baseline PS3 avoids; no selection BCE)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -127,6 +132,9 @@ class PS3Model(nn.Module):
             return F.normalize(self.text(caption_ids), dim=-1)
         if boxes is None:
             raise ValueError("boxes is required with images")
+        if self.config.encoder == "full":
+            local = self.full_high_res(images, boxes)
+            return torch.cat([local, local.new_zeros(local.shape[0], 1)], dim=1)
         out = self.encoder(images, self.text.raw(caption_ids))
         local = self.local_feature(out.low_res_tokens, boxes, out.tokens, out.positions)
         bce = self.selection_bce(out.scores, boxes)
@@ -272,3 +280,10 @@ def build(config: Config) -> Method:
                   extra={"budget": config.budget, "patches": [g * g for g in grids],
                          "budget_split": fastcl.budget_split(config.budget, [g * g for g in grids]),
                          "low_res_tokens": (config.low_res // config.patch_size) ** 2})
+
+
+def bench_peer(argv, out_dir):
+    """The peer's row: the full high-res ViT (every patch of the largest scale) trained the same way."""
+    from .vision_bench import run_trainer
+
+    return run_trainer("ps3", list(argv) + ["--encoder", "full"], out_dir)

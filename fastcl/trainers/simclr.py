@@ -23,7 +23,7 @@ from torch import nn
 
 import fastcl
 
-from . import losses
+from . import losses, vision_peers
 from .config import TrainConfig, option
 from .data.augment import SimCLRAugment
 from .data.fashion_mnist import load_images
@@ -32,6 +32,10 @@ from .vision_evaluation import extract_features, knn_accuracy, linear_probe_accu
 from .vision_models import ProjectionHead, SmallResNet
 
 DEFAULT_STEPS = 300
+# The benchmark's run (python -m fastcl.bench trainers adds --loss / --grad-cache) and its
+# largest-batch search (the batch doubles until a run needs more than the memory cap).
+BENCH_ARGS = ["--data", "auto", "--steps", "6", "--batch-size", "256", "--eval-train", "2000", "--eval-test", "1000"]
+BENCH_BATCH_ARGS = ["--data", "auto", "--steps", "2", "--eval-train", "200", "--eval-test", "200"]
 
 
 @dataclass
@@ -49,9 +53,11 @@ class Config(TrainConfig):
     projection_dim: int = option(128, "projection head output width (the loss's embedding)")
     crop_scale: float = option(0.2, "smallest area fraction of the random resized crop")
     train_limit: Optional[int] = option(None, "train on a fixed random slice of this many images")
-    eval_train: int = option(10000, "training images the probe and kNN fit on")
-    eval_test: int = option(5000, "test images the probe and kNN are scored on")
+    eval_train: int = option(5000, "training images the probe and kNN fit on")
+    eval_test: int = option(2000, "test images the probe and kNN are scored on")
     knn_k: int = option(20, "neighbours of the kNN vote")
+    peer: Literal["none", "pytorch-metric-learning", "lightly"] = option(
+        "none", "benchmark only: NT-Xent from a peer library (its NTXentLoss) instead of fastcl")
 
     def __post_init__(self):
         super().__post_init__()
@@ -102,8 +108,8 @@ class ImageRows(torch.utils.data.Dataset):
         return self.images[index]
 
 
-def probe_metrics(train_x, train_y, test_x, test_y, k: int):
-    return {"linear_probe_accuracy": linear_probe_accuracy(train_x, train_y, test_x, test_y),
+def probe_metrics(train_x, train_y, test_x, test_y, k: int, max_iter: int = 1000):
+    return {"linear_probe_accuracy": linear_probe_accuracy(train_x, train_y, test_x, test_y, max_iter=max_iter),
             "knn_accuracy": knn_accuracy(train_x, train_y, test_x, test_y, k=k)}
 
 
@@ -119,7 +125,15 @@ def build(config: Config) -> Method:
         # drawn from the global generator, which the engine seeds per step
         return augment.two_views(batch), {}
 
+    peer_loss = None
+    if config.peer == "pytorch-metric-learning":
+        peer_loss = vision_peers.pml_nt_xent(config.temperature)
+    elif config.peer == "lightly":
+        peer_loss = vision_peers.lightly_nt_xent(config.temperature)
+
     def representation_loss(z1, z2):
+        if peer_loss is not None:
+            return peer_loss(z1, z2)
         return nt_xent(z1, z2, config.temperature, config.loss)
 
     def evaluate(trained: SimCLRModel):
@@ -134,8 +148,9 @@ def build(config: Config) -> Method:
         flat_train = evaluation.train_images.flatten(1)
         flat_test = evaluation.test_images.flatten(1)
         return {"random_init": dict(first.get("metrics", {})),
+                # 784 standardized pixels converge slowly: lbfgs stops at 300 iterations
                 "raw_pixels": probe_metrics(flat_train, evaluation.train_labels, flat_test, evaluation.test_labels,
-                                            config.knn_k)}
+                                            config.knn_k, max_iter=300)}
 
     return Method(model=model, train_data=ImageRows(data.train_images), collate=torch.stack,
                   encode_inputs=encode_inputs, representation_loss=representation_loss, evaluate=evaluate,
@@ -144,3 +159,18 @@ def build(config: Config) -> Method:
                               f"{len(evaluation.train_images)} train / {len(evaluation.test_images)} test",
                   extra={"evaluation": f"{data.source} test split", "encoder_parameters":
                          sum(p.numel() for p in model.encoder.parameters())})
+
+
+def bench_peers(argv, out_dir):
+    """The peers' rows: this trainer with pytorch-metric-learning's and lightly's NTXentLoss."""
+    from .vision_bench import run_trainer
+
+    return {peer: run_trainer("simclr", list(argv) + ["--peer", peer], f"{out_dir}/{peer}")
+            for peer in ("pytorch-metric-learning", "lightly")}
+
+
+def bench_peer(argv, out_dir):
+    """The first peer's row (pytorch-metric-learning); :func:`bench_peers` gives both."""
+    from .vision_bench import run_trainer
+
+    return run_trainer("simclr", list(argv) + ["--peer", "pytorch-metric-learning"], out_dir)
