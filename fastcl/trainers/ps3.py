@@ -120,6 +120,9 @@ class PS3Model(nn.Module):
             text_dim=self.text.input_dim,
             # the middle and last blocks (the encoder's own default indexes block -1 when depth = 1)
             score_layers=sorted({max(0, config.depth // 2 - 1), config.depth - 1}))
+        # selection is always top-down (the caption's text): the bottom-up prompt stays unused, and
+        # frozen so that DDP does not wait for its gradient
+        self.encoder.prompt.requires_grad_(False)
         self.image_projection = nn.Linear(config.dim, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0))

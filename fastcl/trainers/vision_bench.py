@@ -181,6 +181,8 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", default=["simclr", "clip", "ps3"], choices=sorted(GOALS))
     parser.add_argument("--out", default="benchmarks/results/cpu_trainers_vision")
     parser.add_argument("--no-search", action="store_true", help="skip the largest-batch / canvas searches")
+    parser.add_argument("--batch-from", type=int, default=256, help="first batch of the doubling search")
+    parser.add_argument("--batch-to", type=int, default=8192, help="last batch of the doubling search")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     runs = os.path.join(args.out, "runs")
@@ -194,8 +196,9 @@ def main(argv=None) -> int:
         if method == "ps3":
             search["ps3"] = {encoder: largest_canvas(encoder) for encoder in ("selective", "full")}
         else:
-            search[method] = {"fused+gradcache": largest_batch(method, runs, ["--grad-cache", "128"]),
-                              "naive": largest_batch(method, runs, ["--loss", "naive"])}
+            search[method] = {"fused+gradcache": largest_batch(method, runs, ["--grad-cache", "128"], args.batch_from,
+                                                               args.batch_to),
+                              "naive": largest_batch(method, runs, ["--loss", "naive"], args.batch_from, args.batch_to)}
         print(json.dumps(search[method]), flush=True)
     write_outputs(rows, search, args.out)
     print(open(os.path.join(args.out, "trainers_vision.md")).read())
