@@ -175,8 +175,9 @@ def _rss(field_name: str) -> Optional[int]:
 
 
 class PeakMemory:
-    """Peak memory of the training steps above what was allocated before the first one
-    (CUDA allocator peak on GPU; resident-set high-water mark on CPU, Linux)."""
+    """Peak memory above what was allocated when it was created (CUDA allocator peak on GPU;
+    resident-set high-water mark on CPU, Linux). The engine starts one after the first step, so
+    the figure is a steady-state step's peak (the first step's when only one runs)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -292,6 +293,16 @@ def load_checkpoint(accelerator, directory: str) -> None:
 
 
 # -- reporting -------------------------------------------------------------------------------------
+def _floats(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """Metric values as floats; a nested mapping is a section (e.g. an ablation's metrics)."""
+    return {k: _floats(v) if isinstance(v, Mapping) else float(v) for k, v in metrics.items()}
+
+
+def _split_sections(metrics: Dict[str, Any]) -> Tuple[Dict[str, float], Dict[str, Dict[str, float]]]:
+    flat = {k: v for k, v in metrics.items() if not isinstance(v, Mapping)}
+    return flat, {k: v for k, v in metrics.items() if isinstance(v, Mapping)}
+
+
 def format_metrics_table(final: Dict[str, float], sections: Dict[str, Dict[str, float]]) -> str:
     columns = ["trained"] + list(sections)
     names = list(final) + [n for s in sections.values() for n in s if n not in final]
@@ -424,19 +435,21 @@ def train(method_name: str, build: Callable[[TrainConfig], Method], config: Trai
 
     def evaluate() -> Dict[str, float]:
         metrics = {}
-        if main:
+        if main and not config.skip_eval:
             unwrapped.eval()
             with torch.no_grad(), accelerator.autocast():
-                metrics = {k: float(v) for k, v in method.evaluate(unwrapped).items()}
+                metrics = _floats(method.evaluate(unwrapped))
             unwrapped.train()
         accelerator.wait_for_everyone()
         return metrics
 
     if state is not None:
         before, baselines, evals = state.get("before", {}), state.get("baselines", {}), state.get("evals", [])
+    elif config.skip_before:
+        before, baselines, evals = {}, {}, []
     else:
         before = evaluate()
-        baselines = (method.baselines() if method.baselines is not None else {}) if main else {}
+        baselines = (method.baselines() if method.baselines is not None and not config.skip_eval else {}) if main else {}
         evals = [{"step": 0, "metrics": before}]
 
     log_path = os.path.join(out, "log.jsonl")
@@ -497,6 +510,10 @@ def train(method_name: str, build: Callable[[TrainConfig], Method], config: Trai
                 raise FloatingPointError(f"step {step + 1}: the loss is {loss_value}")
             elapsed = time.perf_counter() - began
             step_times.append(elapsed)
+            if len(step_times) == 1 and end - start > 1:
+                # steady state: the peak of the later steps above what the first one left allocated
+                # (optimizer state, lazy initialization, warmed-up caches)
+                memory = PeakMemory(accelerator.device)
             done = step + 1
             record = {"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "stage": stage.name,
                       "time_s": round(elapsed, 5), "samples_per_s": round(config.batch_size / elapsed, 2)}
@@ -512,7 +529,7 @@ def train(method_name: str, build: Callable[[TrainConfig], Method], config: Trai
                 bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{record['samples_per_s']:.1f}",
                                 **({"stage": stage.name} if len(plan) > 1 else {}))
                 bar.update(1)
-            if (config.save_every and done % config.save_every == 0) or done == end:
+            if (config.save_every and done % config.save_every == 0) or (done == end and not (config.skip_save and end == total)):
                 save_checkpoint(accelerator, out, snapshot(done))
     finally:
         if bar is not None:
@@ -535,9 +552,12 @@ def train(method_name: str, build: Callable[[TrainConfig], Method], config: Trai
     if main:
         _write_json(os.path.join(out, "metrics.json"), result)
         note = plot_curves(os.path.join(out, "curves.png"), losses, evals, method.goal_metric,
-                           f"{method_name} ({config.loss}, {method.data_source})")
+                           f"{method_name} ({config.loss}; {method.data_source.split(';')[0]})")
         say("")
-        say(format_metrics_table(final, {"before": before, **baselines}))
+        final_flat, final_sections = _split_sections(final)
+        before_flat, before_sections = _split_sections(before)
+        columns = {**final_sections, "before": before_flat, **{f"{k} before": v for k, v in before_sections.items()}, **baselines}
+        say(format_metrics_table(final_flat, columns))
         say(f"time/step {timing['time_per_step_s'] or float('nan'):.3f} s, peak memory of the steps "
             f"{(peak if peak is not None else float('nan')):.0f} MB; wrote {out}/metrics.json, log.jsonl"
             + ("" if note else ", curves.png"))

@@ -49,16 +49,16 @@ class Config(TextConfig):
 def _training_texts(config: Config):
     if config.mode == "unsup":
         return choose(config.data, lambda: [(s,) for s in lee.background_sentences()],
-                      lambda: [(s,) for s, _ in synthetic.sentences(512, seed=config.seed)],
+                      lambda: [(s,) for s, _ in synthetic.sentences(config.synthetic_size or 512, seed=config.seed)],
                       "Lee background sentences (gensim)")
     from .data import faq
 
-    return choose(config.data, faq.simcse_triples, lambda: synthetic_triples(config.seed),
+    return choose(config.data, faq.simcse_triples, lambda: synthetic_triples(config.seed, config.synthetic_size or 256),
                   "FAQ triples (question, its answer, another answer of the same FAQ)")
 
 
-def synthetic_triples(seed: int):
-    pairs = synthetic.question_passages(256, seed=seed)
+def synthetic_triples(seed: int, count: int):
+    pairs = synthetic.question_passages(count, seed=seed)
     return [(q, p, pairs[(i + 1) % len(pairs)][1]) for i, (q, p) in enumerate(pairs)]
 
 
@@ -69,6 +69,7 @@ def build(config: Config) -> Method:
     width = backbone.config.hidden_size
     head = nn.Sequential(nn.Linear(width, width), nn.Tanh()) if config.mlp else None
     model = TextEncoder(backbone, config.pooling, head)
+    model.tokenizer = tokenizer
 
     def collate(items):
         columns = list(zip(*items))
@@ -93,3 +94,23 @@ def build(config: Config) -> Method:
                   representation_loss=representation_loss, evaluate=evaluate, goal_metric="spearman",
                   data_source=f"{source}; {len(rows)} training rows; encoder {encoder_name}",
                   extra={"evaluation": "Lee 1225 rated pairs" if real else "synthetic rated pairs"})
+
+
+# -- benchmark (python -m fastcl.bench trainers) ----------------------------------------------------
+BENCH_ARGS = ["--data", "auto", "--steps", "4", "--batch-size", "16", "--max-length", "32", "--skip-save"]
+
+
+def bench_peer(config: Config):
+    """sentence-transformers' trainer with MultipleNegativesRankingLoss (scale 1/temperature,
+    cosine): the same rows, batch, steps and learning rate. Returns (method, timing, data)."""
+    from .st_peer import train_with_sentence_transformers
+
+    if config.mode != "unsup" or config.mlp or config.pooling != "mean":
+        raise ValueError("the sentence-transformers peer covers --mode unsup with mean pooling and no MLP")
+    method = build(config)
+    sentences = [row[0] for row in method.train_data]
+    timing = train_with_sentence_transformers(method.model.backbone, method.model.tokenizer,
+                                              {"anchor": sentences, "positive": sentences}, config,
+                                              scale=1.0 / config.temperature, similarity="cosine",
+                                              max_seq_length=config.max_length)
+    return method, timing, method.data_source
