@@ -159,8 +159,8 @@ def build(config: Config) -> Method:
                   extra={"prompts": prompts, "captions": len(captions)})
 
 
-def bench_peer(argv, out_dir):
+def bench_peers(argv, out_dir):
     """The peer's row: this trainer with open_clip's ClipLoss."""
     from .vision_bench import run_trainer
 
-    return run_trainer("clip", list(argv) + ["--peer", "open_clip"], out_dir)
+    return {"open_clip ClipLoss": run_trainer("clip", list(argv) + ["--peer", "open_clip"], out_dir)}

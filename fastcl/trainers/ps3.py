@@ -285,8 +285,8 @@ def build(config: Config) -> Method:
                          "low_res_tokens": (config.low_res // config.patch_size) ** 2})
 
 
-def bench_peer(argv, out_dir):
+def bench_peers(argv, out_dir):
     """The peer's row: the full high-res ViT (every patch of the largest scale) trained the same way."""
     from .vision_bench import run_trainer
 
-    return run_trainer("ps3", list(argv) + ["--encoder", "full"], out_dir)
+    return {"full high-res ViT": run_trainer("ps3", list(argv) + ["--encoder", "full"], out_dir)}

@@ -168,9 +168,3 @@ def bench_peers(argv, out_dir):
     return {peer: run_trainer("simclr", list(argv) + ["--peer", peer], f"{out_dir}/{peer}")
             for peer in ("pytorch-metric-learning", "lightly")}
 
-
-def bench_peer(argv, out_dir):
-    """The first peer's row (pytorch-metric-learning); :func:`bench_peers` gives both."""
-    from .vision_bench import run_trainer
-
-    return run_trainer("simclr", list(argv) + ["--peer", "pytorch-metric-learning"], out_dir)

@@ -2,14 +2,15 @@
 
 ``python -m fastcl.trainers.vision_bench [--methods simclr clip ps3] [--out DIR] [--no-search]``
 runs, per method, its ``BENCH_ARGS`` with ``--loss naive``, ``--loss fused``, ``--loss fused
---grad-cache 32`` and the peers (``bench_peers`` / ``bench_peer``), then searches the largest
+--grad-cache 32`` and the peers (``bench_peers(argv, out_dir) -> {name: row}``), then searches the largest
 batch whose run stays under the memory cap (SimCLR, CLIP: the batch doubles from 256; PS3: the
 canvas side grows, for the selective and the full high-res encoder). Time per step is the
 engine's median over the steps after the first; peak memory is the engine's (RSS high-water
 mark above the baseline on CPU, the allocator's peak on GPU). Writes ``trainers_vision.csv``,
 ``trainers_vision.md`` (the table) and ``trainers_vision.png`` under ``--out``.
 
-The ``trainers`` suite of ``python -m fastcl.bench`` can call the same hooks.
+The hook is ``bench_peers`` (not the ``bench_peer`` of the ``trainers`` suite, which runs the
+sentence-transformers peer for whoever defines it); the suite can call it for these methods.
 """
 from __future__ import annotations
 
@@ -72,13 +73,7 @@ def provider_rows(method: str, out: str) -> List[Dict[str, object]]:
     for provider, extra in variants.items():
         rows.append({"method": method, "provider": provider,
                      **run_trainer(method, argv + extra, os.path.join(out, method, provider))})
-    if hasattr(module, "bench_peers"):
-        peers = module.bench_peers(argv, os.path.join(out, method, "peer"))
-    elif hasattr(module, "bench_peer"):
-        name = {"clip": "open_clip ClipLoss", "ps3": "full high-res ViT"}.get(method, "peer")
-        peers = {name: module.bench_peer(argv, os.path.join(out, method, "peer"))}
-    else:
-        peers = {}
+    peers = module.bench_peers(argv, os.path.join(out, method, "peer")) if hasattr(module, "bench_peers") else {}
     for provider, row in peers.items():
         rows.append({"method": method, "provider": provider, **row})
     return rows
