@@ -6,4 +6,7 @@ METHODS = {
     "simcse": "fastcl.trainers.simcse",
     "dpr": "fastcl.trainers.dpr",
     "nv_embed": "fastcl.trainers.nv_embed",
+    "simclr": "fastcl.trainers.simclr",
+    "clip": "fastcl.trainers.clip",
+    "ps3": "fastcl.trainers.ps3",
 }
