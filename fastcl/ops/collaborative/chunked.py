@@ -14,6 +14,7 @@ import torch
 from ..._native import typed_kernel
 from ..info_nce.chunked import block_rows_for
 from ..info_nce.function import compute_dtype
+from ..info_nce.options import _checking_values
 from .naive import NORM_EPS
 
 # bytes of (pages, L, L) logits one PyTorch block may hold (the reference maths keeps a few)
@@ -22,9 +23,22 @@ BLOCK_BYTES = 16 << 20
 
 def contributing_anchors(clicks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(P, L) bool: valid anchors with at least one other valid item of the same click label in
-    their page (the anchors whose loss counts). O(P * L * L) booleans per call: fine at page sizes."""
-    same = (clicks.unsqueeze(2) == clicks.unsqueeze(1)) & mask.unsqueeze(1)
-    return mask & (same.sum(-1) > 1)
+    their page (the anchors whose loss counts). Small non-negative labels (click flags) are
+    counted per label, O(P * L * K); other labels pairwise, O(P * L * L) booleans."""
+    labels = clicks.to(torch.int64)
+    if clicks.dtype == torch.bool:
+        num_labels = 2
+    elif _checking_values() and labels.numel() and int(labels.min()) >= 0 and int(labels.max()) < 64:
+        num_labels = int(labels.max()) + 1
+    else:  # other labels, or under torch.compile (no data-dependent sizes)
+        num_labels = None
+    if num_labels is not None:
+        per_label = torch.zeros(labels.shape[0], num_labels, dtype=torch.int64, device=labels.device)
+        per_label.scatter_add_(1, labels, mask.to(torch.int64))
+        same = per_label.gather(1, labels)
+    else:
+        same = ((labels.unsqueeze(2) == labels.unsqueeze(1)) & mask.unsqueeze(1)).sum(-1)
+    return mask & (same > 1)
 
 
 def _block(items, clicks, mask, trigger, weights, temperature: float, normalize: bool, compute_grads: bool):

@@ -4,8 +4,8 @@ backend), so ``torch.compile(fullgraph=True)`` traces through it.
 ``fastcl::collaborative_forward`` returns the per-anchor losses (P, L), ``total`` =
 sum_a weights_a losses_a, and, when asked, the gradients of ``total`` wrt (items, trigger),
 computed in the same pass. For "mean"/"sum" the weights are the reduction's, so backward only
-scales the saved gradients; for "none" backward runs the op again with the incoming per-anchor
-gradient as the weights.
+scales the saved gradients; for "none" (and a forward run without gradients) backward runs the
+op again with the incoming per-anchor gradient as the weights.
 """
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (temperature, normalize, backend)
     ctx.fused = compute_grads
     ctx.has_trigger = trigger is not None
-    saved = [items, clicks, mask, trigger if trigger is not None else no_tensor(items)]
+    ctx.set_materialize_grads(False)  # an output nobody used gets None, not zeros (no extra pass)
+    saved = [items, clicks, mask, trigger if trigger is not None else no_tensor(items), weights]
     if compute_grads:
         saved += [output[2], output[3]]
     ctx.save_for_backward(*saved)
@@ -65,18 +66,22 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_losses, grad_total, *_unused):
     saved = ctx.saved_tensors
-    items, clicks, mask, trigger = saved[:4]
+    items, clicks, mask, trigger, weights = saved[:5]
     trigger = trigger if ctx.has_trigger else None
     d_items = d_trigger = None
-    if ctx.fused and grad_total is not None:
-        scale = grad_total.reshape(())
-        d_items = saved[4] * scale.to(saved[4].dtype)
-        if trigger is not None:
-            d_trigger = saved[5] * scale.to(saved[5].dtype)
-    if grad_losses is not None and (not ctx.fused or bool((grad_losses != 0).any())):
-        # per-anchor upstream gradient ("none"): one more pass with it as the weights
+    rerun_weights = grad_losses
+    if grad_total is not None:
+        if ctx.fused:  # the gradients of total were computed in the forward pass: scale them
+            scale = grad_total.reshape(())
+            d_items = saved[5] * scale.to(saved[5].dtype)
+            d_trigger = saved[6] * scale.to(saved[6].dtype) if trigger is not None else None
+        else:
+            total_weights = weights * grad_total.reshape(()).to(weights.dtype)
+            rerun_weights = total_weights if rerun_weights is None else rerun_weights + total_weights
+    if rerun_weights is not None:
+        # per-anchor upstream gradient ("none"), or a forward without gradients: one more pass
         _, _, extra_items, extra_trigger = torch.ops.fastcl.collaborative_forward(
-            items, clicks, mask, trigger, grad_losses, *ctx.options, True)
+            items, clicks, mask, trigger, rerun_weights, *ctx.options, True)
         d_items = extra_items if d_items is None else d_items + extra_items
         if trigger is not None:
             d_trigger = extra_trigger if d_trigger is None else d_trigger + extra_trigger
