@@ -1,0 +1,138 @@
+"""The options every trainer shares (``TrainConfig``) and the command line built from a config dataclass.
+
+A method extends ``TrainConfig`` with its own fields (and may redefine a shared field to change
+its default). The command line is generated from the dataclass by transformers'
+``HfArgumentParser``: every field is an option (``--batch-size`` and ``--batch_size`` both work),
+``--help`` lists each with its default, and ``--config FILE`` (JSON or YAML) sets any of them,
+command-line options winning over the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Type, TypeVar
+
+__all__ = ["TrainConfig", "parse_config", "load_config_file", "config_to_dict"]
+
+C = TypeVar("C", bound="TrainConfig")
+
+
+def option(default: Any, help: str, **metadata) -> Any:
+    """A dataclass field with its ``--help`` line."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **metadata})
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass
+class TrainConfig:
+    """Options shared by every method (the method's own ``Config`` adds its fields)."""
+
+    loss: Literal["fused", "naive"] = option(
+        "fused", "fused: fastcl's kernels (no BxN logits); naive: the plain PyTorch loss that materializes the logits")
+    data: Literal["real", "synthetic", "auto"] = option(
+        "auto", "real: the offline data sets of `make data` (error when absent); synthetic: the small generator; "
+                "auto: real when installed, else synthetic")
+    steps: Optional[int] = option(None, "optimizer steps (default: the method's; --epochs instead counts passes over the data)")
+    epochs: Optional[float] = option(None, "passes over the training data (used when --steps is not given)")
+    batch_size: int = option(32, "global batch (split evenly across processes under torchrun)")
+    lr: float = option(3e-5, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_steps: int = option(0, "linear warm-up steps, then linear decay to 0 at the last step")
+    seed: int = option(0, "seeds Python, NumPy, torch and the data order")
+    precision: Literal["fp32", "bf16"] = option("fp32", "fp32, or bf16 mixed precision (autocast)")
+    grad_cache: Optional[int] = option(None, "GradCache chunk size (rows per chunk): full-batch gradients with one chunk's activations")
+    out: Optional[str] = option(None, "output directory (log.jsonl, metrics.json, curves.png, checkpoints); default runs/METHOD")
+    resume: Optional[str] = option(None, "checkpoint directory to resume from, or a run directory (its latest checkpoint)")
+    save_every: int = option(0, "save a checkpoint every N steps (0: only at the end)")
+    stop_after: Optional[int] = option(None, "stop (with a checkpoint) after this step, as an interrupted run would; --resume continues it")
+    eval_every: int = option(0, "evaluate every N steps for the curves (0: before and after training only)")
+    config: Optional[str] = option(None, "JSON or YAML file with any of these options; command-line options override it")
+
+    def __post_init__(self):
+        checks = [
+            ("steps", self.steps is None or self.steps >= 1, "a positive integer"),
+            ("epochs", self.epochs is None or self.epochs > 0, "a positive number"),
+            ("batch_size", self.batch_size >= 1, "a positive integer"),
+            ("lr", self.lr > 0, "a positive number"),
+            ("weight_decay", self.weight_decay >= 0, "a non-negative number"),
+            ("warmup_steps", self.warmup_steps >= 0, "a non-negative integer"),
+            ("grad_cache", self.grad_cache is None or self.grad_cache >= 1, "a positive chunk size"),
+            ("save_every", self.save_every >= 0, "a non-negative integer"),
+            ("stop_after", self.stop_after is None or self.stop_after >= 1, "a positive step"),
+            ("eval_every", self.eval_every >= 0, "a non-negative integer"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {getattr(self, name)!r}")
+        for name, allowed in (("loss", ("fused", "naive")), ("data", ("real", "synthetic", "auto")),
+                              ("precision", ("fp32", "bf16"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+
+def config_to_dict(config: TrainConfig) -> Dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    """Options from a JSON or YAML file (a mapping of option names to values)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--config: no such file {path!r}")
+    with open(path) as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError as error:  # pragma: no cover - PyYAML ships with transformers' dependencies
+            raise ValueError("--config: reading YAML needs PyYAML (pip install pyyaml); or use a .json file") from error
+        values = yaml.safe_load(text)
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--config: {path!r} is not valid JSON ({error})") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"--config: {path!r} must hold a mapping of option names to values, got {type(values).__name__}")
+    return {key.replace("-", "_"): value for key, value in values.items()}
+
+
+def build_parser(config_class: Type[TrainConfig], prog: str, description: str = ""):
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser(config_class, prog=prog, description=description)
+
+
+def parse_config(config_class: Type[C], argv: Optional[Sequence[str]] = None, prog: str = "fastcl.trainers",
+                 description: str = "") -> C:
+    """Parse command-line options (and ``--config FILE``) into ``config_class``; exits with a usage
+    message naming the option on a bad value, like any argparse program."""
+    parser = build_parser(config_class, prog, description)
+    argv = list(argv) if argv is not None else []
+    pre, _ = _config_file_argument(argv)
+    if pre is not None:
+        try:
+            values = load_config_file(pre)
+        except ValueError as error:
+            parser.error(str(error))
+        names = {f.name for f in dataclasses.fields(config_class)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            parser.error(f"--config {pre}: unknown option(s) {unknown}; see --help")
+        parser.set_defaults(**values)
+    try:
+        (config,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except ValueError as error:
+        parser.error(str(error))
+    return config
+
+
+def _config_file_argument(argv: List[str]) -> Tuple[Optional[str], List[str]]:
+    for index, arg in enumerate(argv):
+        if arg == "--config" and index + 1 < len(argv):
+            return argv[index + 1], argv
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1], argv
+    return None, argv

@@ -1,0 +1,38 @@
+"""The contrastive losses a method calls: fastcl's fused kernels or the naive reference (one flag),
+on one process or with every rank's negatives (``fastcl.distributed``) under torchrun.
+
+``loss="naive"`` runs the same maths through ``backend="naive"`` (materialized logits), so fused
+and naive runs differ only by rounding and draw the same random numbers.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import fastcl
+
+__all__ = ["distributed_active", "backend_for", "info_nce", "clip_loss"]
+
+
+def distributed_active() -> bool:
+    """True under torchrun / accelerate launch with more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def backend_for(loss: str) -> str:
+    if loss not in ("fused", "naive"):
+        raise ValueError(f"loss must be 'fused' or 'naive', got {loss!r}")
+    return "naive" if loss == "naive" else "auto"
+
+
+def info_nce(query: torch.Tensor, key: torch.Tensor, *, loss: str = "fused", **kwargs) -> torch.Tensor:
+    """:func:`fastcl.info_nce` (or :func:`fastcl.distributed.info_nce` with several processes:
+    the keys of every rank are candidates); ``loss`` picks the fused or the naive backend."""
+    function = fastcl.distributed.info_nce if distributed_active() else fastcl.info_nce
+    return function(query, key, backend=backend_for(loss), **kwargs)
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, *, loss: str = "fused") -> torch.Tensor:
+    """:func:`fastcl.clip_loss` (every rank's pairs as negatives under torchrun)."""
+    function = fastcl.distributed.clip_loss if distributed_active() else fastcl.clip_loss
+    return function(image_features, text_features, logit_scale, backend=backend_for(loss))

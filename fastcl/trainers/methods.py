@@ -1,0 +1,9 @@
+"""The method registry: name -> module. A method module defines ``Config`` (a TrainConfig),
+``build(config) -> Method``, ``DEFAULT_STEPS`` and, for the benchmark, ``bench_runs(full)``.
+Adding a method is one line here (see docs/trainers.md, "Adding a method")."""
+
+METHODS = {
+    "simcse": "fastcl.trainers.simcse",
+    "dpr": "fastcl.trainers.dpr",
+    "nv_embed": "fastcl.trainers.nv_embed",
+}
