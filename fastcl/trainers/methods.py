@@ -6,4 +6,6 @@ METHODS = {
     "simcse": "fastcl.trainers.simcse",
     "dpr": "fastcl.trainers.dpr",
     "nv_embed": "fastcl.trainers.nv_embed",
+    "cml": "fastcl.trainers.cml",
+    "ccn": "fastcl.trainers.ccn",
 }
