@@ -292,6 +292,16 @@ def load_checkpoint(accelerator, directory: str) -> None:
 
 
 # -- reporting -------------------------------------------------------------------------------------
+def _floats(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """Metric values as floats; a nested mapping is a section (e.g. an ablation's metrics)."""
+    return {k: _floats(v) if isinstance(v, Mapping) else float(v) for k, v in metrics.items()}
+
+
+def _split_sections(metrics: Dict[str, Any]) -> Tuple[Dict[str, float], Dict[str, Dict[str, float]]]:
+    flat = {k: v for k, v in metrics.items() if not isinstance(v, Mapping)}
+    return flat, {k: v for k, v in metrics.items() if isinstance(v, Mapping)}
+
+
 def format_metrics_table(final: Dict[str, float], sections: Dict[str, Dict[str, float]]) -> str:
     columns = ["trained"] + list(sections)
     names = list(final) + [n for s in sections.values() for n in s if n not in final]
@@ -427,7 +437,7 @@ def train(method_name: str, build: Callable[[TrainConfig], Method], config: Trai
         if main:
             unwrapped.eval()
             with torch.no_grad(), accelerator.autocast():
-                metrics = {k: float(v) for k, v in method.evaluate(unwrapped).items()}
+                metrics = _floats(method.evaluate(unwrapped))
             unwrapped.train()
         accelerator.wait_for_everyone()
         return metrics
@@ -535,9 +545,12 @@ def train(method_name: str, build: Callable[[TrainConfig], Method], config: Trai
     if main:
         _write_json(os.path.join(out, "metrics.json"), result)
         note = plot_curves(os.path.join(out, "curves.png"), losses, evals, method.goal_metric,
-                           f"{method_name} ({config.loss}, {method.data_source})")
+                           f"{method_name} ({config.loss}; {method.data_source.split(';')[0]})")
         say("")
-        say(format_metrics_table(final, {"before": before, **baselines}))
+        final_flat, final_sections = _split_sections(final)
+        before_flat, before_sections = _split_sections(before)
+        columns = {**final_sections, "before": before_flat, **{f"{k} before": v for k, v in before_sections.items()}, **baselines}
+        say(format_metrics_table(final_flat, columns))
         say(f"time/step {timing['time_per_step_s'] or float('nan'):.3f} s, peak memory of the steps "
             f"{(peak if peak is not None else float('nan')):.0f} MB; wrote {out}/metrics.json, log.jsonl"
             + ("" if note else ", curves.png"))

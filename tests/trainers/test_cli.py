@@ -1,0 +1,86 @@
+"""The command line: --help for every method, --config files, clear errors for bad options and missing data."""
+import dataclasses
+import json
+
+import pytest
+
+from .helpers import TINY, main, train
+
+from fastcl.trainers import METHODS, load_method  # noqa: E402
+from fastcl.trainers.engine import DataUnavailable  # noqa: E402
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_help_lists_every_option_with_its_default(method, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([method, "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for field in dataclasses.fields(load_method(method).Config):
+        assert f"--{field.name.replace('_', '-')}" in text, field.name
+    for shared in ("--loss {fused,naive}", "--data {real,synthetic,auto}", "--steps", "--epochs", "--seed", "--out",
+                   "--batch-size", "--grad-cache", "--lr", "--precision {fp32,bf16}", "--resume", "--config"):
+        assert shared in text, shared
+    assert "(default: fused)" in text and "(default: auto)" in text
+
+
+def test_top_level_usage_lists_the_methods(capsys):
+    assert main([]) == 2
+    assert main(["nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown method 'nonexistent'" in err and "simcse" in err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--loss", "fast"], "--loss"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--precision", "fp16"], "--precision"),
+    (["--no-such-option", "1"], "no-such-option"),
+    (["--temperature", "-1"], "--temperature"),
+])
+def test_bad_option_is_a_clear_usage_error(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simcse", *argv])
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", ["json", "yaml"])
+def test_config_file_sets_options_and_the_command_line_wins(suffix, tmp_path):
+    path = tmp_path / f"run.{suffix}"
+    values = {"steps": 2, "batch-size": 8, "temperature": 0.1, "seed": 3}
+    path.write_text(json.dumps(values) if suffix == "json" else "\n".join(f"{k}: {v}" for k, v in values.items()))
+    assert train("simcse", tmp_path / "out", "--config", str(path), "--seed", "4") == 0
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (saved["steps"], saved["batch_size"], saved["temperature"], saved["seed"]) == (2, 8, 0.1, 4)
+
+
+def test_config_file_with_an_unknown_key_is_an_error(tmp_path, capsys):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"stepz": 2}))
+    with pytest.raises(SystemExit):
+        main(["simcse", "--config", str(path)])
+    assert "stepz" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, module, loader", [
+    ("simcse", "fastcl.trainers.data.lee", "background_sentences"),
+    ("dpr", "fastcl.trainers.data.faq", "question_passages"),
+])
+def test_missing_real_data(method, module, loader, monkeypatch, tmp_path, capsys):
+    """--data real without the data: a clear error saying how to get it; --data auto falls back."""
+    import importlib
+
+    def missing(*args, **kwargs):
+        raise DataUnavailable("--data real: not installed here: make data")
+
+    monkeypatch.setattr(importlib.import_module(module), loader, missing)
+    assert main([method, "--data", "real", *TINY[method], "--steps", "1", "--out", str(tmp_path / "r")]) == 2
+    assert "make data" in capsys.readouterr().err
+    assert main([method, "--data", "auto", *TINY[method], "--model", "tiny", "--steps", "1", "--out", str(tmp_path / "a")]) == 0
+    assert "synthetic (auto:" in json.loads((tmp_path / "a" / "metrics.json").read_text())["data"]
+
+
+def test_grad_cache_batch_larger_than_the_data_is_refused(tmp_path, capsys):
+    assert train("simcse", tmp_path, "--batch-size", "100000", "--steps", "1") == 2
+    assert "--batch-size" in capsys.readouterr().err
