@@ -25,8 +25,8 @@ from .data import movielens
 from .engine import Method
 from .recommendation import popularity_scores, topn_metrics, train_bpr_mf
 
-DEFAULT_STEPS = 1200
-BENCH_ARGS = ["--data", "auto", "--steps", "30"]
+DEFAULT_STEPS = 3000
+BENCH_ARGS = ["--data", "auto", "--steps", "20", "--negatives", "1024", "--bpr-epochs", "0"]  # W = 1024: the loss dominates
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Config(TrainConfig):
     margin: float = option(0.5, "hinge margin m (the reference code's default 1.9 suits larger spaces)")
     negatives: int = option(64, "W: negatives sampled uniformly per training pair")
     rank_weight: bool = option(True, "weight each pair by log(1 + rank estimate) (WARP)")
-    covariance_weight: float = option(0.0, "weight of the covariance regularizer over the batch's embeddings (paper: 10)")
+    covariance_weight: float = option(1.0, "weight of the covariance regularizer over the batch's embeddings (paper: 10)")
     max_norm: float = option(1.0, "clip user and item embeddings to this norm after each step")
     batch_size: int = option(1024, "global batch of (user, positive item) pairs")
     lr: float = option(5e-3, "peak learning rate (AdamW)")

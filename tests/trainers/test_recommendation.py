@@ -17,7 +17,7 @@ from fastcl.trainers.recommendation import gauc, topn_metrics
 pytest.importorskip("accelerate", reason="the trainers extra (accelerate) is not installed")
 
 SYNTHETIC = {"cml": ["--bpr-epochs", "1", "--batch-size", "256", "--negatives", "16"],
-             "ccn": ["--batch-size", "32"]}
+             "ccn": ["--batch-size", "32", "--trigger-hadamard", "true"]}
 KEYS = {"cml": (["recall@10", "recall@50", "ndcg@10"], ["popularity", "bpr_mf"]),
         "ccn": (["auc", "gauc"], ["lambda_0"])}
 
