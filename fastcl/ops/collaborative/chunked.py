@@ -18,7 +18,7 @@ from ..info_nce.options import _checking_values
 from .naive import NORM_EPS
 
 # bytes of (pages, L, L) logits one PyTorch block may hold (the reference maths keeps a few)
-BLOCK_BYTES = 16 << 20
+BLOCK_BYTES = 64 << 20
 
 
 def contributing_anchors(clicks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -62,13 +62,13 @@ def _block(items, clicks, mask, trigger, weights, temperature: float, normalize:
     masked = logits.masked_fill(~candidate, float("-inf")).masked_fill(~contributes.unsqueeze(-1), 0.0)
     lse = torch.logsumexp(masked, dim=-1)
     inv_positive = 1.0 / num_positive.clamp_min(1).to(dtype)
-    positive_mean = (logits * positive).sum(-1) * inv_positive
+    positive_mean = logits.masked_fill(~positive, 0.0).sum(-1) * inv_positive
     losses = torch.where(contributes, lse - positive_mean, torch.zeros_like(lse))
     if not compute_grads:
         return losses, None, None
     weight = torch.where(contributes, weights.to(dtype), torch.zeros_like(lse))
-    softmax = torch.exp(masked - lse.unsqueeze(-1)).masked_fill_(~candidate, 0.0)
-    grad = weight.unsqueeze(-1) * (softmax - positive * inv_positive.unsqueeze(-1))
+    grad = torch.exp(masked - lse.unsqueeze(-1)).masked_fill_(~candidate, 0.0)  # softmax
+    grad = torch.where(positive, grad - inv_positive.unsqueeze(-1), grad).mul_(weight.unsqueeze(-1))
     grad_z = (grad + grad.transpose(1, 2)) @ z / temperature
     if normalize:
         radial = (z * grad_z).sum(-1, keepdim=True) * (norm > NORM_EPS)
