@@ -12,6 +12,7 @@ optional ``BENCH_BATCH_ARGS``); nothing here names a method. Opt-in: it trains m
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -80,6 +81,8 @@ def run(device: str, full: bool, out_dir: str, timeout: float = 3600.0, methods:
         module = load_method(name)
         args = list(getattr(module, "BENCH_ARGS_FULL" if full else "BENCH_ARGS", None) or getattr(module, "BENCH_ARGS", []))
         batch_args = list(getattr(module, "BENCH_BATCH_ARGS", [])) + (BATCH_ARGS_FULL if full else BATCH_ARGS_QUICK)
+        if "model" not in {f.name for f in dataclasses.fields(module.Config)}:  # no encoder to shrink (cml, ccn)
+            batch_args = [a for a in batch_args if a not in ("--model", "tiny")]
         runs = [(label, python + ["fastcl.trainers", name], extra) for label, extra in VARIANTS]
         if hasattr(module, "bench_peer"):
             runs += [("sentence-transformers", python + ["fastcl.trainers.st_peer", name], []),
