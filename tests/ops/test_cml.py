@@ -11,7 +11,12 @@ from .compare import record_calls
 
 BACKENDS = ["torch"] + (["cpu"] if fastcl.backends()["cpu"].available else [])
 if fastcl.backends()["triton"].available:
-    BACKENDS.append(pytest.param("triton", marks=pytest.mark.triton))
+    # on a GPU machine the Triton cases run on CUDA tensors (benchmarks/gpu_check.sh: pytest -m cuda)
+    BACKENDS.append(pytest.param("triton", marks=[pytest.mark.triton] + ([pytest.mark.cuda] if torch.cuda.is_available() else [])))
+
+
+def _device(backend):
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float64: 1e-10}
 
 
@@ -25,7 +30,9 @@ def _inputs(batch, window, dim, items, dtype, seed=0):
 
 
 def _run(backend, users, positives, table, indices, indexed, upstream=None, **options):
-    leaves = [t.detach().clone().requires_grad_() for t in (users, positives, table)]
+    device = _device(backend)
+    indices = indices.to(device)
+    leaves = [t.detach().to(device).clone().requires_grad_() for t in (users, positives, table)]
     u, p, t = leaves
     if indexed:
         kwargs = dict(negative_indices=indices, item_table=t)
@@ -38,9 +45,9 @@ def _run(backend, users, positives, table, indices, indexed, upstream=None, **op
         loss = naive.cml_loss(u, p, negatives, **kwargs, **options)
     else:
         loss = fastcl.cml_loss(u, p, negatives, **kwargs, backend=backend, **options)
-    weight = upstream if loss.dim() else 2.5
+    weight = upstream.to(device) if loss.dim() else 2.5
     (loss * weight).sum().backward()
-    return loss.detach(), [leaf.grad for leaf in leaves]
+    return loss.detach().cpu(), [leaf.grad.cpu() for leaf in leaves]
 
 
 def _assert_matches(got, want, dtype):

@@ -10,7 +10,12 @@ from .compare import record_calls
 
 BACKENDS = ["torch"] + (["cpu"] if fastcl.backends()["cpu"].available else [])
 if fastcl.backends()["triton"].available:
-    BACKENDS.append(pytest.param("triton", marks=pytest.mark.triton))
+    # on a GPU machine the Triton cases run on CUDA tensors (benchmarks/gpu_check.sh: pytest -m cuda)
+    BACKENDS.append(pytest.param("triton", marks=[pytest.mark.triton] + ([pytest.mark.cuda] if torch.cuda.is_available() else [])))
+
+
+def _device(backend):
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float64: 1e-10}
 
 
@@ -25,16 +30,18 @@ def _inputs(pages, length, dim, dtype, seed=0, labels=2):
 
 
 def _run(backend, items, clicks, mask, trigger, upstream, **options):
-    leaves = [items.detach().clone().requires_grad_()]
+    device = _device(backend)
+    clicks, mask, upstream = clicks.to(device), mask.to(device), upstream.to(device)
+    leaves = [items.detach().to(device).clone().requires_grad_()]
     if trigger is not None:
-        leaves.append(trigger.detach().clone().requires_grad_())
+        leaves.append(trigger.detach().to(device).clone().requires_grad_())
     trig = leaves[1] if trigger is not None else None
     if backend == "naive":
         loss = naive.collaborative_contrastive_loss(leaves[0], clicks, mask, trigger=trig, **options)
     else:
         loss = fastcl.collaborative_contrastive_loss(leaves[0], clicks, mask, trigger=trig, backend=backend, **options)
     (loss * (upstream if loss.dim() else 1.7)).sum().backward()
-    return loss.detach(), [leaf.grad for leaf in leaves]
+    return loss.detach().cpu(), [leaf.grad.cpu() for leaf in leaves]
 
 
 OPTION_CASES = [  # (trigger, normalize, temperature, reduction, click dtype): pairwise-sampled
@@ -92,8 +99,8 @@ def test_collaborative_float64_many_labels_and_edge_pages(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_collaborative_no_anchor_and_nan(backend):
-    items, clicks, mask, trigger = _inputs(3, 4, 5, torch.float32)
-    alone = torch.zeros(3, 4, dtype=torch.bool)
+    items, clicks, mask, trigger = (t.to(_device(backend)) for t in _inputs(3, 4, 5, torch.float32))
+    alone = torch.zeros(3, 4, dtype=torch.bool, device=items.device)
     alone[:, 0] = True
     leaf = items.clone().requires_grad_()
     loss = fastcl.collaborative_contrastive_loss(leaf, clicks, alone, backend=backend)
@@ -101,10 +108,10 @@ def test_collaborative_no_anchor_and_nan(backend):
     assert float(loss) == 0.0 and torch.equal(leaf.grad, torch.zeros_like(items))
     poisoned = items.clone()
     poisoned[1, 2, 0] = float("nan")
-    mask = torch.ones(3, 4, dtype=torch.bool)
-    clicks = torch.tensor([[1, 1, 0, 0]] * 3)
-    want = naive.collaborative_contrastive_loss(poisoned, clicks, mask, reduction="none")
-    got = fastcl.collaborative_contrastive_loss(poisoned, clicks, mask, reduction="none", backend=backend)
+    mask = torch.ones(3, 4, dtype=torch.bool, device=items.device)
+    clicks = torch.tensor([[1, 1, 0, 0]] * 3, device=items.device)
+    want = naive.collaborative_contrastive_loss(poisoned, clicks, mask, reduction="none").cpu()
+    got = fastcl.collaborative_contrastive_loss(poisoned, clicks, mask, reduction="none", backend=backend).cpu()
     assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(want[1]).all()
     torch.testing.assert_close(got[[0, 2]], want[[0, 2]], rtol=1e-5, atol=1e-5)
 
