@@ -35,6 +35,7 @@ class TrainConfig:
     data: Literal["real", "synthetic", "auto"] = option(
         "auto", "real: the offline data sets of `make data` (error when absent); synthetic: the small generator; "
                 "auto: real when installed, else synthetic")
+    synthetic_size: int = option(0, "rows of the synthetic training set (0: the method's default)")
     steps: Optional[int] = option(None, "optimizer steps (default: the method's; --epochs instead counts passes over the data)")
     epochs: Optional[float] = option(None, "passes over the training data (used when --steps is not given)")
     batch_size: int = option(32, "global batch (split evenly across processes under torchrun)")
@@ -50,6 +51,7 @@ class TrainConfig:
     stop_after: Optional[int] = option(None, "stop (with a checkpoint) after this step, as an interrupted run would; --resume continues it")
     eval_every: int = option(0, "evaluate every N steps for the curves (0: before and after training only)")
     skip_eval: bool = option(False, "no evaluation before or after training (timing runs of the benchmark)")
+    skip_before: bool = option(False, "no evaluation before training and no baselines (repeated benchmark runs)")
     skip_save: bool = option(False, "no checkpoint at the end (timing runs of the benchmark)")
     config: Optional[str] = option(None, "JSON or YAML file with any of these options; command-line options override it")
 
@@ -65,6 +67,7 @@ class TrainConfig:
             ("save_every", self.save_every >= 0, "a non-negative integer"),
             ("stop_after", self.stop_after is None or self.stop_after >= 1, "a positive step"),
             ("eval_every", self.eval_every >= 0, "a non-negative integer"),
+            ("synthetic_size", self.synthetic_size >= 0, "a non-negative integer"),
         ]
         for name, ok, expected in checks:
             if not ok:

@@ -43,6 +43,7 @@ class Config(TextConfig):
     split_seed: int = option(0, "seed of the train/test split of the questions (fixed across --seed)")
     batch_size: int = option(32, "global batch of questions")
     lr: float = option(5e-5, "peak learning rate")
+    eval_max_length: int = option(128, "tokens per text at evaluation (MiniLM was trained on 128)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -73,10 +74,18 @@ class BM25:
         return torch.tensor([list(self.index.get_scores(words(q))) for q in questions], dtype=torch.float64)
 
 
+BM25_MAX_ROWS = 5000
+
+
 def training_rows(pairs, train: List[int], hard_negatives: int) -> List[Tuple[str, ...]]:
     """(question, positive, hard negative ...) per training question; negatives from the training
-    passages, best BM25 score first, never the question's own passage."""
+    passages, best BM25 score first, never the question's own passage. Above BM25_MAX_ROWS
+    training questions (large synthetic sets of the benchmark's batch search, where BM25's
+    quadratic setup would dominate) the next passages are the negatives."""
     passages = [pairs[i][1] for i in train]
+    if hard_negatives and len(train) > BM25_MAX_ROWS:
+        return [(pairs[index][0], pairs[index][1], *[passages[(row + k) % len(passages)] for k in range(1, hard_negatives + 1)])
+                for row, index in enumerate(train)]
     scores = BM25(passages).scores([pairs[i][0] for i in train]) if hard_negatives else None
     rows = []
     for row, index in enumerate(train):
@@ -107,7 +116,7 @@ class DualEncoder(nn.Module):
 
 
 def build(config: Config) -> Method:
-    pairs, real, source = choose(config.data, faq.question_passages, lambda: synthetic.question_passages(300, seed=7),
+    pairs, real, source = choose(config.data, faq.question_passages, lambda: synthetic.question_passages(config.synthetic_size or 300, seed=7),
                                  "Python FAQ + Debian FAQ question/passage pairs")
     train, test = faq.split(pairs, config.train_fraction, config.split_seed)
     rows = training_rows(pairs, train, config.hard_negatives)
@@ -159,7 +168,8 @@ def build(config: Config) -> Method:
 
 
 # -- benchmark (python -m fastcl.bench trainers) ----------------------------------------------------
-BENCH_ARGS = ["--data", "auto", "--steps", "8", "--batch-size", "32", "--max-length", "32", "--passage-max-length", "64"]
+BENCH_ARGS = ["--data", "auto", "--steps", "4", "--batch-size", "16", "--max-length", "32", "--passage-max-length", "64",
+              "--skip-save"]
 
 
 def bench_peer(config: Config):

@@ -175,8 +175,9 @@ def _rss(field_name: str) -> Optional[int]:
 
 
 class PeakMemory:
-    """Peak memory of the training steps above what was allocated before the first one
-    (CUDA allocator peak on GPU; resident-set high-water mark on CPU, Linux)."""
+    """Peak memory above what was allocated when it was created (CUDA allocator peak on GPU;
+    resident-set high-water mark on CPU, Linux). The engine starts one after the first step, so
+    the figure is a steady-state step's peak (the first step's when only one runs)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -444,6 +445,8 @@ def train(method_name: str, build: Callable[[TrainConfig], Method], config: Trai
 
     if state is not None:
         before, baselines, evals = state.get("before", {}), state.get("baselines", {}), state.get("evals", [])
+    elif config.skip_before:
+        before, baselines, evals = {}, {}, []
     else:
         before = evaluate()
         baselines = (method.baselines() if method.baselines is not None and not config.skip_eval else {}) if main else {}
@@ -507,6 +510,10 @@ def train(method_name: str, build: Callable[[TrainConfig], Method], config: Trai
                 raise FloatingPointError(f"step {step + 1}: the loss is {loss_value}")
             elapsed = time.perf_counter() - began
             step_times.append(elapsed)
+            if len(step_times) == 1 and end - start > 1:
+                # steady state: the peak of the later steps above what the first one left allocated
+                # (optimizer state, lazy initialization, warmed-up caches)
+                memory = PeakMemory(accelerator.device)
             done = step + 1
             record = {"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "stage": stage.name,
                       "time_s": round(elapsed, 5), "samples_per_s": round(config.batch_size / elapsed, 2)}

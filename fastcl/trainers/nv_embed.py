@@ -53,6 +53,7 @@ class Config(TextConfig):
     split_seed: int = option(0, "seed of the train/test splits (fixed across --seed)")
     batch_size: int = option(32, "global batch")
     lr: float = option(5e-5, "peak learning rate")
+    eval_max_length: int = option(128, "tokens per text at evaluation (MiniLM was trained on 128)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -112,7 +113,7 @@ def build(config: Config) -> Method:
         return faq.question_passages(), lee.rated_pairs()
 
     def fake():
-        return synthetic.question_passages(300, seed=7), synthetic.similarity_pairs(40, seed=3)
+        return synthetic.question_passages(config.synthetic_size or 300, seed=7), synthetic.similarity_pairs(40, seed=3)
 
     (pairs, (documents, rated)), is_real, source = choose(config.data, real, fake,
                                                           "FAQ question/passage pairs + Lee rated pairs")
@@ -227,5 +228,5 @@ def build(config: Config) -> Method:
 
 
 # -- benchmark (python -m fastcl.bench trainers) ----------------------------------------------------
-BENCH_ARGS = ["--data", "auto", "--steps", "8", "--batch-size", "32", "--max-length", "32", "--passage-max-length", "64",
-              "--ablation", "false"]
+BENCH_ARGS = ["--data", "auto", "--steps", "4", "--batch-size", "16", "--max-length", "32", "--passage-max-length", "64",
+              "--ablation", "false", "--skip-save"]

@@ -49,16 +49,16 @@ class Config(TextConfig):
 def _training_texts(config: Config):
     if config.mode == "unsup":
         return choose(config.data, lambda: [(s,) for s in lee.background_sentences()],
-                      lambda: [(s,) for s, _ in synthetic.sentences(512, seed=config.seed)],
+                      lambda: [(s,) for s, _ in synthetic.sentences(config.synthetic_size or 512, seed=config.seed)],
                       "Lee background sentences (gensim)")
     from .data import faq
 
-    return choose(config.data, faq.simcse_triples, lambda: synthetic_triples(config.seed),
+    return choose(config.data, faq.simcse_triples, lambda: synthetic_triples(config.seed, config.synthetic_size or 256),
                   "FAQ triples (question, its answer, another answer of the same FAQ)")
 
 
-def synthetic_triples(seed: int):
-    pairs = synthetic.question_passages(256, seed=seed)
+def synthetic_triples(seed: int, count: int):
+    pairs = synthetic.question_passages(count, seed=seed)
     return [(q, p, pairs[(i + 1) % len(pairs)][1]) for i, (q, p) in enumerate(pairs)]
 
 
@@ -97,7 +97,7 @@ def build(config: Config) -> Method:
 
 
 # -- benchmark (python -m fastcl.bench trainers) ----------------------------------------------------
-BENCH_ARGS = ["--data", "auto", "--steps", "8", "--batch-size", "32", "--max-length", "32", "--lr", "3e-5"]
+BENCH_ARGS = ["--data", "auto", "--steps", "4", "--batch-size", "16", "--max-length", "32", "--skip-save"]
 
 
 def bench_peer(config: Config):

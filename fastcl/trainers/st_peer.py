@@ -45,6 +45,7 @@ def train_with_sentence_transformers(backbone: nn.Module, tokenizer, columns: Di
         loss = losses.MultipleNegativesRankingLoss(model, scale=scale, similarity_fct=similarity_fct)
 
     times: List[float] = []
+    memory: List[PeakMemory] = [None]
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -52,6 +53,8 @@ def train_with_sentence_transformers(backbone: nn.Module, tokenizer, columns: Di
 
         def on_step_end(self, args, state, control, **kwargs):
             times.append(time.perf_counter() - self.began)
+            if len(times) == 1 and config.steps > 1:
+                memory[0] = PeakMemory(model.device)  # steady state, as the engine measures
 
     arguments = SentenceTransformerTrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="fastcl-st-peer-"), per_device_train_batch_size=config.batch_size,
@@ -61,9 +64,9 @@ def train_with_sentence_transformers(backbone: nn.Module, tokenizer, columns: Di
         disable_tqdm=True)
     trainer = SentenceTransformerTrainer(model=model, args=arguments, train_dataset=Dataset.from_dict(columns), loss=loss,
                                          callbacks=[Timer()])
-    memory = PeakMemory(model.device)
+    memory[0] = PeakMemory(model.device)
     trainer.train()
-    peak = memory.peak_mb()
+    peak = memory[0].peak_mb()
     own = backbone.state_dict()  # AutoModel added a pooler the backbone does not have: take the shared weights
     backbone.load_state_dict({k: v for k, v in transformer.auto_model.state_dict().items() if k in own})
     return {"time_per_step_s": statistics.median(times[1:] if len(times) > 1 else times), "peak_memory_mb": peak,

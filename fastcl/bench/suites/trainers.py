@@ -27,10 +27,14 @@ DEFAULT = False  # not part of a plain `python -m fastcl.bench`
 MEMORY_CAP_MB = 2048.0
 VARIANTS = [("naive", ["--loss", "naive"]), ("fused", ["--loss", "fused"]),
             ("fused+grad_cache32", ["--loss", "fused", "--grad-cache", "32"])]
-# The batch search: one step, no evaluation, no checkpoint; quick mode with the tiny encoder.
-BATCH_ARGS_QUICK = ["--steps", "1", "--skip-eval", "--skip-save", "--model", "tiny"]
-BATCH_ARGS_FULL = ["--steps", "1", "--skip-eval", "--skip-save"]
-BATCH_START, BATCH_CAP_QUICK, BATCH_CAP_FULL = 32, 1024, 4096
+# The batch search: one step, no evaluation, no checkpoint, in one process per (method, provider).
+# Quick mode uses the tiny encoder and 16 tokens, so that the loss (the B x N logits of the naive
+# loss) rather than the encoder's activations decides what fits; --full uses the method's encoder.
+BATCH_ARGS_QUICK = ["--steps", "1", "--skip-eval", "--skip-before", "--skip-save", "--model", "tiny", "--max-length", "16",
+                    "--data", "synthetic", "--synthetic-size", "70000"]
+BATCH_ARGS_FULL = ["--steps", "1", "--skip-eval", "--skip-before", "--skip-save"]
+BATCH_START_QUICK, BATCH_CAP_QUICK = 1024, 16384
+BATCH_START_FULL, BATCH_CAP_FULL = 32, 4096
 
 
 def cases(device: str, full: bool):  # the harness's case-based interface: this suite runs itself
@@ -54,18 +58,44 @@ def _run(command: List[str], out: str, timeout: float) -> Dict[str, object]:
     return result
 
 
-def _largest_batch(command: List[str], start: int, cap: int, work: str, timeout: float) -> str:
-    """Largest batch (doubling from ``start``) whose training steps peak under MEMORY_CAP_MB."""
-    best, batch = None, start
+def _largest_batch(entry: str, argv: List[str], start: int, cap: int, work: str, timeout: float) -> str:
+    """Largest batch (doubling from ``start``) whose training steps peak under MEMORY_CAP_MB; one
+    process runs the whole search (``python -m fastcl.bench.suites.trainers search ...``)."""
+    command = [sys.executable, "-m", __name__, "search", str(start), str(cap), work, entry, *argv]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"timeout ({timeout:.0f} s)"
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        return ((done.stderr or "").strip().splitlines() or ["failed"])[-1][:80]
+    return json.loads(lines[-1])["largest"]
+
+
+def _search(start: int, cap: int, work: str, entry: str, argv: List[str]) -> str:
+    import importlib
+
+    main = importlib.import_module(entry).main
+    best, batch, peaks = None, start, {}
     while batch <= cap:
-        result = _run(command + ["--batch-size", str(batch)], os.path.join(work, f"b{batch}"), timeout)
-        peak = (result.get("train") or {}).get("peak_memory_mb")
-        if result["status"] != "ok" or peak is None or peak > MEMORY_CAP_MB:
+        out = os.path.join(work, f"b{batch}")
+        try:
+            code = main([*argv, "--batch-size", str(batch), "--out", out])
+        except (RuntimeError, MemoryError) as error:  # out of memory on the device
+            print(f"batch {batch}: {type(error).__name__}: {str(error)[:120]}", file=sys.stderr)
+            break
+        try:
+            with open(os.path.join(out, "metrics.json")) as f:
+                peak = json.load(f)["train"]["peak_memory_mb"]
+        except (OSError, KeyError, ValueError):
+            peak = None
+        peaks[batch] = peak
+        if code != 0 or peak is None or peak > MEMORY_CAP_MB:
             break
         best, batch = batch, batch * 2
-    if best is None:
-        return f"< {start}"
-    return f">= {best}" if best * 2 > cap and batch > cap else str(best)
+    largest = f"< {start}" if best is None else (f">= {best}" if batch > cap else str(best))
+    print(json.dumps({"largest": largest, "peaks_mb": peaks}), flush=True)
+    return largest
 
 
 def run(device: str, full: bool, out_dir: str, timeout: float = 3600.0, methods: Optional[List[str]] = None,
@@ -91,7 +121,9 @@ def run(device: str, full: bool, out_dir: str, timeout: float = 3600.0, methods:
             if providers is not None and label not in providers:
                 continue
             print(f"[trainers] {name} {label} ...", flush=True)
-            result = _run(command + args + extra, os.path.join(work, name, label.replace(" ", "_")), timeout)
+            # the untrained model's metrics and the baselines once per method, with the first row
+            once = [] if label == VARIANTS[0][0] or label.startswith("sentence-transformers") else ["--skip-before"]
+            result = _run(command + args + extra + once, os.path.join(work, name, label.replace(" ", "_")), timeout)
             goal = result.get("goal_metric")
             row = {"method": name, "provider": label, "status": result["status"],
                    "time_per_step_s": (result.get("train") or {}).get("time_per_step_s"),
@@ -99,9 +131,9 @@ def run(device: str, full: bool, out_dir: str, timeout: float = 3600.0, methods:
                    "goal_metric": goal, "final_metric": result.get(goal) if goal else None,
                    "before_metric": (result.get("before") or {}).get(goal) if goal else None,
                    "data": (result.get("data") or "").split(";")[0], "args": " ".join(args + extra)}
-            if batch_search and (label != "sentence-transformers cached32" or full):
-                cap = BATCH_CAP_FULL if full else BATCH_CAP_QUICK
-                row["largest_batch_2gb"] = _largest_batch(command + args + extra + batch_args, BATCH_START, cap,
+            if batch_search and (full or not label.startswith("sentence-transformers")):
+                start, cap = (BATCH_START_FULL, BATCH_CAP_FULL) if full else (BATCH_START_QUICK, BATCH_CAP_QUICK)
+                row["largest_batch_2gb"] = _largest_batch(command[-2], [name, *args, *extra, *batch_args], start, cap,
                                                           os.path.join(work, name, label.replace(" ", "_") + "-batch"), timeout)
             rows.append(row)
             print(f"  {row['status']}: {row['time_per_step_s']} s/step, {row['peak_memory_mb']} MB, {goal} {row['final_metric']}",
@@ -172,3 +204,9 @@ def _report(rows, out_dir: str, device: str) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "trainers.png"), dpi=100)
     plt.close(fig)
+
+
+if __name__ == "__main__":  # the batch search's worker process
+    if len(sys.argv) < 6 or sys.argv[1] != "search":
+        sys.exit("usage: python -m fastcl.bench.suites.trainers search START CAP WORKDIR ENTRY METHOD [options]")
+    _search(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6:])
