@@ -37,6 +37,19 @@ BATCH_START_QUICK, BATCH_CAP_QUICK = 1024, 16384
 BATCH_START_FULL, BATCH_CAP_FULL = 32, 4096
 
 
+def _known_options(argv: List[str], config_class) -> List[str]:
+    """``argv`` without the options (and their values) that ``config_class`` does not define."""
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    kept, index = [], 0
+    while index < len(argv):
+        option = argv[index]
+        value = [argv[index + 1]] if index + 1 < len(argv) and not argv[index + 1].startswith("--") else []
+        if option[2:].replace("-", "_") in fields:
+            kept += [option] + value
+        index += 1 + len(value)
+    return kept
+
+
 def cases(device: str, full: bool):  # the harness's case-based interface: this suite runs itself
     return []
 
@@ -111,8 +124,7 @@ def run(device: str, full: bool, out_dir: str, timeout: float = 3600.0, methods:
         module = load_method(name)
         args = list(getattr(module, "BENCH_ARGS_FULL" if full else "BENCH_ARGS", None) or getattr(module, "BENCH_ARGS", []))
         batch_args = list(getattr(module, "BENCH_BATCH_ARGS", [])) + (BATCH_ARGS_FULL if full else BATCH_ARGS_QUICK)
-        if "model" not in {f.name for f in dataclasses.fields(module.Config)}:  # no encoder to shrink (cml, ccn)
-            batch_args = [a for a in batch_args if a not in ("--model", "tiny")]
+        batch_args = _known_options(batch_args, module.Config)  # e.g. cml, ccn: no encoder to shrink
         runs = [(label, python + ["fastcl.trainers", name], extra) for label, extra in VARIANTS]
         if hasattr(module, "bench_peer"):
             runs += [("sentence-transformers", python + ["fastcl.trainers.st_peer", name], []),
