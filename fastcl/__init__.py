@@ -7,6 +7,8 @@ implementations can run here.
 from ._native import Backend, backends
 from .ops.info_nce import clip_loss, info_nce, nt_xent
 from .ops.siglip import siglip_loss
+from .ops.cml import CMLLoss, cml_loss
+from .ops.collaborative import CollaborativeContrastiveLoss, collaborative_contrastive_loss
 from .modules import InfoNCELoss, SigLipLoss
 from .ops.patches import budget_split, gather_patches, patch_saliency, select_patches
 from .ops.latent_attention import LatentAttentionPooling, latent_attention_pool
@@ -24,3 +26,4 @@ __all__ += ["select_patches", "budget_split", "patch_saliency", "gather_patches"
 __all__ += ["latent_attention_pool", "LatentAttentionPooling", "models"]
 __all__ += ["GradCache", "distributed"]
 __all__ += ["set_validation", "validation_enabled"]
+__all__ += ["cml_loss", "CMLLoss", "collaborative_contrastive_loss", "CollaborativeContrastiveLoss"]

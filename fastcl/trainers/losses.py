@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 import fastcl
 
-__all__ = ["distributed_active", "backend_for", "info_nce", "clip_loss"]
+__all__ = ["distributed_active", "backend_for", "info_nce", "clip_loss", "cml_loss", "collaborative_contrastive_loss"]
 
 
 def distributed_active() -> bool:
@@ -36,3 +36,15 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     """:func:`fastcl.clip_loss` (every rank's pairs as negatives under torchrun)."""
     function = fastcl.distributed.clip_loss if distributed_active() else fastcl.clip_loss
     return function(image_features, text_features, logit_scale, backend=backend_for(loss))
+
+
+def cml_loss(users: torch.Tensor, positives: torch.Tensor, *, loss: str = "fused", **kwargs) -> torch.Tensor:
+    """:func:`fastcl.cml_loss` (per-pair: under torchrun each rank's pairs and its own sampled
+    negatives; DDP averages the gradients)."""
+    return fastcl.cml_loss(users, positives, backend=backend_for(loss), **kwargs)
+
+
+def collaborative_contrastive_loss(items: torch.Tensor, clicks: torch.Tensor, mask: torch.Tensor, *,
+                                   loss: str = "fused", **kwargs) -> torch.Tensor:
+    """:func:`fastcl.collaborative_contrastive_loss` (within each page: no cross-rank terms)."""
+    return fastcl.collaborative_contrastive_loss(items, clicks, mask, backend=backend_for(loss), **kwargs)

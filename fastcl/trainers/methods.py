@@ -9,4 +9,6 @@ METHODS = {
     "simclr": "fastcl.trainers.simclr",
     "clip": "fastcl.trainers.clip",
     "ps3": "fastcl.trainers.ps3",
+    "cml": "fastcl.trainers.cml",
+    "ccn": "fastcl.trainers.ccn",
 }

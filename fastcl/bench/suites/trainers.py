@@ -12,6 +12,7 @@ optional ``BENCH_BATCH_ARGS``); nothing here names a method. Opt-in: it trains m
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -34,6 +35,19 @@ BATCH_ARGS_QUICK = ["--steps", "1", "--skip-eval", "--skip-before", "--skip-save
 BATCH_ARGS_FULL = ["--steps", "1", "--skip-eval", "--skip-before", "--skip-save"]
 BATCH_START_QUICK, BATCH_CAP_QUICK = 1024, 16384
 BATCH_START_FULL, BATCH_CAP_FULL = 32, 4096
+
+
+def _known_options(argv: List[str], config_class) -> List[str]:
+    """``argv`` without the options (and their values) that ``config_class`` does not define."""
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    kept, index = [], 0
+    while index < len(argv):
+        option = argv[index]
+        value = [argv[index + 1]] if index + 1 < len(argv) and not argv[index + 1].startswith("--") else []
+        if option[2:].replace("-", "_") in fields:
+            kept += [option] + value
+        index += 1 + len(value)
+    return kept
 
 
 def cases(device: str, full: bool):  # the harness's case-based interface: this suite runs itself
@@ -110,6 +124,7 @@ def run(device: str, full: bool, out_dir: str, timeout: float = 3600.0, methods:
         module = load_method(name)
         args = list(getattr(module, "BENCH_ARGS_FULL" if full else "BENCH_ARGS", None) or getattr(module, "BENCH_ARGS", []))
         batch_args = list(getattr(module, "BENCH_BATCH_ARGS", [])) + (BATCH_ARGS_FULL if full else BATCH_ARGS_QUICK)
+        batch_args = _known_options(batch_args, module.Config)  # e.g. cml, ccn: no encoder to shrink
         runs = [(label, python + ["fastcl.trainers", name], extra) for label, extra in VARIANTS]
         if hasattr(module, "bench_peer"):
             runs += [("sentence-transformers", python + ["fastcl.trainers.st_peer", name], []),

@@ -1,0 +1,131 @@
+"""Collaborative contrastive loss (CCN, Gao et al. 2024), fused: no (P, L, L) logits.
+
+The items one user saw on one page form a context. Within a page, co-clicked and co-non-clicked
+items attract and mono-click pairs (one clicked, one not) repel, InfoNCE-style over the page
+(a SupCon form with the click flag as the label):
+
+    z_a  = e_a * t (Hadamard with the page's trigger item, optional), normalized if asked
+    L_a  = log sum_{b != a} exp(z_a . z_b / tau) - mean_{b != a, c_b = c_a} z_a . z_b / tau
+
+The published equations were not recoverable (METHODS.md): this is a documented reconstruction
+with tau and the weight lambda (the caller's) configurable. ``naive`` materializes the
+(P, L, L) logits; ``torch`` does that one block of pages at a time; ``cpu`` and ``triton`` keep
+one page on chip (csrc/cpu/collaborative.cpp, :mod:`.triton`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..info_nce import resolve_backend
+from ..info_nce.gpu import check_triton_device, triton_installed
+from ..info_nce.options import BACKENDS, REDUCTIONS, _checking_values, check_embeddings, check_float_tensor, check_same_device
+from . import naive
+from .chunked import contributing_anchors
+from .op import collaborative_op
+
+__all__ = ["collaborative_contrastive_loss", "CollaborativeContrastiveLoss"]
+
+EXTRA_BACKENDS = {"triton": check_triton_device} if triton_installed() else {}
+COLLABORATIVE_BACKENDS = tuple(b for b in BACKENDS if b != "cuda")
+
+
+def _check_args(items, clicks, mask, trigger, temperature, reduction, backend):
+    check_embeddings("items", items, "(P, L, D)", 3)
+    pages, length, dim = items.shape
+    if length == 0:
+        raise ValueError(f"items has no context positions (shape {tuple(items.shape)}): pages need L >= 1")
+    if not isinstance(clicks, torch.Tensor) or clicks.shape != (pages, length):
+        raise ValueError(f"clicks must be a (P={pages}, L={length}) tensor of click flags, got "
+                         f"{tuple(clicks.shape) if isinstance(clicks, torch.Tensor) else type(clicks).__name__}")
+    if clicks.is_floating_point() or clicks.is_complex():
+        raise TypeError(f"clicks must be bool or integer (the click outcome), got {clicks.dtype}")
+    if mask is None:
+        mask = torch.ones(pages, length, dtype=torch.bool, device=items.device)
+    elif not isinstance(mask, torch.Tensor) or mask.shape != (pages, length) or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool (P={pages}, L={length}) tensor (True = a real item, False = padding), got "
+                         f"{(tuple(mask.shape), mask.dtype) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    if trigger is not None:
+        check_float_tensor("trigger", trigger, "(P, D)", 2)
+        if trigger.shape != (pages, dim):
+            raise ValueError(f"trigger must have shape (P={pages}, D={dim}), got {tuple(trigger.shape)}")
+        if trigger.dtype != items.dtype:
+            raise TypeError(f"trigger must have the dtype of items ({items.dtype}), got {trigger.dtype}")
+    check_same_device(items=items, clicks=clicks, mask=mask, trigger=trigger)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in COLLABORATIVE_BACKENDS:
+        raise ValueError(f"backend must be one of {COLLABORATIVE_BACKENDS}, got {backend!r}")
+    return mask
+
+
+def collaborative_contrastive_loss(items: torch.Tensor, clicks: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
+                                   trigger: Optional[torch.Tensor] = None, temperature: float = 0.1,
+                                   normalize: bool = True, reduction: str = "mean",
+                                   backend: str = "auto") -> torch.Tensor:
+    r"""CCN's collaborative contrastive loss of the items of each page.
+
+    Args:
+        items: (P, L, D) representations of the L items shown on each of P pages (padded).
+        clicks: (P, L) bool or integer click outcome; items with the same value attract.
+        mask: (P, L) bool, False at padding (default: every position is an item).
+        trigger: (P, D) the page's trigger item; the items enter as ``items * trigger``.
+        temperature: tau.
+        normalize: cosine similarity (L2-normalize after the Hadamard product).
+        reduction: "mean" over the anchors that have a same-outcome partner (0 when none has),
+            "sum", or "none" ((P, L), 0 at anchors without a partner and at padding).
+        backend: "auto" | "naive" | "torch" | "cpu" | "triton".
+
+    Returns float32 (float64 for float64 items). A page with fewer than two items, or an
+    anchor alone in its click outcome, contributes nothing (naive's semantics); NaN in a page
+    makes that page's losses NaN, as in the reference.
+
+    Example::
+
+        >>> loss = bce + lam * fastcl.collaborative_contrastive_loss(item_emb, clicked, mask, trigger=trigger_emb)
+    """
+    mask = _check_args(items, clicks, mask, trigger, temperature, reduction, backend)
+    chosen = resolve_backend(backend, items.device, EXTRA_BACKENDS)
+    if chosen == "naive":
+        return naive.collaborative_contrastive_loss(items, clicks, mask, trigger=trigger, temperature=float(temperature),
+                                                    normalize=normalize, reduction=reduction)
+    if chosen in EXTRA_BACKENDS:
+        EXTRA_BACKENDS[chosen](items)
+    dtype = torch.float64 if items.dtype == torch.float64 else torch.float32
+    if reduction == "none":
+        weights = torch.zeros(mask.shape, dtype=dtype, device=items.device)
+    else:
+        weights = contributing_anchors(clicks, mask).to(dtype)
+        if reduction == "mean":
+            count = weights.sum()
+            weights = weights / count.clamp_min(1.0)
+    losses, total = collaborative_op(items, clicks, mask, trigger, weights, float(temperature), normalize, chosen,
+                                     reduction != "none")
+    return losses if reduction == "none" else total
+
+
+class CollaborativeContrastiveLoss(nn.Module):
+    """:func:`collaborative_contrastive_loss` with its options fixed at construction.
+
+    Example::
+
+        >>> criterion = fastcl.CollaborativeContrastiveLoss(temperature=0.1)
+        >>> loss = criterion(item_emb, clicks, mask, trigger=trigger_emb)
+    """
+
+    def __init__(self, temperature: float = 0.1, normalize: bool = True, reduction: str = "mean",
+                 backend: str = "auto"):
+        super().__init__()
+        self.options = dict(temperature=temperature, normalize=normalize, reduction=reduction, backend=backend)
+
+    def forward(self, items, clicks, mask=None, *, trigger=None):
+        return collaborative_contrastive_loss(items, clicks, mask, trigger=trigger, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
