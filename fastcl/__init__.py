@@ -14,6 +14,7 @@ from . import models
 from .models.ps3 import SelectivePatchEncoder
 from . import distributed
 from .grad_cache import GradCache
+from .memory_bank import MemoryBank
 
 __version__ = "0.1.0"
 
@@ -22,3 +23,4 @@ __all__ = ["Backend", "backends", "info_nce", "clip_loss", "nt_xent", "siglip_lo
 __all__ += ["select_patches", "budget_split", "patch_saliency", "gather_patches", "SelectivePatchEncoder"]
 __all__ += ["latent_attention_pool", "LatentAttentionPooling", "models"]
 __all__ += ["GradCache", "distributed"]
+__all__ += ["MemoryBank"]
