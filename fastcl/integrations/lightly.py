@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..memory_bank import MemoryBank
-from ..ops.info_nce import info_nce, nt_xent
+from ..ops.info_nce import nt_xent
 from . import log
 
 __all__ = ["NTXentLoss"]
@@ -63,10 +63,9 @@ class NTXentLoss(nn.Module):
         if self.bank is None:
             self.bank = self._new_bank(size, out0.shape[1]).to(out0.device)
         unit1 = nn.functional.normalize(out1, dim=1)
-        pair = unit1[:, None, :]  # out0_i's positive: its own out1_i, a (B, 1, D) "private" candidate
-        # keys: the bank (no gradient, read in place); the positive comes in as the only hard negative
-        # slot, so every bank entry is a negative and nothing is concatenated
-        loss = _bank_loss(nn.functional.normalize(out0, dim=1), pair, self.bank, self.temperature)
+        # out0_i's candidates: its own out1_i (the positive) and every bank entry (no gradient,
+        # read in place); the other rows of out1 are not candidates, as in lightly
+        loss = _bank_loss(nn.functional.normalize(out0, dim=1), unit1, self.bank, self.temperature)
         if out0.requires_grad:
             self.bank.push(unit1.detach())
         return loss
@@ -80,11 +79,12 @@ class NTXentLoss(nn.Module):
 
 
 def _bank_loss(anchors, pair, bank: MemoryBank, temperature: float) -> torch.Tensor:
+    """Mean over rows of -log softmax of (a_i . p_i, a_i . bank) / temperature, fused."""
     from ..ops.info_nce.segments import PAIRED, SHARED, Segment, SegmentOptions, segmented_loss
 
     dtype = torch.float64 if anchors.dtype == torch.float64 else torch.float32
     negatives = bank.negatives()
     if negatives.dtype != dtype:
         negatives = negatives.to(dtype)
-    segments = [Segment(anchors.to(dtype), pair[:, 0, :].to(dtype), PAIRED), Segment(anchors.to(dtype), negatives, SHARED)]
+    segments = [Segment(anchors.to(dtype), pair.to(dtype), PAIRED), Segment(anchors.to(dtype), negatives, SHARED)]
     return segmented_loss(segments, SegmentOptions(None), torch.tensor(float(temperature), dtype=torch.float64))

@@ -30,12 +30,13 @@ __all__ = ["ClipLoss", "SigLipLoss", "patch_open_clip"]
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
 
-def _gather_without_grad(tensor: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """All ranks' rows in rank order; only this rank's slice carries a gradient (open_clip's
-    ``gather_with_grad=False``)."""
+def _gather_without_grad(tensor: torch.Tensor, rank: int, world_size: int, keep_local: bool) -> torch.Tensor:
+    """All ranks' rows in rank order without gradient, except this rank's slice when
+    ``keep_local`` (open_clip's ``gather_with_grad=False``: global loss keeps it, local loss not)."""
     parts = [torch.empty_like(tensor) for _ in range(world_size)]
     dist.all_gather(parts, tensor.detach().contiguous())
-    parts[rank] = tensor
+    if keep_local:
+        parts[rank] = tensor
     return torch.cat(parts, dim=0)
 
 
@@ -78,8 +79,8 @@ class ClipLoss(nn.Module):
             texts = _fastcl_distributed.all_gather_rows(text_features)
         else:
             log.debug("ClipLoss: fused path (gathered without grad)")
-            images = _gather_without_grad(image_features, self.rank, self.world_size)
-            texts = _gather_without_grad(text_features, self.rank, self.world_size)
+            images = _gather_without_grad(image_features, self.rank, self.world_size, not self.local_loss)
+            texts = _gather_without_grad(text_features, self.rank, self.world_size, not self.local_loss)
         if not self.local_loss:
             return clip_loss(images, texts, logit_scale)
         batch = image_features.shape[0]

@@ -38,16 +38,6 @@ def _fusable(loss, reducer_type) -> bool:
             and getattr(loss, "embedding_regularizer", None) is None)
 
 
-def _prepare(loss, embeddings, labels, ref_emb, ref_labels):
-    loss.reset_stats()
-    _c_f.check_shapes(embeddings, labels)
-    if labels is not None:
-        labels = _c_f.to_device(labels, embeddings)
-    ref_emb, ref_labels = _c_f.set_ref_emb(embeddings, labels, ref_emb, ref_labels)
-    _c_f.labels_or_indices_tuple_required(labels, indices_tuple=True if labels is None else None)
-    return labels, ref_emb, ref_labels
-
-
 def _pair_scores(embeddings, ref_emb, first, second, temperature):
     """Cosine similarity / temperature of the listed pairs (rows of embeddings, rows of ref_emb)."""
     e = F.normalize(embeddings[first], dim=-1)
@@ -85,12 +75,13 @@ class NTXentLoss(_losses.NTXentLoss):
             if ref_labels is None:  # ref_emb without ref_labels: the peer compares with the labels themselves
                 ref_labels = labels
                 same_set = True
-            return _zero_if_empty(info_nce(
-                embeddings, ref_emb, temperature=self.temperature, normalize=True, exclude_self=same_set,
-                labels=labels, key_labels=ref_labels, multi_positive="pairwise"), embeddings)
+            if _peer_returns_zero(*_pair_counts(labels, ref_labels, same_set)):
+                return _zero(embeddings)
+            return info_nce(embeddings, ref_emb, temperature=self.temperature, normalize=True, exclude_self=same_set,
+                            labels=labels, key_labels=ref_labels, multi_positive="pairwise")
         log.debug("NTXentLoss: fused path (indices_tuple pairs)")
         a1, p, a2, n = _lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
-        if len(a1) == 0 or len(a2) == 0:
+        if _peer_returns_zero(len(a1), len(a2)):
             return _zero(embeddings)
         positive = _pair_scores(embeddings, ref_emb, a1, p, self.temperature)
         negative = _pair_scores(embeddings, ref_emb, a2, n, self.temperature)
@@ -99,12 +90,25 @@ class NTXentLoss(_losses.NTXentLoss):
         return F.softplus(negative_lse[a1] - positive).mean()
 
 
+def _pair_counts(labels, ref_labels, same_set):
+    """(positive pairs, negative pairs) the peer's get_all_pairs_indices would list."""
+    values, counts = torch.unique(labels, return_counts=True)
+    if same_set:
+        positive = int((counts * (counts - 1)).sum())
+        return positive, labels.shape[0] ** 2 - int((counts * counts).sum())
+    ref_counts = (ref_labels[None, :] == values[:, None]).sum(1)
+    positive = int((counts * ref_counts).sum())
+    return positive, labels.shape[0] * ref_labels.shape[0] - positive
+
+
+def _peer_returns_zero(positive_pairs, negative_pairs) -> bool:
+    """GenericPairLoss returns zero when no index list is longer than 1, and both losses
+    when there is no positive or no negative pair."""
+    return (positive_pairs <= 1 and negative_pairs <= 1) or positive_pairs == 0 or negative_pairs == 0
+
+
 def _zero(embeddings):
     return torch.sum(embeddings * 0)
-
-
-def _zero_if_empty(loss, embeddings):
-    return loss
 
 
 class SupConLoss(_losses.SupConLoss):
@@ -127,13 +131,15 @@ class SupConLoss(_losses.SupConLoss):
             if ref_labels is None:
                 ref_labels = labels
                 same_set = True
+            if _peer_returns_zero(*_pair_counts(labels, ref_labels, same_set)):
+                return _zero(embeddings)
             losses = info_nce(embeddings, ref_emb, temperature=self.temperature, normalize=True,
                               exclude_self=same_set, labels=labels, key_labels=ref_labels,
                               multi_positive="supcon", reduction="none")
             return _average_non_zero(losses, embeddings)
         log.debug("SupConLoss: fused path (indices_tuple pairs)")
         a1, p, a2, n = _lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
-        if len(a1) == 0 or len(a2) == 0:
+        if _peer_returns_zero(len(a1), len(a2)):
             return _zero(embeddings)
         # the peer writes the pairs into 0/1 masks: a repeated pair counts once
         rows, cols = embeddings.shape[0], ref_emb.shape[0]

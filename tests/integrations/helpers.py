@@ -20,3 +20,13 @@ def assert_same(ours, theirs):
         if a is not None:
             scale = max(1.0, float(b.abs().max()))
             torch.testing.assert_close(a, b, rtol=GRAD_TOL["rtol"], atol=GRAD_TOL["atol"] * scale)
+
+
+def assert_same_signature(ours, theirs):
+    """Same parameter names, kinds and defaults (annotations may be strings on one side)."""
+    import inspect
+
+    def shape(fn):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    assert shape(ours) == shape(theirs), (ours, theirs)
