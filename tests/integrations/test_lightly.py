@@ -2,7 +2,6 @@
 dependencies (torchvision pins a CUDA torch), so its loss and memory-bank modules are loaded
 from their files with the two lightly modules they import stubbed or loaded alike."""
 import importlib.util
-import inspect
 import sys
 import types
 from pathlib import Path

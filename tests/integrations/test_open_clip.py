@@ -1,8 +1,6 @@
 """fastcl.integrations.open_clip against open_clip's loss module (loaded from its file when the
 package cannot be imported: it is installed without torchvision)."""
 import importlib.util
-import inspect
-import os
 import socket
 from pathlib import Path
 

@@ -1,6 +1,5 @@
 """fastcl.integrations.sentence_transformers against sentence-transformers itself."""
 import logging
-import os
 
 import pytest
 import torch

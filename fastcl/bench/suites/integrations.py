@@ -12,7 +12,6 @@ fits in 4 GB from the two largest batches it ran (a power law in B through both 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F

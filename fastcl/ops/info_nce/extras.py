@@ -7,7 +7,6 @@ would take anyway and the statistics in one extra pass of the driver without gra
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
