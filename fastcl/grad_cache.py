@@ -139,7 +139,8 @@ def _wants_inputs(get_rep: Callable) -> bool:
 
 
 def _is_ddp(module: nn.Module) -> bool:
-    return isinstance(module, nn.parallel.DistributedDataParallel)
+    """A DDP module, or a wrapper around one that says so (``wraps_ddp``) and forwards ``no_sync``."""
+    return isinstance(module, nn.parallel.DistributedDataParallel) or bool(getattr(module, "wraps_ddp", False))
 
 
 def _has_training_batchnorm(module: nn.Module) -> bool:

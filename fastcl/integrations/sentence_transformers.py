@@ -49,6 +49,11 @@ def _fused_mode(loss) -> str | None:
 
 
 def _ranking_loss(mode: str, normalize: bool, scale: float, queries: Tensor, *docs: Tensor) -> Tensor:
+    dtype = queries.dtype
+    for doc in docs:  # columns in different precisions (ST #2973): promote them (the peer's matmul raises)
+        dtype = torch.promote_types(dtype, doc.dtype)
+    queries = queries.to(dtype)
+    docs = [doc.to(dtype) for doc in docs]
     keys = torch.cat(docs, dim=0) if len(docs) > 1 else docs[0]
     return info_nce(queries, keys, temperature=1.0 / scale, normalize=normalize, symmetric=(mode == "symmetric"))
 
@@ -82,6 +87,13 @@ class _SentenceEncoder(nn.Module):
 
     def forward(self, **features):
         return self.model(features)["sentence_embedding"]
+
+    @property
+    def wraps_ddp(self) -> bool:  # GradCache then synchronizes once per step, through no_sync
+        return isinstance(self.model, nn.parallel.DistributedDataParallel)
+
+    def no_sync(self):
+        return self.model.no_sync()
 
 
 class CachedMultipleNegativesRankingLoss(_st_losses.CachedMultipleNegativesRankingLoss):

@@ -177,3 +177,13 @@ def test_two_steps_in_sentence_transformer_trainer(tiny_model_dir, tmp_path, los
     torch.testing.assert_close(torch.tensor(our_losses), torch.tensor(their_losses), rtol=1e-5, atol=1e-6)
     for a, b in zip(our_params, their_params):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_mixed_precision_columns_are_promoted():
+    """bf16 queries with fp32 documents (ST #2973): the loss of the promoted fp32 columns."""
+    embeddings = [torch.randn(9, 8), torch.randn(9, 8)]
+    mixed = [embeddings[0].bfloat16(), embeddings[1]]
+    loss = ours.MultipleNegativesRankingLoss(_FixedModel(mixed)).compute_loss_from_embeddings(mixed, None)
+    expected = ours.MultipleNegativesRankingLoss(_FixedModel(embeddings)).compute_loss_from_embeddings(
+        [mixed[0].float(), embeddings[1]], None)
+    torch.testing.assert_close(loss, expected)
