@@ -80,35 +80,39 @@ def _similarity(anchors, candidates, kind, row0, row1, scale=None):
     return torch.bmm(candidates[row0:row1], block[:, :, None])[:, :, 0]
 
 
-def _segment_masks(segment: Segment, index: int, raw, guide, row0, row1, positive, state):
-    """(kept, is_positive) of one segment's block; ``state`` carries segment 0's thresholds."""
+def _segment_drop(segment: Segment, index: int, raw, guide, row0, row1, positive_column, state):
+    """Boolean (rows, cols) of the candidates this segment's masks drop, or None when none can
+    be; ``state`` carries segment 0's positive similarities (thresholds of every segment)."""
     rows, cols = raw.shape
     device = raw.device
-    keep = torch.ones(rows, cols, dtype=torch.bool, device=device)
-    is_positive = torch.zeros(rows, cols, dtype=torch.bool, device=device)
+    is_positive = None
     if index == 0:
-        if segment.kind == PAIRED:
-            is_positive[:, 0] = True
-        else:
-            is_positive = torch.arange(cols, device=device)[None, :] == positive[row0:row1, None]
+        is_positive = torch.arange(cols, device=device)[None, :] == positive_column[:, None]
+        state["raw_positive"] = raw.gather(1, positive_column[:, None])
+        if guide is not None:
+            state["guide_positive"] = guide.gather(1, positive_column[:, None])
+    drop = None
+
+    def add(condition):
+        nonlocal drop
+        drop = condition if drop is None else drop.logical_or_(condition)
+
     if segment.kind == SHARED:
         if segment.exclude_diagonal:
-            keep &= torch.arange(cols, device=device)[None, :] != torch.arange(row0, row1, device=device)[:, None]
+            add(torch.arange(cols, device=device)[None, :] == torch.arange(row0, row1, device=device)[:, None])
         if segment.anchor_labels is not None and segment.candidate_labels is not None:
-            keep &= ~((segment.anchor_labels[row0:row1, None] == segment.candidate_labels[None, :]) & ~is_positive)
+            add(segment.anchor_labels[row0:row1, None] == segment.candidate_labels[None, :])
         if segment.anchor_ids is not None and segment.candidate_ids is not None:
-            keep &= ~((segment.anchor_ids[row0:row1, None] == segment.candidate_ids[None, :]) & ~is_positive)
-    if index == 0:
-        state["raw_positive"] = (raw * is_positive).sum(1, keepdim=True)
-        if guide is not None:
-            state["guide_positive"] = (guide * is_positive).sum(1, keepdim=True)
+            add(segment.anchor_ids[row0:row1, None] == segment.candidate_ids[None, :])
     if state["margin"] is not None:
-        keep &= ~((raw > state["raw_positive"] - state["margin"]) & ~is_positive)
+        add(raw > state["raw_positive"] - state["margin"])
     if guide is not None:
         g_pos = state["guide_positive"]
         slack = g_pos.abs() * state["guide_margin"] if state["guide_relative"] else state["guide_margin"]
-        keep &= ~((guide > g_pos - slack) & ~is_positive)
-    return keep, is_positive
+        add(guide > g_pos - slack)
+    if drop is not None and is_positive is not None:
+        drop &= ~is_positive  # a positive is never dropped (the diagonal rule included)
+    return drop
 
 
 def run_segments(segments: Sequence[Segment], options: SegmentOptions, inv_temperature: float,
@@ -118,7 +122,8 @@ def run_segments(segments: Sequence[Segment], options: SegmentOptions, inv_tempe
     (= sum dL/draw * raw) is returned. Returns (loss, dtemp_sum, stats dict or None)."""
     first = segments[0].anchors
     rows, dtype, device = first.shape[0], first.dtype, first.device
-    total_columns = sum(s.columns() for s in segments)
+    widths = [s.columns() for s in segments]
+    total_columns = sum(widths)
     step = min(rows, block_rows_for(total_columns * 2, first.element_size()))
     loss = torch.empty(rows, dtype=dtype, device=device)
     dtemp = torch.zeros((), dtype=dtype, device=device)
@@ -126,23 +131,28 @@ def run_segments(segments: Sequence[Segment], options: SegmentOptions, inv_tempe
     positive_all = torch.empty(rows, dtype=dtype, device=device) if stats else None
     rank_all = torch.empty(rows, dtype=torch.int64, device=device) if stats else None
     state = {"margin": options.margin, "guide_margin": options.guide_margin, "guide_relative": options.guide_relative}
+    logits_buffer = torch.empty(step, total_columns, dtype=dtype, device=device)
     for row0 in range(0, rows, step):
         row1 = min(rows, row0 + step)
-        raws, keeps, positives = [], [], []
+        if segments[0].kind == PAIRED:
+            positive_column = torch.zeros(row1 - row0, dtype=torch.int64, device=device)
+        else:
+            positive_column = options.positive[row0:row1]
+        masked = logits_buffer[: row1 - row0]
+        raws = []
+        column = 0
         for index, segment in enumerate(segments):
             raw = _similarity(segment.anchors, segment.candidates, segment.kind, row0, row1, segment.candidate_scale)
             guide = None
             if segment.guide_anchors is not None:
                 guide = _similarity(segment.guide_anchors, segment.guide_candidates, segment.kind, row0, row1)
-            keep, is_positive = _segment_masks(segment, index, raw, guide, row0, row1, options.positive, state)
+            drop = _segment_drop(segment, index, raw, guide, row0, row1, positive_column, state)
+            part = masked[:, column:column + widths[index]]
+            torch.mul(raw, inv_temperature, out=part)
+            if drop is not None:
+                part.masked_fill_(drop, float("-inf"))
             raws.append(raw)
-            keeps.append(keep)
-            positives.append(is_positive)
-        raw = torch.cat(raws, 1) if len(raws) > 1 else raws[0]
-        keep = torch.cat(keeps, 1) if len(keeps) > 1 else keeps[0]
-        is_positive = torch.cat(positives, 1) if len(positives) > 1 else positives[0]
-        scores = raw * inv_temperature
-        masked = scores.masked_fill(~keep, float("-inf"))
+            column += widths[index]
         lse = torch.logsumexp(masked, dim=1)
         positive_score = state["raw_positive"][:, 0] * inv_temperature
         loss[row0:row1] = lse - positive_score
@@ -152,14 +162,16 @@ def run_segments(segments: Sequence[Segment], options: SegmentOptions, inv_tempe
             rank_all[row0:row1] = (masked > positive_score[:, None]).sum(1)
         if weights is None:
             continue
-        grad = torch.exp(masked - lse[:, None]) - is_positive.to(dtype)
-        grad *= weights[row0:row1, None] * inv_temperature
-        dtemp += (grad * raw).sum()
+        grad = masked.sub_(lse[:, None]).exp_()  # softmax over the kept candidates (0 where dropped)
+        grad[:, :widths[0]].scatter_add_(1, positive_column[:, None],
+                                         torch.full((row1 - row0, 1), -1.0, dtype=dtype, device=device))
+        grad.mul_(weights[row0:row1, None] * inv_temperature)
         column = 0
-        for segment, (d_anchors, d_candidates) in zip(segments, grads_out):
+        for segment, raw, (d_anchors, d_candidates) in zip(segments, raws, grads_out):
             width = segment.columns()
             part = grad[:, column:column + width]
             column += width
+            dtemp += (part * raw).sum()
             block = segment.anchors[row0:row1]
             if segment.kind == SHARED:
                 if segment.candidate_scale is not None:
