@@ -153,7 +153,7 @@ def test_gist_equals_peer(tiny_model_dir, monkeypatch):
 @pytest.mark.parametrize("loss_name", ["MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss"])
 def test_two_steps_in_sentence_transformer_trainer(tiny_model_dir, tmp_path, loss_name):
     """Two optimizer steps of SentenceTransformerTrainer with the fastcl loss, as with the peer's."""
-    from datasets import Dataset
+    Dataset = pytest.importorskip("datasets", reason="SentenceTransformerTrainer needs datasets (dev extra)").Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
     dataset = Dataset.from_dict({"anchor": _texts(16, 7), "positive": _texts(16, 8)})
