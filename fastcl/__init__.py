@@ -17,6 +17,7 @@ from .models.ps3 import SelectivePatchEncoder
 from . import distributed
 from .grad_cache import GradCache
 from .validation import set_validation, validation_enabled
+from .memory_bank import MemoryBank
 
 __version__ = "0.1.0"
 
@@ -27,3 +28,4 @@ __all__ += ["latent_attention_pool", "LatentAttentionPooling", "models"]
 __all__ += ["GradCache", "distributed"]
 __all__ += ["set_validation", "validation_enabled"]
 __all__ += ["cml_loss", "CMLLoss", "collaborative_contrastive_loss", "CollaborativeContrastiveLoss"]
+__all__ += ["MemoryBank"]

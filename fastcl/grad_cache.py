@@ -172,11 +172,20 @@ def _wants_inputs(get_rep: Callable) -> bool:
 
 
 def _is_ddp(module: nn.Module) -> bool:
-    return isinstance(module, nn.parallel.DistributedDataParallel)
+    """A DDP module, or a wrapper around one that says so (``wraps_ddp``) and forwards ``no_sync``."""
+    return isinstance(module, nn.parallel.DistributedDataParallel) or bool(getattr(module, "wraps_ddp", False))
 
 
 def _has_training_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in module.modules())
+
+
+class _Run:
+    """What phase 1 leaves for the replay: inputs, encoders, chunk plans, RNG states, representations."""
+
+    def __init__(self, inputs, encoders, plans, states, reps, state_after_forward):
+        self.inputs, self.encoders, self.plans, self.states = inputs, encoders, plans, states
+        self.reps, self.state_after_forward = reps, state_after_forward
 
 
 class GradCache:
@@ -323,14 +332,10 @@ class GradCache:
             raise ValueError(f"the representation of input {index} must have the chunk's {rows} rows on dim 0, got shape {tuple(rep.shape)}")
         return rep
 
-    # -- the step -------------------------------------------------------------------------------
-    def step(self, *inputs, scaler=None, **loss_kwargs) -> torch.Tensor:
-        """Forward + backward of the whole batch, chunk by chunk. Returns the detached, unscaled loss.
 
-        ``inputs[i]`` is encoded by ``encoders[i]`` (or the shared encoder) and its
-        representation is the i-th positional argument of ``loss_fn``; ``loss_kwargs`` override
-        the constructor's (per-batch ``positive``, ``labels`` ...).
-        """
+    # -- phases shared by step() and loss() ----------------------------------------------------
+    def _encode(self, inputs) -> "_Run":
+        """Phase 1: representations without autograd; each chunk remembers its RNG state."""
         if not inputs:
             raise ValueError("step() needs at least one input to encode")
         if len(self.get_reps) > 1 and len(self.get_reps) != len(inputs):
@@ -341,10 +346,8 @@ class GradCache:
             self._warned_batchnorm = True
             warnings.warn("GradCache: an encoder has BatchNorm in training mode; chunk statistics differ from "
                           "full-batch ones, so the gradients are not exact (and running statistics update twice)",
-                          stacklevel=2)
+                          stacklevel=3)
         cuda_devices = self._cuda_devices(inputs, encoders)
-
-        # 1. representations without autograd; each chunk remembers the RNG state it started from
         states: List[List[_RandomState]] = []
         reps: List[torch.Tensor] = []
         with torch.no_grad():
@@ -356,46 +359,106 @@ class GradCache:
                     parts.append(self._representation(index, _call(encoder, chunk), chunk, stop - start))
                 states.append(chunk_states)
                 reps.append(torch.cat(parts) if len(parts) > 1 else parts[0])
-        state_after_forward = _RandomState(cuda_devices)
+        return _Run(inputs, encoders, plans, states, reps, _RandomState(cuda_devices))
 
-        # 2. the loss on the full batch, backpropagated to the representations (and to any
-        #    learnable temperature among the loss kwargs, once)
-        leaves = [rep.detach().requires_grad_() for rep in reps]
-        loss = self.loss_fn(*leaves, **{**self.loss_kwargs, **loss_kwargs})
+    def _checked_loss(self, leaves, kwargs) -> torch.Tensor:
+        loss = self.loss_fn(*leaves, **kwargs)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
                              f"{'' if not isinstance(loss, torch.Tensor) else ' of shape ' + str(tuple(loss.shape))}")
         if not loss.requires_grad:
             raise ValueError("loss_fn returned a loss that does not depend on the representations (no grad_fn)")
+        return loss
+
+    def _replay(self, run: "_Run", rep_grads, scale=None) -> None:
+        """Phase 3: replay every chunk with autograd and push its cached gradient (times
+        ``scale``) into the encoder. A DDP module all-reduces only on the backward of its last chunk."""
+        last_use: Dict[int, Tuple[int, int]] = {}
+        for index, (encoder, chunks) in enumerate(zip(run.encoders, run.plans)):
+            last_use[id(encoder)] = (index, len(chunks) - 1)
+        try:
+            with torch.enable_grad():
+                for index, (value, encoder, chunks) in enumerate(zip(run.inputs, run.encoders, run.plans)):
+                    for number, (start, stop, width) in enumerate(chunks):
+                        run.states[index][number].restore()
+                        syncing = not _is_ddp(encoder) or last_use[id(encoder)] == (index, number)
+                        with contextlib.nullcontext() if syncing else encoder.no_sync():
+                            chunk = _slice(value, start, stop, width)
+                            rep = self._representation(index, _call(encoder, chunk), chunk, stop - start)
+                            if rep.requires_grad:  # an encoder without trainable parameters has nothing to learn
+                                grad = rep_grads[index][start:stop]
+                                if scale is not None:
+                                    grad = grad * scale.to(device=grad.device, dtype=grad.dtype)
+                                rep.backward(gradient=grad.to(rep.dtype))
+        finally:
+            # continue the random stream as if each chunk had run once
+            run.state_after_forward.restore()
+
+    def loss(self, *inputs, **loss_kwargs) -> torch.Tensor:
+        """Deferred mode, for a loop that calls ``loss.backward()`` itself (HF ``Trainer``,
+        ``SentenceTransformerTrainer``, Lightning, Accelerate).
+
+        Encodes the chunks without autograd and computes the loss and dL/d(representations)
+        now; returns the loss as a tensor whose ``backward()`` replays the chunks with autograd
+        and pushes the cached gradients, times the incoming gradient (a loss scaler's factor,
+        a division by the accumulation steps), into the encoder's parameters. Tensors among the
+        loss keywords that require grad (a learnable temperature) get their gradient in that
+        same backward. Without grad mode it returns the plain detached loss.
+
+        Example::
+
+            >>> cache = fastcl.GradCache(model, chunk_size=32, loss_fn=fastcl.info_nce, temperature=0.05)
+            >>> loss = cache.loss(queries, passages)   # what compute_loss returns
+            >>> accelerator.backward(loss)             # replays the chunks here
+        """
+        run = self._encode(inputs)
+        kwargs = {**self.loss_kwargs, **loss_kwargs}
+        if not torch.is_grad_enabled():
+            return self.loss_fn(*run.reps, **kwargs)
+        leaves = [rep.detach().requires_grad_() for rep in run.reps]
+        extra = [value for value in kwargs.values() if isinstance(value, torch.Tensor) and value.requires_grad]
+        loss = self._checked_loss(leaves, kwargs)
+        grads = torch.autograd.grad(loss.reshape(()), leaves + extra, allow_unused=True)
+        rep_grads = [g if g is not None else torch.zeros_like(leaf) for g, leaf in zip(grads, leaves)]
+        extra_grads = list(grads[len(leaves):])
+        del leaves
+        run.reps = None
+        result = loss.detach().reshape(()).requires_grad_()
+
+        def replay(grad_output):
+            pairs = [(t, g * grad_output.to(g.dtype)) for t, g in zip(extra, extra_grads) if g is not None]
+            if pairs:
+                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+            self._replay(run, rep_grads, grad_output.reshape(()))
+            return grad_output
+
+        result.register_hook(replay)
+        return result
+
+    # -- the step -------------------------------------------------------------------------------
+    def step(self, *inputs, scaler=None, **loss_kwargs) -> torch.Tensor:
+        """Forward + backward of the whole batch, chunk by chunk. Returns the detached, unscaled loss.
+
+        ``inputs[i]`` is encoded by ``encoders[i]`` (or the shared encoder) and its
+        representation is the i-th positional argument of ``loss_fn``; ``loss_kwargs`` override
+        the constructor's (per-batch ``positive``, ``labels`` ...).
+        """
+        run = self._encode(inputs)
+        # 2. the loss on the full batch, backpropagated to the representations (and to any
+        #    learnable temperature among the loss kwargs, once)
+        leaves = [rep.detach().requires_grad_() for rep in run.reps]
+        loss = self._checked_loss(leaves, {**self.loss_kwargs, **loss_kwargs})
         # Every .grad this step writes, as it was: if a pass raises (e.g. out of memory in the
         # replay), no partial gradient stays behind.
-        before = _GradientSnapshot([p for encoder in set(encoders) for p in encoder.parameters()]
+        before = _GradientSnapshot([p for encoder in set(run.encoders) for p in encoder.parameters()]
                                    + _graph_leaves(loss, exclude=leaves))
         try:
             (scaler.scale(loss) if scaler is not None else loss).reshape(()).backward()
             rep_grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
-            del leaves, reps
-            self._replay(inputs, encoders, plans, states, rep_grads)
+            del leaves
+            run.reps = None
+            self._replay(run, rep_grads)
         except BaseException:
             before.restore()
             raise
-        finally:
-            # continue the random stream as if each chunk had run once
-            state_after_forward.restore()
         return loss.detach().reshape(())
-
-    def _replay(self, inputs, encoders, plans, states, rep_grads) -> None:
-        # 3. replay every chunk with autograd and push its cached gradient into the encoder.
-        #    A DDP module all-reduces only on the backward of its last chunk.
-        last_use: Dict[int, Tuple[int, int]] = {}
-        for index, (encoder, chunks) in enumerate(zip(encoders, plans)):
-            last_use[id(encoder)] = (index, len(chunks) - 1)
-        for index, (value, encoder, chunks) in enumerate(zip(inputs, encoders, plans)):
-            for number, (start, stop, width) in enumerate(chunks):
-                states[index][number].restore()
-                syncing = not _is_ddp(encoder) or last_use[id(encoder)] == (index, number)
-                with contextlib.nullcontext() if syncing else encoder.no_sync():
-                    chunk = _slice(value, start, stop, width)
-                    rep = self._representation(index, _call(encoder, chunk), chunk, stop - start)
-                    if rep.requires_grad:  # an encoder without trainable parameters has nothing to learn
-                        rep.backward(gradient=rep_grads[index][start:stop].to(rep.dtype))

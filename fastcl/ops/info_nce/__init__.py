@@ -17,12 +17,16 @@ from typing import Optional
 import torch
 
 from ..._native import backends as _backends
+import logging
+
 from ...validation import checks_values
 from ..._native import CUDA_INFO_NCE_NOTE, requested_backend, warn_once
-from . import naive
+from . import extras, naive
 from .dense import dense_info_nce
 from .op import info_nce_op
 from .options import check_embeddings, check_info_nce_args, check_same_device, check_scalar, input_dtypes
+
+_log = logging.getLogger("fastcl")
 
 __all__ = ["info_nce", "clip_loss", "nt_xent", "resolve_backend"]
 
@@ -98,7 +102,13 @@ def info_nce(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
     backend: str = "auto",
-) -> torch.Tensor:
+    memory_bank=None,
+    sample_index: Optional[torch.Tensor] = None,
+    guide=None,
+    guide_margin: float = 0.0,
+    guide_margin_strategy: str = "absolute",
+    return_stats: bool = False,
+):
     r"""InfoNCE loss of each query against shared keys (and optional private hard negatives).
 
     ``s_ij = q_i . k_j / temperature``; ``L_i = -s_{i,pos(i)} + log sum_{j in C_i} exp(s_ij)``
@@ -124,9 +134,27 @@ def info_nce(
         label_smoothing: as ``F.cross_entropy(label_smoothing=...)`` over the row's candidates.
         reduction: "mean" | "sum" | "none" (per query row).
         backend: "auto" | "naive" | "torch" | "cpu" | "triton" | "cuda".
+        memory_bank: a :class:`fastcl.MemoryBank` or an (M, D) tensor of extra negatives shared
+            by every query (no gradient), read in place. With a ``MemoryBank`` holding labels,
+            bank entries sharing the query's label (``labels``) are not negatives; holding
+            sample indices, entries with the query's ``sample_index`` (B,) are not either.
+        guide: (guide_query (B, G), guide_key (N, G)): a guide model's embeddings (GIST). Key j
+            is dropped from query i's candidates when the guide's cosine similarity
+            ``g_ij > g_i,pos - guide_margin`` (``guide_margin_strategy="absolute"``) or
+            ``> g_i,pos - |g_i,pos| * guide_margin`` ("relative").
+        return_stats: also return a dict of per-anchor ``lse`` (log-sum-exp of the kept logits),
+            ``positive_logit`` and ``rank`` (how many kept candidates have a strictly larger
+            logit than the positive; 0 = top-1), and for ``symmetric`` ``column_lse``,
+            ``column_positive_logit``, ``column_rank``. No B x N tensor.
+            (``multi_positive="mask"`` only.)
+
+        ``memory_bank`` and ``guide`` run on the chunked PyTorch segment driver
+        (``segments.py``) whatever ``backend`` says; ``return_stats`` alone runs the loss on
+        ``backend`` and the statistics in one extra pass without gradients.
 
     Returns:
-        float32 loss (float64 for float64 inputs): a scalar, or (B,) with ``reduction="none"``.
+        float32 loss (float64 for float64 inputs): a scalar, or (B,) with ``reduction="none"``;
+        ``(loss, stats)`` with ``return_stats=True``.
 
     Example::
 
@@ -140,6 +168,23 @@ def info_nce(
         query, key, positive, hard_negatives, temperature, normalize, symmetric, exclude_self,
         labels, key_labels, multi_positive, false_negative_margin, label_smoothing, reduction, backend,
     )
+    bank, bank_labels, bank_indices, guide = extras.check_extras(
+        query, key, options, memory_bank, sample_index, guide, guide_margin, guide_margin_strategy, return_stats,
+        hard_negatives)
+    if bank is not None or guide is not None:
+        _log.debug("fastcl.info_nce: memory_bank / guide -> segment driver")
+        return extras.driver_info_nce(query, key, hard_negatives, temperature, positive, labels, key_labels, options,
+                                      bank, bank_labels, bank_indices, sample_index, guide, guide_margin,
+                                      guide_margin_strategy, return_stats)
+    loss = _info_nce_loss(query, key, hard_negatives, temperature, positive, labels, key_labels, options, backend,
+                          device_type, autocast)
+    if not return_stats:
+        return loss
+    return loss, extras.statistics(query, key, hard_negatives, temperature, positive, labels, key_labels, options)
+
+
+def _info_nce_loss(query, key, hard_negatives, temperature, positive, labels, key_labels, options, backend,
+                   device_type, autocast):
     hard = hard_negatives.shape[1] if hard_negatives is not None else 0
     chosen = resolve_backend(backend, query.device, logits=query.shape[0] * (key.shape[0] + hard))
     if chosen == "naive" and backend == "auto":  # a small call: materialize the logits
@@ -160,7 +205,8 @@ def info_nce(
     return info_nce_op(query, key, hard_negatives, temperature, positive, labels, key_labels, options, chosen)
 
 
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, *, backend: str = "auto") -> torch.Tensor:
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, *, backend: str = "auto",
+              return_stats: bool = False):
     r"""CLIP loss: symmetric InfoNCE ``0.5 * (CE(rows) + CE(columns))`` of ``logit_scale * I @ T.T``.
 
     ``logit_scale`` is the multiplier (open_clip's ``logit_scale.exp()``), a float or scalar
@@ -170,6 +216,9 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     Example::
 
         >>> loss = fastcl.clip_loss(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), model.logit_scale.exp())
+
+    ``return_stats=True`` returns ``(loss, stats)`` as :func:`info_nce` (image rows: ``lse``,
+    ``positive_logit``, ``rank``; text rows: ``column_*``), in logit units.
     """
     check_embeddings("image_features", image_features, "(B, D)", 2)
     check_embeddings("text_features", text_features, "(B, D)", 2)
@@ -178,7 +227,8 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
             f"image_features and text_features must have the same shape (B, D), got {tuple(image_features.shape)} and {tuple(text_features.shape)}"
         )
     temperature = _inverse_scale(logit_scale)
-    return info_nce(image_features, text_features, temperature=temperature, symmetric=True, backend=backend)
+    return info_nce(image_features, text_features, temperature=temperature, symmetric=True, backend=backend,
+                    return_stats=return_stats)
 
 
 def _inverse_scale(logit_scale):

@@ -166,3 +166,74 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias) -> torch
     logits = logit_scale * (x @ y.T) + logit_bias
     signs = 2 * torch.eye(x.shape[0], dtype=dtype, device=x.device) - 1
     return -F.logsigmoid(signs * logits).sum() / x.shape[0]
+
+
+def info_nce_extras(query, key, *, positive=None, hard_negatives=None, temperature=0.07, normalize=False,
+                    exclude_self=False, labels=None, key_labels=None, false_negative_margin=None,
+                    memory_bank=None, bank_labels=None, bank_indices=None, sample_index=None, guide=None,
+                    guide_margin=0.0, guide_margin_strategy="absolute", reduction="mean", symmetric=False):
+    """Reference for ``info_nce``'s memory_bank / guide / return_stats: every logit materialized
+    (keys, hard negatives and bank concatenated). Returns (loss, stats)."""
+    dtype = _compute_dtype(query)
+
+    def prep(x):
+        x = x.to(dtype)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    q, k = prep(query), prep(key)
+    batch, num_keys = q.shape[0], k.shape[0]
+    inv_t = 1.0 / (temperature.to(dtype) if isinstance(temperature, torch.Tensor) else float(temperature))
+    if positive is None:
+        positive = torch.arange(batch, device=q.device)
+
+    def one_direction(anchors, keys, positive, anchor_labels, candidate_labels, private, guide_pair):
+        parts = [anchors @ keys.T]
+        n = keys.shape[0]
+        if private is not None:
+            parts.append(torch.einsum("bd,bhd->bh", anchors, prep(private)))
+        if memory_bank is not None:
+            parts.append(anchors @ prep(memory_bank.detach()).T)
+        raw = torch.cat(parts, 1)
+        cols = raw.shape[1]
+        col = torch.arange(cols, device=q.device)[None, :]
+        row = torch.arange(anchors.shape[0], device=q.device)[:, None]
+        is_pos = col == positive[:, None]
+        drop = torch.zeros_like(is_pos)
+        if exclude_self:
+            drop |= (col == row) & (col < n)
+        if anchor_labels is not None:
+            same = torch.zeros_like(is_pos)
+            same[:, :n] = anchor_labels[:, None] == candidate_labels[None, :]
+            drop |= same
+        if memory_bank is not None:
+            start = cols - memory_bank.shape[0]
+            if bank_labels is not None and anchor_labels is not None:
+                drop[:, start:] |= anchor_labels[:, None] == bank_labels[None, :]
+            if bank_indices is not None and sample_index is not None:
+                drop[:, start:] |= sample_index[:, None] == bank_indices[None, :]
+        if false_negative_margin is not None:
+            drop |= raw > raw.gather(1, positive[:, None]) - false_negative_margin
+        if guide_pair is not None:
+            g = F.normalize(guide_pair[0].to(dtype), dim=-1) @ F.normalize(guide_pair[1].to(dtype), dim=-1).T
+            g_pos = g.gather(1, positive[:, None])
+            slack = g_pos.abs() * guide_margin if guide_margin_strategy == "relative" else guide_margin
+            drop[:, :n] |= g > g_pos - slack
+        keep = ~(drop & ~is_pos)
+        logits = (raw * inv_t).masked_fill(~keep, NEG_INF)
+        lse = torch.logsumexp(logits, 1)
+        pos_logit = logits.gather(1, positive[:, None])[:, 0]
+        rank = (logits > pos_logit[:, None]).sum(1)
+        return lse - pos_logit, {"lse": lse, "positive_logit": pos_logit, "rank": rank}
+
+    loss, stats = one_direction(q, k, positive, labels, key_labels, hard_negatives, guide)
+    if symmetric:
+        column_loss, column_stats = one_direction(
+            k[:batch], q, torch.arange(batch, device=q.device),
+            key_labels[:batch] if key_labels is not None else None, labels, None, None)
+        stats.update({f"column_{name}": value for name, value in column_stats.items()})
+        loss = 0.5 * (loss + column_loss)
+    if reduction == "mean":
+        loss = loss.mean()
+    elif reduction == "sum":
+        loss = loss.sum()
+    return loss, stats

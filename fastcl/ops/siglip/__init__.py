@@ -26,8 +26,13 @@ register_gpu_backends(EXTRA_BACKENDS)
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias, *,
-                backend: str = "auto") -> torch.Tensor:
+                backend: str = "auto", return_stats: bool = False):
     r"""SigLIP loss of paired (B, D) image and text features.
+
+    ``return_stats=True`` returns ``(loss, stats)``: per image row ``lse`` (log-sum-exp of its
+    logits ``logit_scale * x_i . y_j + logit_bias``), ``positive_logit`` (j = i) and ``rank``
+    (texts with a strictly larger logit than its own; 0 = top-1), per text the ``column_*``
+    ones; one extra pass without gradients, no B x B tensor.
 
     Example::
 
@@ -53,12 +58,32 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     batch = image_features.shape[0]
     chosen = resolve_backend(backend, image_features.device, EXTRA_BACKENDS, logits=batch * batch)
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
     if chosen == "naive":
-        return naive.siglip_loss(image_features, text_features, logit_scale, logit_bias)
-    if chosen in EXTRA_BACKENDS:
-        EXTRA_BACKENDS[chosen](image_features)
-    # every other backend runs in the fastcl::siglip_forward custom op
-    if autocast:  # the features are already in the autocast dtype; the op accumulates in float32
-        with torch.autocast(device_type, enabled=False):
-            return siglip_op(image_features, text_features, logit_scale, logit_bias, chosen)
-    return siglip_op(image_features, text_features, logit_scale, logit_bias, chosen)
+        loss = naive.siglip_loss(image_features, text_features, logit_scale, logit_bias)
+    else:
+        if chosen in EXTRA_BACKENDS:
+            EXTRA_BACKENDS[chosen](image_features)
+        # every other backend runs in the fastcl::siglip_forward custom op
+        if autocast:  # the features are already in the autocast dtype; the op accumulates in float32
+            with torch.autocast(device_type, enabled=False):
+                loss = siglip_op(image_features, text_features, logit_scale, logit_bias, chosen)
+        else:
+            loss = siglip_op(image_features, text_features, logit_scale, logit_bias, chosen)
+    if not return_stats:
+        return loss
+    return loss, _statistics(image_features, text_features, logit_scale, logit_bias)
+
+
+def _statistics(image_features, text_features, logit_scale, logit_bias) -> dict:
+    from ..info_nce.extras import statistics
+    from ..info_nce.options import InfoNCEOptions
+
+    scale = float(logit_scale.detach().reshape(())) if isinstance(logit_scale, torch.Tensor) else float(logit_scale)
+    bias = float(logit_bias.detach().reshape(())) if isinstance(logit_bias, torch.Tensor) else float(logit_bias)
+    stats = statistics(image_features, text_features, None, 1.0 / scale, None, None, None,
+                       InfoNCEOptions(symmetric=True))
+    for name in ("lse", "positive_logit", "column_lse", "column_positive_logit"):
+        stats[name] = stats[name] + bias
+    return stats

@@ -1,0 +1,90 @@
+"""lightly's ``NTXentLoss(temperature=0.5, memory_bank_size=0, gather_distributed=False)`` with
+``forward(out0, out1)`` on fastcl's kernels. This module does not import lightly.
+
+Without a memory bank: the fused NT-Xent over the 2B views (``fastcl.nt_xent``). With one
+(``memory_bank_size=(size, dim)`` as lightly 1.6, or an int ``size``, the width then taken from
+the first batch): out0 against its own out1 plus the bank's entries, read in place from a
+:class:`fastcl.MemoryBank` that fills like lightly's (random unit rows at start, then out1 of
+each training batch, FIFO; a batch that runs past the end is cut there). ``gather_distributed``
+with several processes runs lightly's own loss (needs lightly installed).
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..memory_bank import MemoryBank
+from ..ops.info_nce import nt_xent
+from . import log
+
+__all__ = ["NTXentLoss"]
+
+
+class NTXentLoss(nn.Module):
+    """lightly's ``NTXentLoss`` on fastcl."""
+
+    def __init__(self, temperature: float = 0.5, memory_bank_size: Union[int, Sequence[int]] = 0,
+                 gather_distributed: bool = False):
+        super().__init__()
+        self.temperature = temperature
+        self.gather_distributed = gather_distributed
+        self.eps = 1e-8
+        if abs(self.temperature) < self.eps:
+            raise ValueError("Illegal temperature: abs({}) < 1e-8".format(self.temperature))
+        if gather_distributed and not dist.is_available():
+            raise ValueError("gather_distributed is True but torch.distributed is not available.")
+        size = (memory_bank_size,) if isinstance(memory_bank_size, int) else tuple(memory_bank_size)
+        if any(x < 0 for x in size) or len(size) not in (1, 2):
+            raise ValueError(f"memory_bank_size must be an int or (size, dim) with entries >= 0, got {memory_bank_size!r}")
+        self.memory_bank_size = memory_bank_size
+        self.bank = None
+        self._peer = None
+        if size[0] > 0 and len(size) == 2:
+            self.bank = self._new_bank(size[0], size[1])
+
+    @staticmethod
+    def _new_bank(size: int, dim: int) -> MemoryBank:
+        bank = MemoryBank(size, dim, overflow="drop")
+        bank.fill(nn.functional.normalize(torch.randn(size, dim), dim=-1))
+        return bank
+
+    def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+        size = self.memory_bank_size if isinstance(self.memory_bank_size, int) else self.memory_bank_size[0]
+        if size == 0 and self.gather_distributed and dist.is_initialized() and dist.get_world_size() > 1:
+            log.debug("lightly NTXentLoss: peer path (gather_distributed)")
+            return self._peer_loss()(out0, out1)
+        if size == 0:
+            log.debug("lightly NTXentLoss: fused path (fastcl.nt_xent)")
+            return nt_xent(out0, out1, temperature=self.temperature, normalize=True)
+        log.debug("lightly NTXentLoss: fused path (memory bank)")
+        if self.bank is None:
+            self.bank = self._new_bank(size, out0.shape[1]).to(out0.device)
+        unit1 = nn.functional.normalize(out1, dim=1)
+        # out0_i's candidates: its own out1_i (the positive) and every bank entry (no gradient,
+        # read in place); the other rows of out1 are not candidates, as in lightly
+        loss = _bank_loss(nn.functional.normalize(out0, dim=1), unit1, self.bank, self.temperature)
+        if out0.requires_grad:
+            self.bank.push(unit1.detach())
+        return loss
+
+    def _peer_loss(self):
+        if self._peer is None:
+            from lightly.loss import NTXentLoss as LightlyNTXentLoss
+
+            self._peer = LightlyNTXentLoss(self.temperature, self.memory_bank_size, self.gather_distributed)
+        return self._peer
+
+
+def _bank_loss(anchors, pair, bank: MemoryBank, temperature: float) -> torch.Tensor:
+    """Mean over rows of -log softmax of (a_i . p_i, a_i . bank) / temperature, fused."""
+    from ..ops.info_nce.segments import PAIRED, SHARED, Segment, SegmentOptions, segmented_loss
+
+    dtype = torch.float64 if anchors.dtype == torch.float64 else torch.float32
+    negatives = bank.negatives()
+    if negatives.dtype != dtype:
+        negatives = negatives.to(dtype)
+    segments = [Segment(anchors.to(dtype), pair.to(dtype), PAIRED), Segment(anchors.to(dtype), negatives, SHARED)]
+    return segmented_loss(segments, SegmentOptions(None), torch.tensor(float(temperature), dtype=torch.float64))

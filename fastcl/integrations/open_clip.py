@@ -1,0 +1,159 @@
+"""open_clip's ``ClipLoss`` and ``SigLipLoss`` on fastcl's kernels (no B x B logits), with the
+peer's constructors and calls, and :func:`patch_open_clip` to swap them into ``open_clip``.
+
+``ClipLoss(local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1,
+use_horovod=False)``, ``forward(image_features, text_features, logit_scale, logit_bias=None,
+output_dict=False)``: every mode open_clip has with ``torch.distributed`` (``world_size > 1``
+gathers through ``fastcl.distributed``); ``use_horovod=True`` raises ``NotImplementedError``.
+``SigLipLoss(cache_labels=False, rank=0, world_size=1, dist_impl=None)``,
+``forward(image_features, text_features, logit_scale, logit_bias, output_dict=False)``: every
+``dist_impl`` gives open_clip's values and gradients through ``fastcl.distributed.siglip_loss``.
+This module does not import open_clip.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .. import distributed as _fastcl_distributed
+from ..ops.info_nce import clip_loss, info_nce
+from ..ops.siglip import siglip_loss
+from . import log
+
+__all__ = ["ClipLoss", "SigLipLoss", "patch_open_clip"]
+
+DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+
+
+def _gather_without_grad(tensor: torch.Tensor, rank: int, world_size: int, keep_local: bool) -> torch.Tensor:
+    """All ranks' rows in rank order without gradient, except this rank's slice when
+    ``keep_local`` (open_clip's ``gather_with_grad=False``: global loss keeps it, local loss not)."""
+    parts = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(parts, tensor.detach().contiguous())
+    if keep_local:
+        parts[rank] = tensor
+    return torch.cat(parts, dim=0)
+
+
+class ClipLoss(nn.Module):
+    """open_clip's ``ClipLoss`` on fastcl's fused symmetric InfoNCE."""
+
+    def __init__(self, local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1,
+                 use_horovod=False):
+        super().__init__()
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.cache_labels = cache_labels  # accepted for compatibility: fastcl builds no label tensor
+        self.rank = rank
+        self.world_size = world_size
+        self.use_horovod = use_horovod
+        self.prev_num_logits = 0
+        self.labels = {}
+        if use_horovod:
+            raise NotImplementedError("fastcl's ClipLoss does not support use_horovod=True (horovod); use torch.distributed")
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
+        if self.use_horovod:
+            raise NotImplementedError("fastcl's ClipLoss does not support use_horovod=True (horovod); use torch.distributed")
+        if self.world_size > 1:
+            loss = self._distributed(image_features, text_features, logit_scale)
+        else:
+            log.debug("ClipLoss: fused path (one process)")
+            loss = clip_loss(image_features, text_features, logit_scale)
+        if isinstance(logit_bias, torch.Tensor):  # a constant shift of every logit: no effect, zero gradient
+            loss = loss + 0.0 * logit_bias.sum()
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def _distributed(self, image_features, text_features, logit_scale):
+        if self.gather_with_grad and self.local_loss:
+            log.debug("ClipLoss: fused path (fastcl.distributed.clip_loss, local loss)")
+            return _fastcl_distributed.clip_loss(image_features, text_features, logit_scale)
+        if self.gather_with_grad:
+            log.debug("ClipLoss: fused path (gathered with grad, global loss)")
+            images = _fastcl_distributed.all_gather_rows(image_features)
+            texts = _fastcl_distributed.all_gather_rows(text_features)
+        else:
+            log.debug("ClipLoss: fused path (gathered without grad)")
+            images = _gather_without_grad(image_features, self.rank, self.world_size, not self.local_loss)
+            texts = _gather_without_grad(text_features, self.rank, self.world_size, not self.local_loss)
+        if not self.local_loss:
+            return clip_loss(images, texts, logit_scale)
+        batch = image_features.shape[0]
+        positive = torch.arange(batch, device=image_features.device) + batch * self.rank
+        temperature = 1.0 / logit_scale
+        return 0.5 * (info_nce(image_features, texts, positive=positive, temperature=temperature)
+                      + info_nce(text_features, images, positive=positive, temperature=temperature))
+
+
+class SigLipLoss(nn.Module):
+    """open_clip's ``SigLipLoss`` on fastcl's fused sigmoid loss."""
+
+    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1, dist_impl: Optional[str] = None):
+        super().__init__()
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.dist_impl = dist_impl or "bidir"
+        if self.dist_impl not in DIST_IMPLS:
+            raise ValueError(f"dist_impl must be one of {DIST_IMPLS} or None, got {dist_impl!r}")
+        self.prev_num_logits = 0
+        self.labels = {}
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict=False):
+        if self.world_size > 1:
+            log.debug("SigLipLoss: fused path (fastcl.distributed.siglip_loss, dist_impl=%s)", self.dist_impl)
+            loss = _fastcl_distributed.siglip_loss(image_features, text_features, logit_scale, logit_bias)
+        else:
+            log.debug("SigLipLoss: fused path (one process)")
+            loss = siglip_loss(image_features, text_features, logit_scale, logit_bias)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+_REPLACED = {"ClipLoss": ClipLoss, "SigLipLoss": SigLipLoss}
+
+
+class _Patch:
+    """What :func:`patch_open_clip` replaced; ``undo()`` (or leaving a ``with`` block) restores it."""
+
+    def __init__(self, saved):
+        self.saved = saved
+
+    def undo(self) -> None:
+        for module, name, value in reversed(self.saved):
+            setattr(module, name, value)
+        self.saved = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.undo()
+
+
+def patch_open_clip(module=None) -> _Patch:
+    """Swap ``ClipLoss`` and ``SigLipLoss`` in ``open_clip.loss`` (and where open_clip imported
+    them: ``open_clip``, ``open_clip.factory``) for fastcl's, so ``open_clip.create_loss`` and
+    open_clip's training script build fastcl's losses. Returns a handle whose ``undo()``
+    restores the originals; also a context manager.
+
+    ``module``: the loss module to patch (default: ``open_clip.loss``, imported).
+    """
+    targets = []
+    if module is None:
+        module = importlib.import_module("open_clip.loss")
+        for name in ("open_clip", "open_clip.factory"):
+            if name in sys.modules:
+                targets.append(sys.modules[name])
+    targets.insert(0, module)
+    saved = []
+    for target in targets:
+        for name, replacement in _REPLACED.items():
+            if hasattr(target, name):
+                saved.append((target, name, getattr(target, name)))
+                setattr(target, name, replacement)
+    return _Patch(saved)

@@ -1,0 +1,171 @@
+"""pytorch-metric-learning's ``NTXentLoss`` and ``SupConLoss`` on fastcl's kernels: same class
+names, constructors and ``forward(embeddings, labels=None, indices_tuple=None, ref_emb=None,
+ref_labels=None)``.
+
+Fused: the default ``distance`` (``CosineSimilarity()``), the default reducer (``MeanReducer``
+for NT-Xent, ``AvgNonZeroReducer`` for SupCon) and no ``embedding_regularizer``.
+- Without ``indices_tuple``: every pair the labels define (the peer's ``get_all_pairs_indices``)
+  on the fused InfoNCE (``multi_positive="pairwise"`` / ``"supcon"``), never B x B.
+- With a miner's ``indices_tuple`` (pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)``, read as
+  the peer reads them: a triplet gives the pairs (a, p) and (a, n); a repeated pair counts
+  repeatedly for NT-Xent and once for SupCon): one similarity per listed pair and a per-anchor
+  log-sum-exp by scatter, O(pairs) memory.
+Anything else runs the peer's own code.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning import distances as _distances
+from pytorch_metric_learning import losses as _losses
+from pytorch_metric_learning import reducers as _reducers
+from pytorch_metric_learning.utils import common_functions as _c_f
+from pytorch_metric_learning.utils import loss_and_miner_utils as _lmu
+
+from ..ops.info_nce import info_nce
+from . import log
+
+__all__ = ["NTXentLoss", "SupConLoss"]
+
+
+def _default_cosine(distance) -> bool:
+    return (type(distance) is _distances.CosineSimilarity and distance.normalize_embeddings and distance.p == 2
+            and distance.power == 1 and distance.is_inverted)
+
+
+def _fusable(loss, reducer_type) -> bool:
+    return (_default_cosine(loss.distance) and type(loss.reducer) is reducer_type
+            and getattr(loss, "embedding_regularizer", None) is None)
+
+
+def _pair_scores(embeddings, ref_emb, first, second, temperature):
+    """Cosine similarity / temperature of the listed pairs (rows of embeddings, rows of ref_emb)."""
+    e = F.normalize(embeddings[first], dim=-1)
+    r = F.normalize(ref_emb[second], dim=-1)
+    return (e * r).sum(-1) / temperature
+
+
+def _anchor_logsumexp(scores, anchors, num_anchors):
+    """Per-anchor logsumexp of ``scores`` grouped by ``anchors`` (-inf for an anchor without any)."""
+    dtype = scores.dtype
+    maximum = torch.full((num_anchors,), float("-inf"), dtype=dtype, device=scores.device)
+    maximum = maximum.scatter_reduce(0, anchors, scores.detach(), reduce="amax", include_self=True)
+    safe = torch.where(torch.isfinite(maximum), maximum, torch.zeros_like(maximum))
+    total = torch.zeros(num_anchors, dtype=dtype, device=scores.device).index_add(0, anchors, torch.exp(scores - safe[anchors]))
+    return torch.log(total) + safe
+
+
+class NTXentLoss(_losses.NTXentLoss):
+    """pytorch-metric-learning's ``NTXentLoss(temperature=0.07, **kwargs)`` on fastcl."""
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        if not _fusable(self, _reducers.MeanReducer):
+            log.debug("NTXentLoss: peer path")
+            return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if indices_tuple is None and labels is None:
+            _c_f.labels_or_indices_tuple_required(labels, indices_tuple)
+        self.reset_stats()
+        _c_f.check_shapes(embeddings, labels)
+        if labels is not None:
+            labels = _c_f.to_device(labels, embeddings)
+        same_set = ref_emb is None
+        ref_emb, ref_labels = _c_f.set_ref_emb(embeddings, labels, ref_emb, ref_labels)
+        if indices_tuple is None:
+            log.debug("NTXentLoss: fused path (all label pairs)")
+            if ref_labels is None:  # ref_emb without ref_labels: the peer compares with the labels themselves
+                ref_labels = labels
+                same_set = True
+            if _peer_returns_zero(*_pair_counts(labels, ref_labels, same_set)):
+                return _zero(embeddings)
+            return info_nce(embeddings, ref_emb, temperature=self.temperature, normalize=True, exclude_self=same_set,
+                            labels=labels, key_labels=ref_labels, multi_positive="pairwise")
+        log.debug("NTXentLoss: fused path (indices_tuple pairs)")
+        a1, p, a2, n = _lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
+        if _peer_returns_zero(len(a1), len(a2)):
+            return _zero(embeddings)
+        positive = _pair_scores(embeddings, ref_emb, a1, p, self.temperature)
+        negative = _pair_scores(embeddings, ref_emb, a2, n, self.temperature)
+        negative_lse = _anchor_logsumexp(negative, a2, embeddings.shape[0])
+        # -log(e^s / (e^s + sum_neg e^n)) = softplus(lse_neg - s)
+        return F.softplus(negative_lse[a1] - positive).mean()
+
+
+def _pair_counts(labels, ref_labels, same_set):
+    """(positive pairs, negative pairs) the peer's get_all_pairs_indices would list."""
+    values, counts = torch.unique(labels, return_counts=True)
+    if same_set:
+        positive = int((counts * (counts - 1)).sum())
+        return positive, labels.shape[0] ** 2 - int((counts * counts).sum())
+    ref_counts = (ref_labels[None, :] == values[:, None]).sum(1)
+    positive = int((counts * ref_counts).sum())
+    return positive, labels.shape[0] * ref_labels.shape[0] - positive
+
+
+def _peer_returns_zero(positive_pairs, negative_pairs) -> bool:
+    """GenericPairLoss returns zero when no index list is longer than 1, and both losses
+    when there is no positive or no negative pair."""
+    return (positive_pairs <= 1 and negative_pairs <= 1) or positive_pairs == 0 or negative_pairs == 0
+
+
+def _zero(embeddings):
+    return torch.sum(embeddings * 0)
+
+
+class SupConLoss(_losses.SupConLoss):
+    """pytorch-metric-learning's ``SupConLoss(temperature=0.1, **kwargs)`` on fastcl."""
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        if not _fusable(self, _reducers.AvgNonZeroReducer):
+            log.debug("SupConLoss: peer path")
+            return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if indices_tuple is None and labels is None:
+            _c_f.labels_or_indices_tuple_required(labels, indices_tuple)
+        self.reset_stats()
+        _c_f.check_shapes(embeddings, labels)
+        if labels is not None:
+            labels = _c_f.to_device(labels, embeddings)
+        same_set = ref_emb is None
+        ref_emb, ref_labels = _c_f.set_ref_emb(embeddings, labels, ref_emb, ref_labels)
+        if indices_tuple is None:
+            log.debug("SupConLoss: fused path (all label pairs)")
+            if ref_labels is None:
+                ref_labels = labels
+                same_set = True
+            if _peer_returns_zero(*_pair_counts(labels, ref_labels, same_set)):
+                return _zero(embeddings)
+            losses = info_nce(embeddings, ref_emb, temperature=self.temperature, normalize=True,
+                              exclude_self=same_set, labels=labels, key_labels=ref_labels,
+                              multi_positive="supcon", reduction="none")
+            return _average_non_zero(losses, embeddings)
+        log.debug("SupConLoss: fused path (indices_tuple pairs)")
+        a1, p, a2, n = _lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
+        if _peer_returns_zero(len(a1), len(a2)):
+            return _zero(embeddings)
+        # the peer writes the pairs into 0/1 masks: a repeated pair counts once
+        rows, cols = embeddings.shape[0], ref_emb.shape[0]
+        a1, p = _unique_pairs(a1, p, cols)
+        a2, n = _unique_pairs(a2, n, cols)
+        positive = _pair_scores(embeddings, ref_emb, a1, p, self.temperature)
+        negative = _pair_scores(embeddings, ref_emb, a2, n, self.temperature)
+        # denominator over each anchor's listed positives and negatives
+        lse = _anchor_logsumexp(torch.cat([positive, negative]), torch.cat([a1, a2]), rows)
+        count = torch.zeros(rows, dtype=positive.dtype, device=positive.device).index_add(
+            0, a1, torch.ones_like(positive))
+        log_prob_sum = torch.zeros(rows, dtype=positive.dtype, device=positive.device).index_add(
+            0, a1, positive - lse[a1])
+        losses = -log_prob_sum / (count + _c_f.small_val(positive.dtype))
+        return _average_non_zero(losses, embeddings)
+
+
+def _unique_pairs(first, second, cols):
+    code = torch.unique(first.long() * cols + second.long())
+    return code // cols, code % cols
+
+
+def _average_non_zero(losses, embeddings):
+    """PML's AvgNonZeroReducer: the mean over the strictly positive element losses."""
+    positive = losses > 0
+    count = int(positive.sum())
+    if count == 0:
+        return _zero(embeddings)
+    return torch.where(positive, losses, torch.zeros_like(losses)).sum() / count

@@ -1,0 +1,115 @@
+"""fastcl.integrations.lightly against lightly's NTXentLoss. lightly is installed without its
+dependencies (torchvision pins a CUDA torch), so its loss and memory-bank modules are loaded
+from their files with the two lightly modules they import stubbed or loaded alike."""
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastcl.integrations import lightly as ours
+
+from .helpers import assert_same, assert_same_signature, loss_and_grads
+
+pytestmark = pytest.mark.peers
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def peer():
+    spec = importlib.util.find_spec("lightly")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("lightly is not installed (pip install --no-deps lightly)")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    saved = {name: sys.modules.get(name) for name in
+             ("lightly", "lightly.utils", "lightly.utils.dist", "lightly.models", "lightly.models.utils",
+              "lightly.models.modules", "lightly.models.modules.memory_bank", "lightly.loss.ntx_ent_loss")}
+    try:
+        for name in ("lightly", "lightly.utils", "lightly.models", "lightly.models.modules"):
+            sys.modules[name] = types.ModuleType(name)
+        sys.modules["lightly.utils"].dist = _load("lightly.utils.dist", root / "utils" / "dist.py")
+        models_utils = types.ModuleType("lightly.models.utils")  # only its distributed gather is used
+        sys.modules["lightly.models.utils"] = models_utils
+        sys.modules["lightly.models"].utils = models_utils
+        _load("lightly.models.modules.memory_bank", root / "models" / "modules" / "memory_bank.py")
+        yield _load("lightly.loss.ntx_ent_loss", root / "loss" / "ntx_ent_loss.py")
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+def test_signature_matches_the_peer(peer):
+    assert_same_signature(ours.NTXentLoss, peer.NTXentLoss)
+    assert_same_signature(ours.NTXentLoss.forward, peer.NTXentLoss.forward)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 0.1])
+def test_in_batch_equals_peer(peer, temperature):
+    out0, out1 = torch.randn(33, 16), torch.randn(33, 16)
+    assert_same(loss_and_grads(ours.NTXentLoss(temperature), out0, out1),
+                loss_and_grads(peer.NTXentLoss(temperature), out0, out1))
+
+
+def test_memory_bank_fills_past_its_size_like_the_peer(peer):
+    """Same random initial bank, then eight batches of 24 through a bank of 80 (it wraps and
+    cuts the batch that runs past the end, as lightly does); loss and gradients at every step."""
+    torch.manual_seed(0)
+    theirs_loss = peer.NTXentLoss(temperature=0.2, memory_bank_size=(80, 16))
+    torch.manual_seed(0)
+    our_loss = ours.NTXentLoss(temperature=0.2, memory_bank_size=(80, 16))
+    generator = torch.Generator().manual_seed(2)
+    for step in range(8):
+        out0, out1 = torch.randn(24, 16, generator=generator), torch.randn(24, 16, generator=generator)
+        assert_same(loss_and_grads(our_loss, out0, out1), loss_and_grads(theirs_loss, out0, out1))
+    torch.testing.assert_close(our_loss.bank.embeddings, theirs_loss.memory_bank.bank)
+    # no update without gradient (evaluation), as lightly
+    before = our_loss.bank.embeddings.clone()
+    with torch.no_grad():
+        our_loss(torch.randn(24, 16), torch.randn(24, 16))
+    torch.testing.assert_close(our_loss.bank.embeddings, before)
+
+
+def test_int_bank_size_takes_its_width_from_the_first_batch():
+    loss = ours.NTXentLoss(memory_bank_size=50)
+    out0 = torch.randn(8, 12, requires_grad=True)
+    loss(out0, torch.randn(8, 12)).backward()
+    assert tuple(loss.bank.embeddings.shape) == (50, 12) and out0.grad is not None
+
+
+def test_simclr_loop_with_bank_equals_peer(peer):
+    """A tiny projector trained through the bank filling past its size: the same trajectory
+    and weights as with lightly's loss."""
+    def train(module):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+        loss_fn = module.NTXentLoss(temperature=0.5, memory_bank_size=(40, 8))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        generator = torch.Generator().manual_seed(1)
+        history = []
+        for _ in range(5):
+            x = torch.randn(16, 10, generator=generator)
+            noise = 0.05 * torch.randn(2, 16, 10, generator=generator)
+            loss = loss_fn(model(x + noise[0]), model(x + noise[1]))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            history.append(loss.item())
+        return history, list(model.parameters())
+
+    mine, my_params = train(ours)
+    theirs, their_params = train(peer)
+    torch.testing.assert_close(torch.tensor(mine), torch.tensor(theirs), rtol=1e-5, atol=1e-6)
+    for a, b in zip(my_params, their_params):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
