@@ -178,3 +178,12 @@ def test_timm_weights_give_timm_features_on_the_low_res_view():
     with torch.no_grad():
         low, _, _ = encoder.encode_low_res(images)
         torch.testing.assert_close(encoder.norm(low), vit.forward_features(images), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("depth, expected", [(1, (0,)), (2, (0, 1)), (3, (0, 2)), (8, (3, 7))])
+def test_default_score_layers_index_real_blocks(depth, expected):
+    """The default scorer reads the middle and the last block; a one-block encoder reads its only block."""
+    encoder = small_encoder(depth=depth)
+    assert encoder.score_layers == expected
+    output = encoder(torch.randn(2, 3, 40, 40))
+    assert output.pooled.shape == (2, 32) and torch.isfinite(output.pooled).all()

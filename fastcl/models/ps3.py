@@ -134,7 +134,8 @@ class SelectivePatchEncoder(nn.Module):
         self.logit_scale = logit_scale
         self.logit_clamp = logit_clamp
         self.backend = backend
-        self.score_layers = tuple(score_layers) if score_layers is not None else (depth // 2 - 1, depth - 1)
+        self.score_layers = (tuple(score_layers) if score_layers is not None
+                             else tuple(sorted({max(depth // 2 - 1, 0), depth - 1})))
         if any(not 0 <= l < depth for l in self.score_layers):
             raise ValueError(f"score_layers must index blocks in [0, {depth}), got {self.score_layers}")
         # Linear on (C, P, P)-flattened patches: the same weights as a Conv2d(kernel=stride=P).
