@@ -29,6 +29,7 @@ $(VENV)/.stamp-dev: $(VENV)/.stamp-venv pyproject.toml
 	$(PIP) install $(TORCH_PINS) --no-build-isolation -e '.[dev,trainers]'
 	$(PIP) install --no-deps open_clip_torch
 	$(PIP) install --no-deps lightly  # its loss modules only (tests/integrations/test_lightly.py)
+	$(PIP) install --no-deps gensim recbole  # data files read from disk by the loaders' slice tests
 	touch $@
 
 $(VENV)/.stamp-bench: $(VENV)/.stamp-venv pyproject.toml
