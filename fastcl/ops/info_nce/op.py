@@ -19,7 +19,8 @@ from torch import Tensor
 from ..._tracing import lazy_dynamo_disable, plain_eager
 from .chunked import torch_row_kernel
 from .double_backward import differentiable_gradients
-from .function import chunked_backward, chunked_forward, compute_dtype, no_tensor, scalar_tensor, scale_gradients
+from .function import (chunked_backward, chunked_forward, compute_dtype, keep_fused_gradients, no_tensor,
+                       scalar_tensor, scale_gradients, take_fused_gradients)
 from .options import InfoNCEOptions
 
 
@@ -106,16 +107,7 @@ def _setup_context(ctx, inputs, output):
     ctx.fused = inputs[15]
     ctx.has_hard = hard_negatives is not None
     saved = [query, key, hard_negatives, temperature, positive, labels, key_labels]
-    # Gradients computed in the forward pass. In eager mode they live on ctx (as .data), not in
-    # save_for_backward: the first backward hands them to autograd, which may make them the
-    # leaves' .grad; ctx then drops them, so a later in-place edit of .grad (clipping between
-    # two retained backwards) cannot invalidate this node. Tracers get them as saved tensors.
-    ctx.fused_grads = None
-    if ctx.fused:
-        if plain_eager(*output[1:]):
-            ctx.fused_grads = [g.data for g in output[1:]]  # own version counter: scaling them bumps no output
-        else:
-            saved += list(output[1:])
+    saved = keep_fused_gradients(ctx, saved, output[1:], ctx.fused)
     ctx.save_for_backward(*saved)
 
 
@@ -127,19 +119,15 @@ def _backward(ctx, grad_loss, *_unused_grads_of_gradients):
         grads = differentiable_gradients(
             (query, key, hard_negatives, temperature), positive, labels, key_labels, grad_loss,
             InfoNCEOptions(*ctx.static[:7]))
-    elif ctx.fused_grads is not None:
-        # Scale in place: no second copy of the gradients (at B = 65536, D = 256 that is
-        # 128 MB). They are gone from ctx afterwards, so a second backward through this node
-        # (retain_graph=True) recomputes them below.
-        grads, ctx.fused_grads = ctx.fused_grads, None
-        scale = grad_loss.reshape(())
-        for g in grads:
-            g.mul_(scale.to(device=g.device, dtype=g.dtype))
-    elif ctx.fused and len(saved) > 7:
-        grads = list(scale_gradients(saved[7:], grad_loss))
     else:
-        grads = list(info_nce_backward(query, key, hard_negatives, temperature, positive, labels, key_labels,
-                                       grad_loss, *ctx.static))
+        # the forward pass's gradients, scaled in place; a second backward through this node
+        # (retain_graph=True) finds them taken and recomputes them
+        grads = take_fused_gradients(ctx, grad_loss)
+        if grads is None and ctx.fused and len(saved) > 7:
+            grads = scale_gradients(saved[7:], grad_loss)
+        elif grads is None:
+            grads = info_nce_backward(query, key, hard_negatives, temperature, positive, labels, key_labels,
+                                      grad_loss, *ctx.static)
     grads = list(grads)
     if not ctx.has_hard:
         grads[2] = None

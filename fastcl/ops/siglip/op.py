@@ -15,7 +15,8 @@ from torch import Tensor
 
 from ..._tracing import lazy_dynamo_disable, plain_eager
 from ..info_nce.double_backward import reference_gradients
-from ..info_nce.function import compute_dtype, no_tensor, scalar_tensor, scale_gradients
+from ..info_nce.function import (compute_dtype, keep_fused_gradients, no_tensor, scalar_tensor, scale_gradients,
+                                 take_fused_gradients)
 from . import chunked, naive
 from .chunked import chunked_siglip
 
@@ -51,16 +52,7 @@ def _(image_features, text_features, logit_scale, logit_bias, backend, compute_g
 def _setup_context(ctx, inputs, output):
     ctx.backend = inputs[4]
     ctx.fused = inputs[5]
-    # The gradients computed in the forward pass: in eager mode on ctx (as .data) and dropped
-    # once handed to autograd, so an in-place edit of a leaf's .grad cannot invalidate this
-    # node for a second retained backward; tracers get them as saved tensors.
-    ctx.fused_grads = None
-    saved = list(inputs[:4])
-    if ctx.fused:
-        if plain_eager(*output[1:]):
-            ctx.fused_grads = [g.data for g in output[1:]]  # own version counter: scaling them bumps no output
-        else:
-            saved += list(output[1:])
+    saved = keep_fused_gradients(ctx, list(inputs[:4]), output[1:], ctx.fused)
     ctx.save_for_backward(*saved)
 
 
@@ -70,11 +62,8 @@ def _backward(ctx, grad_loss, *_unused_grads_of_gradients):
     if torch.is_grad_enabled() and plain_eager(grad_loss):
         # create_graph=True: differentiable gradients (double backward), through the reference maths
         return (*reference_gradients(naive.siglip_loss, inputs, grad_loss), None, None)
-    if ctx.fused_grads is not None:
-        grads, ctx.fused_grads = ctx.fused_grads, None
-        scale = grad_loss.reshape(())
-        for g in grads:
-            g.mul_(scale.to(device=g.device, dtype=g.dtype))
+    grads = take_fused_gradients(ctx, grad_loss)
+    if grads is not None:
         return (*grads, None, None)
     if ctx.fused and len(saved) > 4:
         grads = saved[4:]
