@@ -190,13 +190,7 @@ def _info_nce_loss(query, key, hard_negatives, temperature, positive, labels, ke
     if chosen == "naive" and backend == "auto":  # a small call: materialize the logits
         return dense_info_nce(query, key, positive, hard_negatives, temperature, labels, key_labels, options)
     if chosen == "naive":
-        return naive.info_nce(
-            query, key, positive=positive, hard_negatives=hard_negatives, temperature=temperature,
-            normalize=options.normalize, symmetric=options.symmetric, exclude_self=options.exclude_self,
-            labels=labels, key_labels=key_labels, multi_positive=options.multi_positive,
-            false_negative_margin=options.margin, label_smoothing=options.label_smoothing,
-            reduction=options.reduction,
-        )
+        return naive.info_nce_with_options(query, key, positive, hard_negatives, temperature, labels, key_labels, options)
     if chosen in EXTRA_BACKENDS:
         EXTRA_BACKENDS[chosen](query, options, labels)  # what this GPU backend refuses
     if autocast:  # the inputs are already in the autocast dtype; the op accumulates in float32

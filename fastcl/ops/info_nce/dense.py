@@ -23,21 +23,12 @@ def plain(options: InfoNCEOptions, labels, key_labels, hard_negatives) -> bool:
             and options.label_smoothing == 0 and not options.exclude_self and no_hard)
 
 
-def _reference(query, key, positive, hard_negatives, temperature, labels, key_labels, options: InfoNCEOptions):
-    return naive.info_nce(
-        query, key, positive=positive, hard_negatives=hard_negatives, temperature=temperature,
-        normalize=options.normalize, symmetric=options.symmetric, exclude_self=options.exclude_self,
-        labels=labels, key_labels=key_labels, multi_positive=options.multi_positive,
-        false_negative_margin=options.margin, label_smoothing=options.label_smoothing,
-        reduction=options.reduction,
-    )
-
-
 def dense_info_nce(query, key, positive, hard_negatives, temperature, labels, key_labels,
                    options: InfoNCEOptions) -> torch.Tensor:
     """InfoNCE on materialized logits: cross-entropy for the plain loss, else the reference."""
     if not plain(options, labels, key_labels, hard_negatives):
-        return _reference(query, key, positive, hard_negatives, temperature, labels, key_labels, options)
+        return naive.info_nce_with_options(query, key, positive, hard_negatives, temperature, labels, key_labels,
+                                           options)
     dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     q, k = query.to(dtype), key.to(dtype)
     if options.normalize:
@@ -56,5 +47,6 @@ def dense_info_nce(query, key, positive, hard_negatives, temperature, labels, ke
     # is not finite: then the reference runs instead. Checking the loss, not the B x N logits,
     # costs nothing. (A data-dependent branch: skipped under torch.compile, like the other checks.)
     if _checking_values() and not bool(torch.isfinite(loss.detach()).all()):
-        return _reference(query, key, positive, hard_negatives, temperature, labels, key_labels, options)
+        return naive.info_nce_with_options(query, key, positive, hard_negatives, temperature, labels, key_labels,
+                                           options)
     return loss

@@ -47,12 +47,6 @@ def differentiable_gradients(inputs, positive, labels, key_labels, grad_loss: to
     """Gradients wrt (query, key, hard_negatives, temperature) with a graph (None where not needed)."""
 
     def loss_of(query, key, hard_negatives, temperature):
-        return naive.info_nce(
-            query, key, positive=positive, hard_negatives=hard_negatives, temperature=temperature,
-            normalize=options.normalize, symmetric=options.symmetric, exclude_self=options.exclude_self,
-            labels=labels, key_labels=key_labels, multi_positive=options.multi_positive,
-            false_negative_margin=options.margin, label_smoothing=options.label_smoothing,
-            reduction=options.reduction,
-        )
+        return naive.info_nce_with_options(query, key, positive, hard_negatives, temperature, labels, key_labels, options)
 
     return reference_gradients(loss_of, inputs, grad_loss)

@@ -237,3 +237,15 @@ def info_nce_extras(query, key, *, positive=None, hard_negatives=None, temperatu
     elif reduction == "sum":
         loss = loss.sum()
     return loss, stats
+
+
+def info_nce_with_options(query, key, positive, hard_negatives, temperature, labels, key_labels, options):
+    """:func:`info_nce` with the flags of an ``InfoNCEOptions`` (the checked arguments the fused
+    paths carry), for the paths that fall back to this reference."""
+    return info_nce(
+        query, key, positive=positive, hard_negatives=hard_negatives, temperature=temperature,
+        normalize=options.normalize, symmetric=options.symmetric, exclude_self=options.exclude_self,
+        labels=labels, key_labels=key_labels, multi_positive=options.multi_positive,
+        false_negative_margin=options.margin, label_smoothing=options.label_smoothing,
+        reduction=options.reduction,
+    )
