@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..harness import Case
-from .info_nce import _available_bytes
+from ._common import backend_providers, goal_summary, naive_skip
 
 SUITE = "cml"
 BASELINE = "naive"
@@ -37,25 +37,15 @@ def make_step(device: str, provider: str, batch: int, window: int, dim: int, ite
 
 
 def cases(device: str, full: bool):
-    import fastcl
-
-    available = fastcl.backends()
-    providers = ["naive", "torch"]
-    if device == "cpu" and available["cpu"].available:
-        providers.append("cpu")
-    if device == "cuda" and available["triton"].available:
-        providers.append("triton")
+    providers = backend_providers(device)
     shapes = [(4096, 64, 64), (4096, 256, 128), (16384, 256, 128)]
     if full:
         shapes += [(16384, 1024, 128), (65536, 256, 128), (16384, 256, 256), (65536, 1024, 256)]
     out = []
     for batch, window, dim in shapes:
         for provider in providers:
-            skip = None
             # gathered negatives, their differences, squares and gradients: about four B x W x D fp32 tensors
-            need = 4 * batch * window * dim * 4
-            if provider in ("naive", "torch") and need > 0.4 * _available_bytes(device) and provider == "naive":
-                skip = f"needs ~{need / 2**30:.0f} GiB for the gathered negatives"
+            skip = naive_skip(provider, 4 * batch * window * dim * 4, device, "gathered negatives")
             out.append(Case(SUITE, provider, MODULE, "make_step", {"batch": batch, "window": window, "dim": dim},
                             x=batch, skip=skip, repeats=3 if batch * window * dim <= 2**27 else 1))
     return out
@@ -63,14 +53,5 @@ def cases(device: str, full: bool):
 
 def summarize(rows, device):
     """Time and memory against naive at the goal size (B=16384, W=256, D=128) when it ran."""
-    ok = {(m.provider, tuple(m.params[k] for k in ("batch", "window", "dim"))): m for m in rows if m.status == "ok"}
-    goal = tuple(GOAL.values())
-    base = ok.get((BASELINE, goal))
-    lines = []
-    for provider in sorted({m.provider for m in rows} - {BASELINE}):
-        ours = ok.get((provider, goal))
-        if ours and base:
-            lines.append(f"{provider} cml B={goal[0]} W={goal[1]} D={goal[2]}: time {ours.time_ms / base.time_ms:.2f}x naive, "
-                         f"peak extra memory {ours.peak_mb / base.peak_mb:.3f}x naive "
-                         f"({ours.peak_mb:.0f} MB vs {base.peak_mb:.0f} MB)")
-    return "\n".join(lines)
+    return goal_summary(rows, BASELINE, GOAL,
+                        lambda provider: f"{provider} cml B={GOAL['batch']} W={GOAL['window']} D={GOAL['dim']}")

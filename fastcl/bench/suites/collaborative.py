@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..harness import Case
-from .info_nce import _available_bytes
+from ._common import backend_providers, goal_summary, naive_skip
 
 SUITE = "collaborative"
 BASELINE = "naive"
@@ -36,24 +36,15 @@ def make_step(device: str, provider: str, pages: int, length: int, dim: int):
 
 
 def cases(device: str, full: bool):
-    import fastcl
-
-    available = fastcl.backends()
-    providers = ["naive", "torch"]
-    if device == "cpu" and available["cpu"].available:
-        providers.append("cpu")
-    if device == "cuda" and available["triton"].available:
-        providers.append("triton")
+    providers = backend_providers(device)
     shapes = [(4096, 64, 64), (4096, 128, 64)]
     if full:
         shapes += [(16384, 128, 128), (65536, 64, 64), (4096, 256, 256), (4096, 1024, 64)]
     out = []
     for pages, length, dim in shapes:
         for provider in providers:
-            skip = None
             need = 8 * pages * length * length * 4  # logits, masks, softmax and their gradients
-            if provider == "naive" and need > 0.4 * _available_bytes(device):
-                skip = f"needs ~{need / 2**30:.0f} GiB for the page logits"
+            skip = naive_skip(provider, need, device, "page logits")
             out.append(Case(SUITE, provider, MODULE, "make_step", {"pages": pages, "length": length, "dim": dim},
                             x=pages, skip=skip, repeats=3))
     return out
@@ -61,14 +52,5 @@ def cases(device: str, full: bool):
 
 def summarize(rows, device):
     """Time and memory against naive at the goal size when it ran."""
-    ok = {(m.provider, tuple(m.params[k] for k in ("pages", "length", "dim"))): m for m in rows if m.status == "ok"}
-    goal = tuple(GOAL.values())
-    base = ok.get((BASELINE, goal))
-    lines = []
-    for provider in sorted({m.provider for m in rows} - {BASELINE}):
-        ours = ok.get((provider, goal))
-        if ours and base:
-            lines.append(f"{provider} collaborative P={goal[0]} L={goal[1]} D={goal[2]}: time "
-                         f"{ours.time_ms / base.time_ms:.2f}x naive, peak extra memory {ours.peak_mb / base.peak_mb:.3f}x "
-                         f"naive ({ours.peak_mb:.0f} MB vs {base.peak_mb:.0f} MB)")
-    return "\n".join(lines)
+    return goal_summary(rows, BASELINE, GOAL,
+                        lambda provider: f"{provider} collaborative P={GOAL['pages']} L={GOAL['length']} D={GOAL['dim']}")

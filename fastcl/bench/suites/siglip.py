@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ..harness import Case
-from .info_nce import _available_bytes
+from ._common import backend_providers, naive_skip, ratio_text
 
 SUITE = "siglip"
 BASELINE = "naive"
@@ -42,22 +42,13 @@ def make_step(device: str, provider: str, batch: int, dim: int):
 
 
 def cases(device: str, full: bool):
-    import fastcl
-
-    available = fastcl.backends()
-    providers = ["naive", "torch"]
-    if device == "cpu" and available["cpu"].available:
-        providers.append("cpu")
-    if device == "cuda" and available["triton"].available:
-        providers.append("triton")
+    providers = backend_providers(device)
     batches = [1024, 2048, 4096, 8192] + ([16384] if full else [])
     out = []
     for batch in batches:
         for provider in providers:
-            skip = None
             # logits, signs, their product and the gradient: about four B x B fp32 tensors
-            if provider == "naive" and 4 * batch * batch * 4 > 0.4 * _available_bytes(device):
-                skip = f"needs ~{4 * batch * batch * 4 / 2**30:.0f} GiB for the logits"
+            skip = naive_skip(provider, 4 * batch * batch * 4, device, "logits")
             out.append(Case(SUITE, provider, MODULE, "make_step", {"batch": batch, "dim": 256},
                             x=batch, skip=skip, repeats=3 if batch <= 8192 else 1))
     return out
@@ -73,7 +64,5 @@ def summarize(rows, device):
             continue
         batch = max(shared)
         ours, base = ok[(provider, batch)], ok[(BASELINE, batch)]
-        lines.append(f"{provider} D=256 siglip: B={batch} time {ours.time_ms / base.time_ms:.2f}x naive, "
-                     f"peak extra memory {ours.peak_mb / base.peak_mb:.3f}x naive "
-                     f"({ours.peak_mb:.0f} MB vs {base.peak_mb:.0f} MB)")
+        lines.append(f"{provider} D=256 siglip: B={batch} {ratio_text(ours, base)}")
     return "\n".join(lines)
