@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 from typing import List
 
 import pytest
@@ -40,3 +43,26 @@ def assert_relative(a: List[float], b: List[float], tolerance: float) -> None:
     assert len(a) == len(b) and a, (a, b)
     for step, (x, y) in enumerate(zip(a, b), 1):
         assert abs(x - y) <= tolerance * max(abs(y), 1e-6), f"step {step}: {x} vs {y} (relative {abs(x - y) / abs(y):.2e})"
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def torchrun(method: str, *args: str, timeout: int = 300) -> str:
+    """``torchrun --standalone --nproc_per_node 2 -m fastcl.trainers METHOD ARGS`` (gloo on CPU,
+    one thread per worker); asserts it succeeded on 2 processes and returns its stdout. On a
+    timeout the whole process group (torchrun and both workers) is killed."""
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "fastcl.trainers", method, *args]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s: {stderr[-2000:]}")
+    assert process.returncode == 0, stderr[-3000:]
+    assert "on 2 process(es)" in stdout
+    return stdout

@@ -2,9 +2,6 @@
 splits and metrics against independent computations."""
 import json
 import os
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,6 +10,8 @@ import torch
 from fastcl.trainers import main
 from fastcl.trainers.data import movielens
 from fastcl.trainers.recommendation import gauc, topn_metrics
+
+from .helpers import torchrun
 
 pytest.importorskip("accelerate", reason="the trainers extra (accelerate) is not installed")
 
@@ -118,21 +117,8 @@ def test_metrics_against_direct_computation():
 def test_cml_under_torchrun_two_processes(tmp_path):
     """gloo DDP on CPU: two processes, each half of the global batch and its own negatives (so
     the trajectory is not the single-process one: only that it runs and learns is checked)."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "fastcl.trainers", "cml", "--data", "synthetic", "--steps", "4", "--bpr-epochs", "0",
-               "--batch-size", "128", "--negatives", "8", "--out", str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root,
-                               start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both workers
-        stdout, stderr = process.communicate()
-        pytest.fail(f"torchrun did not finish in 300 s: {stderr[-2000:]}")
-    assert process.returncode == 0, stderr[-3000:]
-    assert "on 2 process(es)" in stdout
+    torchrun("cml", "--data", "synthetic", "--steps", "4", "--bpr-epochs", "0", "--batch-size", "128",
+             "--negatives", "8", "--out", str(tmp_path))
     with open(tmp_path / "metrics.json") as f:
         metrics = json.load(f)
     assert metrics["processes"] == 2 and 0.0 <= metrics["recall@50"] <= 1.0
