@@ -15,7 +15,7 @@ from ..._native import typed_kernel
 from ..info_nce.chunked import block_rows_for
 from ..info_nce.function import compute_dtype
 from ..info_nce.options import _checking_values
-from .naive import NORM_EPS
+from .naive import NORM_EPS, page_logsumexp
 
 # bytes of (pages, L, L) logits one PyTorch block may hold (the reference maths keeps a few)
 BLOCK_BYTES = 64 << 20
@@ -53,14 +53,7 @@ def _block(items, clicks, mask, trigger, weights, temperature: float, normalize:
     if normalize:
         z = z * inv_norm
     logits = z @ z.transpose(1, 2) / temperature
-    length = z.shape[1]
-    eye = torch.eye(length, dtype=torch.bool, device=z.device)
-    candidate = mask.unsqueeze(2) & mask.unsqueeze(1) & ~eye
-    positive = candidate & (clicks.unsqueeze(2) == clicks.unsqueeze(1))
-    num_positive = positive.sum(-1)
-    contributes = num_positive > 0
-    masked = logits.masked_fill(~candidate, float("-inf")).masked_fill(~contributes.unsqueeze(-1), 0.0)
-    lse = torch.logsumexp(masked, dim=-1)
+    candidate, positive, num_positive, contributes, masked, lse = page_logsumexp(logits, clicks, mask)
     inv_positive = 1.0 / num_positive.clamp_min(1).to(dtype)
     positive_mean = logits.masked_fill(~positive, 0.0).sum(-1) * inv_positive
     losses = torch.where(contributes, lse - positive_mean, torch.zeros_like(lse))

@@ -22,6 +22,24 @@ import torch.nn.functional as F
 NORM_EPS = 1e-12
 
 
+def page_logsumexp(logits: torch.Tensor, clicks: torch.Tensor, mask: torch.Tensor):
+    """The pair sets and the denominator of each anchor, from the (P, L, L) ``logits``:
+    ``(candidate, positive, num_positive, contributes, masked, lse)`` where ``candidate`` (P, L, L)
+    marks the valid pairs b != a, ``positive`` those with c_b == c_a, ``contributes`` (P, L) the
+    anchors with a positive, ``masked`` the logits with the other pairs at -inf and
+    ``lse = logsumexp(masked)``. Shared with the hand-written gradient of :mod:`.chunked`."""
+    length = logits.shape[-1]
+    eye = torch.eye(length, dtype=torch.bool, device=logits.device)
+    candidate = mask.unsqueeze(2) & mask.unsqueeze(1) & ~eye
+    positive = candidate & (clicks.unsqueeze(2) == clicks.unsqueeze(1))
+    num_positive = positive.sum(-1)
+    contributes = num_positive > 0
+    # rows without a positive are dropped; give them a harmless row so no NaN gradient leaks
+    masked = logits.masked_fill(~candidate, float("-inf")).masked_fill(~contributes.unsqueeze(-1), 0.0)
+    lse = torch.logsumexp(masked, dim=-1)
+    return candidate, positive, num_positive, contributes, masked, lse
+
+
 def anchor_losses(items: torch.Tensor, clicks: torch.Tensor, mask: torch.Tensor, trigger: Optional[torch.Tensor],
                   temperature: float, normalize: bool) -> torch.Tensor:
     """(P, L) per-anchor losses (0 where the anchor contributes nothing), differentiable."""
@@ -31,16 +49,8 @@ def anchor_losses(items: torch.Tensor, clicks: torch.Tensor, mask: torch.Tensor,
         z = z * trigger.to(dtype).unsqueeze(1)
     if normalize:
         z = F.normalize(z, dim=-1, eps=NORM_EPS)
-    length = z.shape[1]
     logits = z @ z.transpose(1, 2) / temperature  # (P, L, L)
-    eye = torch.eye(length, dtype=torch.bool, device=z.device)
-    candidate = mask.unsqueeze(2) & mask.unsqueeze(1) & ~eye
-    positive = candidate & (clicks.unsqueeze(2) == clicks.unsqueeze(1))
-    num_positive = positive.sum(-1)
-    contributes = num_positive > 0
-    # rows without a positive are dropped; give them a harmless row so no NaN gradient leaks
-    masked = logits.masked_fill(~candidate, float("-inf")).masked_fill(~contributes.unsqueeze(-1), 0.0)
-    lse = torch.logsumexp(masked, dim=-1)
+    _, positive, num_positive, contributes, _, lse = page_logsumexp(logits, clicks, mask)
     positive_mean = (logits * positive).sum(-1) / num_positive.clamp_min(1)
     return torch.where(contributes, lse - positive_mean, torch.zeros_like(lse))
 
