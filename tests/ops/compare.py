@@ -1,6 +1,12 @@
 """Shared helpers of the op tests: the comparison of the GPU-backend tests (Triton, CUDA)
-against the naive reference, and a spy on the path an op takes."""
+against the naive reference, a spy on the path an op takes, and the backend list of the ops
+that run on torch / cpu / triton."""
 import inspect
+
+import pytest
+import torch
+
+import fastcl
 
 
 def assert_close(actual, expected, tolerance, what):
@@ -27,3 +33,18 @@ def record_calls(monkeypatch, module, name, argument):
 
     monkeypatch.setattr(module, name, recording)
     return calls
+
+
+def fused_backends():
+    """The fused backends to compare with ``naive``: torch, cpu where its kernels are built, and
+    triton where it is installed (marked ``triton``; on a GPU machine also ``cuda``, the cases then
+    run on CUDA tensors: benchmarks/gpu_check.sh runs pytest -m cuda)."""
+    backends = ["torch"] + (["cpu"] if fastcl.backends()["cpu"].available else [])
+    if fastcl.backends()["triton"].available:
+        backends.append(pytest.param("triton", marks=[pytest.mark.triton] + ([pytest.mark.cuda] if torch.cuda.is_available() else [])))
+    return backends
+
+
+def backend_device(backend):
+    """Where ``backend``'s cases run: CUDA for triton on a GPU machine, else the CPU."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"

@@ -6,16 +6,10 @@ import torch
 import fastcl
 from fastcl.ops.collaborative import naive
 
-from .compare import record_calls
+from .compare import backend_device, fused_backends, record_calls
 
-BACKENDS = ["torch"] + (["cpu"] if fastcl.backends()["cpu"].available else [])
-if fastcl.backends()["triton"].available:
-    # on a GPU machine the Triton cases run on CUDA tensors (benchmarks/gpu_check.sh: pytest -m cuda)
-    BACKENDS.append(pytest.param("triton", marks=[pytest.mark.triton] + ([pytest.mark.cuda] if torch.cuda.is_available() else [])))
-
-
-def _device(backend):
-    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+BACKENDS = fused_backends()  # torch, cpu, triton (on CUDA tensors on a GPU machine)
+_device = backend_device
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float64: 1e-10}
 
 
