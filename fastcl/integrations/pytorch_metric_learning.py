@@ -62,32 +62,44 @@ class NTXentLoss(_losses.NTXentLoss):
         if not _fusable(self, _reducers.MeanReducer):
             log.debug("NTXentLoss: peer path")
             return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        if indices_tuple is None and labels is None:
-            _c_f.labels_or_indices_tuple_required(labels, indices_tuple)
-        self.reset_stats()
-        _c_f.check_shapes(embeddings, labels)
-        if labels is not None:
-            labels = _c_f.to_device(labels, embeddings)
-        same_set = ref_emb is None
-        ref_emb, ref_labels = _c_f.set_ref_emb(embeddings, labels, ref_emb, ref_labels)
-        if indices_tuple is None:
-            log.debug("NTXentLoss: fused path (all label pairs)")
-            if ref_labels is None:  # ref_emb without ref_labels: the peer compares with the labels themselves
-                ref_labels = labels
-                same_set = True
-            if _peer_returns_zero(*_pair_counts(labels, ref_labels, same_set)):
-                return _zero(embeddings)
-            return info_nce(embeddings, ref_emb, temperature=self.temperature, normalize=True, exclude_self=same_set,
-                            labels=labels, key_labels=ref_labels, multi_positive="pairwise")
-        log.debug("NTXentLoss: fused path (indices_tuple pairs)")
-        a1, p, a2, n = _lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
-        if _peer_returns_zero(len(a1), len(a2)):
-            return _zero(embeddings)
+        return _fused_forward(self, "NTXentLoss", embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+    def _all_pairs_loss(self, embeddings, labels, ref_emb, ref_labels, same_set):
+        return info_nce(embeddings, ref_emb, temperature=self.temperature, normalize=True, exclude_self=same_set,
+                        labels=labels, key_labels=ref_labels, multi_positive="pairwise")
+
+    def _listed_pairs_loss(self, embeddings, ref_emb, a1, p, a2, n):
         positive = _pair_scores(embeddings, ref_emb, a1, p, self.temperature)
         negative = _pair_scores(embeddings, ref_emb, a2, n, self.temperature)
         negative_lse = _anchor_logsumexp(negative, a2, embeddings.shape[0])
         # -log(e^s / (e^s + sum_neg e^n)) = softplus(lse_neg - s)
         return F.softplus(negative_lse[a1] - positive).mean()
+
+
+def _fused_forward(loss, name, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    """The fused forward both losses share: the peer's input handling, zero where the peer
+    returns zero, then ``loss._all_pairs_loss`` (no indices_tuple) or ``loss._listed_pairs_loss``."""
+    if indices_tuple is None and labels is None:
+        _c_f.labels_or_indices_tuple_required(labels, indices_tuple)
+    loss.reset_stats()
+    _c_f.check_shapes(embeddings, labels)
+    if labels is not None:
+        labels = _c_f.to_device(labels, embeddings)
+    same_set = ref_emb is None
+    ref_emb, ref_labels = _c_f.set_ref_emb(embeddings, labels, ref_emb, ref_labels)
+    if indices_tuple is None:
+        log.debug("%s: fused path (all label pairs)", name)
+        if ref_labels is None:  # ref_emb without ref_labels: the peer compares with the labels themselves
+            ref_labels = labels
+            same_set = True
+        if _peer_returns_zero(*_pair_counts(labels, ref_labels, same_set)):
+            return _zero(embeddings)
+        return loss._all_pairs_loss(embeddings, labels, ref_emb, ref_labels, same_set)
+    log.debug("%s: fused path (indices_tuple pairs)", name)
+    a1, p, a2, n = _lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
+    if _peer_returns_zero(len(a1), len(a2)):
+        return _zero(embeddings)
+    return loss._listed_pairs_loss(embeddings, ref_emb, a1, p, a2, n)
 
 
 def _pair_counts(labels, ref_labels, same_set):
@@ -118,29 +130,15 @@ class SupConLoss(_losses.SupConLoss):
         if not _fusable(self, _reducers.AvgNonZeroReducer):
             log.debug("SupConLoss: peer path")
             return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        if indices_tuple is None and labels is None:
-            _c_f.labels_or_indices_tuple_required(labels, indices_tuple)
-        self.reset_stats()
-        _c_f.check_shapes(embeddings, labels)
-        if labels is not None:
-            labels = _c_f.to_device(labels, embeddings)
-        same_set = ref_emb is None
-        ref_emb, ref_labels = _c_f.set_ref_emb(embeddings, labels, ref_emb, ref_labels)
-        if indices_tuple is None:
-            log.debug("SupConLoss: fused path (all label pairs)")
-            if ref_labels is None:
-                ref_labels = labels
-                same_set = True
-            if _peer_returns_zero(*_pair_counts(labels, ref_labels, same_set)):
-                return _zero(embeddings)
-            losses = info_nce(embeddings, ref_emb, temperature=self.temperature, normalize=True,
-                              exclude_self=same_set, labels=labels, key_labels=ref_labels,
-                              multi_positive="supcon", reduction="none")
-            return _average_non_zero(losses, embeddings)
-        log.debug("SupConLoss: fused path (indices_tuple pairs)")
-        a1, p, a2, n = _lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
-        if _peer_returns_zero(len(a1), len(a2)):
-            return _zero(embeddings)
+        return _fused_forward(self, "SupConLoss", embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+    def _all_pairs_loss(self, embeddings, labels, ref_emb, ref_labels, same_set):
+        losses = info_nce(embeddings, ref_emb, temperature=self.temperature, normalize=True,
+                          exclude_self=same_set, labels=labels, key_labels=ref_labels,
+                          multi_positive="supcon", reduction="none")
+        return _average_non_zero(losses, embeddings)
+
+    def _listed_pairs_loss(self, embeddings, ref_emb, a1, p, a2, n):
         # the peer writes the pairs into 0/1 masks: a repeated pair counts once
         rows, cols = embeddings.shape[0], ref_emb.shape[0]
         a1, p = _unique_pairs(a1, p, cols)
