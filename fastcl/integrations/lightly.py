@@ -7,10 +7,17 @@ the first batch): out0 against its own out1 plus the bank's entries, read in pla
 :class:`fastcl.MemoryBank` that fills like lightly's (random unit rows at start, then out1 of
 each training batch, FIFO; a batch that runs past the end is cut there). ``gather_distributed``
 with several processes runs lightly's own loss (needs lightly installed).
+
+``_peer_module_from_files`` loads lightly's own loss module from its files, for comparing with
+it where lightly's package cannot be imported (it needs torchvision).
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+import importlib.util
+import sys
+import types
+from pathlib import Path
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -88,3 +95,38 @@ def _bank_loss(anchors, pair, bank: MemoryBank, temperature: float) -> torch.Ten
         negatives = negatives.to(dtype)
     segments = [Segment(anchors.to(dtype), pair.to(dtype), PAIRED), Segment(anchors.to(dtype), negatives, SHARED)]
     return segmented_loss(segments, SegmentOptions(None), torch.tensor(float(temperature), dtype=torch.float64))
+
+
+# the sys.modules entries _peer_module_from_files sets (stubs or modules loaded from files)
+_PEER_MODULE_NAMES = ("lightly", "lightly.utils", "lightly.utils.dist", "lightly.models", "lightly.models.utils",
+                      "lightly.models.modules", "lightly.models.modules.memory_bank", "lightly.loss.ntx_ent_loss")
+
+
+def _peer_root() -> Optional[Path]:
+    """The installed lightly package's folder, or None when lightly is not installed."""
+    spec = importlib.util.find_spec("lightly")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _load_file(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _peer_module_from_files(root: Path):
+    """lightly's ``lightly.loss.ntx_ent_loss`` module loaded from its file under ``root``, with the
+    lightly modules it imports stubbed (packages without their ``__init__``, which pulls in
+    torchvision; an empty ``lightly.models.utils``, of which only the distributed gather is used)
+    or loaded from their files (``lightly.utils.dist``, the memory bank). Stubs already in
+    ``sys.modules`` are kept; the entries set are those of ``_PEER_MODULE_NAMES``."""
+    for name in ("lightly", "lightly.utils", "lightly.models", "lightly.models.modules", "lightly.models.utils"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    sys.modules["lightly.utils"].dist = _load_file("lightly.utils.dist", root / "utils" / "dist.py")
+    sys.modules["lightly.models"].utils = sys.modules["lightly.models.utils"]
+    _load_file("lightly.models.modules.memory_bank", root / "models" / "modules" / "memory_bank.py")
+    return _load_file("lightly.loss.ntx_ent_loss", root / "loss" / "ntx_ent_loss.py")

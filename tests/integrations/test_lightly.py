@@ -1,10 +1,7 @@
 """fastcl.integrations.lightly against lightly's NTXentLoss. lightly is installed without its
 dependencies (torchvision pins a CUDA torch), so its loss and memory-bank modules are loaded
 from their files with the two lightly modules they import stubbed or loaded alike."""
-import importlib.util
 import sys
-import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,32 +13,16 @@ from .helpers import assert_same, assert_same_signature, loss_and_grads
 pytestmark = pytest.mark.peers
 
 
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def peer():
-    spec = importlib.util.find_spec("lightly")
-    if spec is None or not spec.submodule_search_locations:
+    root = ours._peer_root()
+    if root is None:
         pytest.skip("lightly is not installed (pip install --no-deps lightly)")
-    root = Path(next(iter(spec.submodule_search_locations)))
-    saved = {name: sys.modules.get(name) for name in
-             ("lightly", "lightly.utils", "lightly.utils.dist", "lightly.models", "lightly.models.utils",
-              "lightly.models.modules", "lightly.models.modules.memory_bank", "lightly.loss.ntx_ent_loss")}
+    saved = {name: sys.modules.get(name) for name in ours._PEER_MODULE_NAMES}
     try:
-        for name in ("lightly", "lightly.utils", "lightly.models", "lightly.models.modules"):
-            sys.modules[name] = types.ModuleType(name)
-        sys.modules["lightly.utils"].dist = _load("lightly.utils.dist", root / "utils" / "dist.py")
-        models_utils = types.ModuleType("lightly.models.utils")  # only its distributed gather is used
-        sys.modules["lightly.models.utils"] = models_utils
-        sys.modules["lightly.models"].utils = models_utils
-        _load("lightly.models.modules.memory_bank", root / "models" / "modules" / "memory_bank.py")
-        yield _load("lightly.loss.ntx_ent_loss", root / "loss" / "ntx_ent_loss.py")
+        for name in saved:  # fresh stubs, not any lightly modules already imported
+            sys.modules.pop(name, None)
+        yield ours._peer_module_from_files(root)
     finally:
         for name, module in saved.items():
             if module is None:

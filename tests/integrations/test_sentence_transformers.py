@@ -8,6 +8,7 @@ st = pytest.importorskip("sentence_transformers", reason="sentence-transformers 
 from sentence_transformers import losses as st_losses  # noqa: E402
 from sentence_transformers import util as st_util  # noqa: E402
 
+from fastcl.bench.suites.integrations import _FixedColumns  # noqa: E402
 from fastcl.integrations import sentence_transformers as ours  # noqa: E402
 
 from .helpers import assert_same  # noqa: E402
@@ -15,21 +16,10 @@ from .helpers import assert_same  # noqa: E402
 pytestmark = pytest.mark.peers
 
 
-class _FixedModel(torch.nn.Module):
-    """A stand-in SentenceTransformer whose i-th column's embeddings are given tensors."""
-
-    def __init__(self, columns):
-        super().__init__()
-        self.columns = columns
-
-    def forward(self, features):
-        return {"sentence_embedding": self.columns[int(features["column"])]}
-
-
 def _embeddings_loss(loss_cls, columns, **kwargs):
     """Loss and gradients wrt the embedding columns of loss_cls(model, **kwargs)."""
     leaves = [c.detach().clone().requires_grad_() for c in columns]
-    loss = loss_cls(_FixedModel(leaves), **kwargs).compute_loss_from_embeddings(leaves, None)
+    loss = loss_cls(_FixedColumns(leaves), **kwargs).compute_loss_from_embeddings(leaves, None)
     loss.backward()
     return loss.detach(), [leaf.grad for leaf in leaves]
 
@@ -183,7 +173,7 @@ def test_mixed_precision_columns_are_promoted():
     """bf16 queries with fp32 documents (ST #2973): the loss of the promoted fp32 columns."""
     embeddings = [torch.randn(9, 8), torch.randn(9, 8)]
     mixed = [embeddings[0].bfloat16(), embeddings[1]]
-    loss = ours.MultipleNegativesRankingLoss(_FixedModel(mixed)).compute_loss_from_embeddings(mixed, None)
-    expected = ours.MultipleNegativesRankingLoss(_FixedModel(embeddings)).compute_loss_from_embeddings(
+    loss = ours.MultipleNegativesRankingLoss(_FixedColumns(mixed)).compute_loss_from_embeddings(mixed, None)
+    expected = ours.MultipleNegativesRankingLoss(_FixedColumns(embeddings)).compute_loss_from_embeddings(
         [mixed[0].float(), embeddings[1]], None)
     torch.testing.assert_close(loss, expected)

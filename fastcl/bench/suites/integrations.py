@@ -53,36 +53,19 @@ class _FixedColumns(torch.nn.Module):
 
 def _lightly_peer():
     """lightly's NTXentLoss class; its package needs torchvision, so without it the loss and
-    memory-bank modules are loaded from their files (as tests/integrations/test_lightly.py)."""
+    memory-bank modules are loaded from their files (fastcl.integrations.lightly._peer_module_from_files)."""
     try:
         from lightly.loss import NTXentLoss
 
         return NTXentLoss
     except ImportError:
         pass
-    import importlib.util
-    import sys
-    import types
-    from pathlib import Path
+    from ...integrations import lightly as lightly_ours
 
-    spec = importlib.util.find_spec("lightly")
-    if spec is None or not spec.submodule_search_locations:
+    root = lightly_ours._peer_root()
+    if root is None:
         raise RuntimeError("lightly is not installed (pip install --no-deps lightly)")
-    root = Path(next(iter(spec.submodule_search_locations)))
-
-    def load(name, path):
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module
-        module_spec.loader.exec_module(module)
-        return module
-
-    for name in ("lightly", "lightly.utils", "lightly.models", "lightly.models.modules", "lightly.models.utils"):
-        sys.modules.setdefault(name, types.ModuleType(name))
-    sys.modules["lightly.utils"].dist = load("lightly.utils.dist", root / "utils" / "dist.py")
-    sys.modules["lightly.models"].utils = sys.modules["lightly.models.utils"]
-    load("lightly.models.modules.memory_bank", root / "models" / "modules" / "memory_bank.py")
-    return load("lightly.loss.ntx_ent_loss", root / "loss" / "ntx_ent_loss.py").NTXentLoss
+    return lightly_ours._peer_module_from_files(root).NTXentLoss
 
 
 def _open_clip_peer():
