@@ -8,27 +8,18 @@ its own rows (uneven sizes with 3 ranks), and checks, for each case:
   parameters downstream) equals the single-process gradient of those rows;
 - a learnable temperature / scale / bias gets the single-process gradient on every rank.
 """
-import gc
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch import nn
 
 import fastcl
 
+from .spawn import free_port, spawn
+
 DIM = 6
 TOLERANCE = dict(atol=1e-9, rtol=1e-7)  # float64 data: only summation order differs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def split(tensor, sizes, rank):
@@ -199,27 +190,17 @@ def case_grad_cache_with_ddp(rank, world, local_rows):
     assert all_reduces == [0], all_reduces
 
 
-def worker(rank, world, port, sizes):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        case_plain_and_hard_negatives(rank, world, sizes)
-        case_symmetric_with_extra_keys(rank, world, sizes)
-        case_clip_and_siglip(rank, world, sizes)
-        case_grad_cache_with_ddp(rank, world, local_rows=5)
-        dist.barrier()
-    finally:
-        # collect what is left of the cases (DDP reducers in reference cycles) while the group
-        # still exists: without it a worker aborted at exit ("terminate called without an
-        # active exception") in 3 of 17 runs of this file, with it in none of 10
-        gc.collect()
-        dist.destroy_process_group()
+def worker(rank, world, sizes):
+    case_plain_and_hard_negatives(rank, world, sizes)
+    case_symmetric_with_extra_keys(rank, world, sizes)
+    case_clip_and_siglip(rank, world, sizes)
+    case_grad_cache_with_ddp(rank, world, local_rows=5)
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("sizes", [[5, 5], [3, 6, 4]], ids=["2 ranks", "3 ranks uneven"])
 def test_matches_single_process_on_concatenated_batch(sizes):
-    mp.spawn(worker, args=(len(sizes), free_port(), sizes), nprocs=len(sizes), join=True)
+    spawn(worker, len(sizes), sizes)
 
 
 def test_needs_an_initialized_process_group():

@@ -30,7 +30,19 @@ def main(argv=None) -> int:
     except (DataUnavailable, CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Under torchrun, destroy the process group while the interpreter is fully alive: gloo's
+    threads can otherwise still hold work objects at teardown and abort the process at exit."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        import gc
+        gc.collect()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

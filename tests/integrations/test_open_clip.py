@@ -1,17 +1,16 @@
 """fastcl.integrations.open_clip against open_clip's loss module (loaded from its file when the
 package cannot be imported: it is installed without torchvision)."""
 import importlib.util
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from fastcl.integrations import open_clip as ours
 
+from ..spawn import spawn
 from .helpers import assert_same, assert_same_signature, loss_and_grads
 
 pytestmark = pytest.mark.peers
@@ -124,52 +123,41 @@ def test_clip_training_step_with_patched_open_clip(peer):
 
 # -- two gloo processes: every distributed mode against open_clip on the same ranks ------------------
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _mean_over_ranks(value):
     value = value.detach().clone().reshape(1)
     dist.all_reduce(value)
     return value[0] / dist.get_world_size()
 
 
-def _distributed_worker(rank, world, port):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        peer = peer_loss_module()
-        image, text = _features(6 * world, dim=8, seed=3)
-        image, text = image[rank * 6:(rank + 1) * 6].double(), text[rank * 6:(rank + 1) * 6].double()
-        cases = [("ClipLoss", dict(local_loss=l, gather_with_grad=g), [torch.tensor(9.0, dtype=torch.float64)])
-                 for l in (False, True) for g in (False, True)]
-        cases += [("SigLipLoss", dict(dist_impl=d), [torch.tensor(10.0, dtype=torch.float64), torch.tensor(-5.0, dtype=torch.float64)])
-                  for d in ("bidir", "shift", "reduce", "gather")]
-        for name, kwargs, scalars in cases:
-            results = []
-            for module in (ours, peer):
-                loss_fn = getattr(module, name)(rank=rank, world_size=world, **kwargs)
-                leaves = [t.detach().clone().requires_grad_() for t in [image, text] + scalars]
-                loss = loss_fn(*leaves)
-                loss.backward()
-                results.append((loss.detach(), [leaf.grad for leaf in leaves]))
-            (mine, my_grads), (theirs, their_grads) = results
-            label = f"{name} {kwargs} rank {rank}"
-            torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-10, msg=lambda m: f"{label} loss: {m}")
-            for index in range(2):  # feature gradients: per rank
-                torch.testing.assert_close(my_grads[index], their_grads[index], rtol=1e-9, atol=1e-10,
-                                           msg=lambda m: f"{label} grad {index}: {m}")
-            for index in range(2, len(my_grads)):  # scale / bias: what DDP's averaging leaves
-                torch.testing.assert_close(_mean_over_ranks(my_grads[index]), _mean_over_ranks(their_grads[index]),
-                                           rtol=1e-9, atol=1e-10, msg=lambda m: f"{label} scalar grad: {m}")
-    finally:
-        dist.destroy_process_group()
+def _distributed_worker(rank, world):
+    peer = peer_loss_module()
+    image, text = _features(6 * world, dim=8, seed=3)
+    image, text = image[rank * 6:(rank + 1) * 6].double(), text[rank * 6:(rank + 1) * 6].double()
+    cases = [("ClipLoss", dict(local_loss=l, gather_with_grad=g), [torch.tensor(9.0, dtype=torch.float64)])
+             for l in (False, True) for g in (False, True)]
+    cases += [("SigLipLoss", dict(dist_impl=d), [torch.tensor(10.0, dtype=torch.float64), torch.tensor(-5.0, dtype=torch.float64)])
+              for d in ("bidir", "shift", "reduce", "gather")]
+    for name, kwargs, scalars in cases:
+        results = []
+        for module in (ours, peer):
+            loss_fn = getattr(module, name)(rank=rank, world_size=world, **kwargs)
+            leaves = [t.detach().clone().requires_grad_() for t in [image, text] + scalars]
+            loss = loss_fn(*leaves)
+            loss.backward()
+            results.append((loss.detach(), [leaf.grad for leaf in leaves]))
+        (mine, my_grads), (theirs, their_grads) = results
+        label = f"{name} {kwargs} rank {rank}"
+        torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-10, msg=lambda m: f"{label} loss: {m}")
+        for index in range(2):  # feature gradients: per rank
+            torch.testing.assert_close(my_grads[index], their_grads[index], rtol=1e-9, atol=1e-10,
+                                       msg=lambda m: f"{label} grad {index}: {m}")
+        for index in range(2, len(my_grads)):  # scale / bias: what DDP's averaging leaves
+            torch.testing.assert_close(_mean_over_ranks(my_grads[index]), _mean_over_ranks(their_grads[index]),
+                                       rtol=1e-9, atol=1e-10, msg=lambda m: f"{label} scalar grad: {m}")
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_distributed_modes_equal_peer_on_two_gloo_processes():
     peer_loss_module()  # skip early when open_clip is missing
-    mp.spawn(_distributed_worker, args=(2, _free_port()), nprocs=2, join=True)
+    spawn(_distributed_worker, 2)
