@@ -4,9 +4,10 @@ Unsupervised: each sentence goes through the encoder twice; dropout is the only 
 other sentences of the batch are the negatives; cosine similarity, temperature 0.05. Trained on
 the Lee background sentences. Supervised (``--mode sup``): (anchor, positive, hard negative)
 triples, logits [cos(z1, z2) | cos(z1, z3)] / temperature over B x 2B. No NLI data ships
-offline, so the stand-in triples come from the FAQ sets: a question, its answer's first
-sentence (the "entailment"), and the first sentence of another answer of the same FAQ file (a
-topically close "contradiction"). Evaluation: Spearman correlation between the cosine of the
+offline, so the triples are stand-ins: ``--triples lee`` (default) takes a background sentence,
+the next sentence of the same document as the "entailment" and a sentence of another document
+as the "contradiction"; ``--triples faq`` a FAQ question, its answer's first sentence, and the
+first sentence of another answer of the same FAQ file (a topically close "contradiction"). Evaluation: Spearman correlation between the cosine of the
 embeddings of the Lee corpus's 50 documents and the 1225 human pair ratings, before and after.
 
 Departure from the paper, on purpose: MiniLM-L6 was pretrained for mean pooling, so pooling is
@@ -34,6 +35,8 @@ DEFAULT_STEPS = 100
 @dataclass
 class Config(TextConfig):
     mode: Literal["unsup", "sup"] = option("unsup", "unsup: dropout views of one sentence; sup: (anchor, positive, hard negative) triples")
+    triples: Literal["lee", "faq"] = option("lee", "sup's stand-in triples: lee (a background sentence, the next one of its "
+                                                   "document, a sentence of another document) or faq (question, answer, another answer)")
     temperature: float = option(0.05, "softmax temperature of the cosine similarities")
     pooling: Literal["mean", "cls"] = option("mean", "sentence embedding: mean of the tokens (MiniLM's) or [CLS] (the paper's)")
     mlp: bool = option(False, "an MLP head over the pooled embedding during training only (the paper's unsupervised recipe)")
@@ -51,6 +54,10 @@ def _training_texts(config: Config):
         return choose(config.data, lambda: [(s,) for s in lee.background_sentences()],
                       lambda: [(s,) for s, _ in synthetic.sentences(config.synthetic_size or 512, seed=config.seed)],
                       "Lee background sentences (gensim)")
+    if config.triples == "lee":
+        return choose(config.data, lambda: lee.document_triples(config.seed),
+                      lambda: synthetic_triples(config.seed, config.synthetic_size or 256),
+                      "Lee background triples (sentence, next sentence of its document, sentence of another document)")
     from .data import faq
 
     return choose(config.data, faq.simcse_triples, lambda: synthetic_triples(config.seed, config.synthetic_size or 256),

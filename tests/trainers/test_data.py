@@ -31,6 +31,19 @@ def test_lee_pairs_slice():
     assert len(sentences) == 20 and all(len(s.split()) >= 5 for s in sentences)
 
 
+@needs_lee
+def test_lee_document_triples_pair_neighbouring_sentences_against_another_document():
+    documents = lee.background_documents()
+    where = {sentence: index for index, sentences in enumerate(documents) for sentence in sentences}
+    triples = lee.document_triples(seed=3)
+    assert len(triples) == sum(max(0, len(d) - 1) for d in documents if d)
+    for anchor, positive, negative in triples[:200]:
+        sentences = documents[where[anchor]]
+        assert sentences.index(positive) == sentences.index(anchor) + 1  # the next sentence of its document
+        assert negative not in sentences  # a sentence of another document
+    assert lee.document_triples(seed=3) == triples != lee.document_triples(seed=4)
+
+
 @needs_python_faq
 def test_python_faq_slice():
     pairs = faq.python_faq(limit=10)

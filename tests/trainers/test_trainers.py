@@ -64,3 +64,20 @@ def test_resume_is_exact(tmp_path):
 def test_nv_embed_mean_pooling_main_model(tmp_path):
     assert train("nv_embed", tmp_path, "--steps", "2", "--pooling", "mean") == 0
     assert "latent_pooling" in metrics(tmp_path)
+
+
+def test_simcse_supervised_triples_fused_equals_naive(tmp_path):
+    common = ["--steps", "4", "--dropout", "0", "--lr", "1e-3", "--mode", "sup"]
+    assert train("simcse", tmp_path / "fused", *common, "--loss", "fused") == 0
+    assert train("simcse", tmp_path / "naive", *common, "--loss", "naive") == 0
+    assert_relative(losses(tmp_path / "fused"), losses(tmp_path / "naive"), 1e-4)
+
+
+def test_dpr_cosine_score_fused_equals_naive_and_differs_from_dot(tmp_path):
+    common = ["--steps", "4", "--dropout", "0", "--lr", "1e-3"]
+    assert train("dpr", tmp_path / "fused", *common, "--score", "cosine", "--loss", "fused") == 0
+    assert train("dpr", tmp_path / "naive", *common, "--score", "cosine", "--loss", "naive") == 0
+    assert train("dpr", tmp_path / "dot", *common) == 0
+    cosine = losses(tmp_path / "fused")
+    assert_relative(cosine, losses(tmp_path / "naive"), 1e-4)
+    assert abs(cosine[0] - losses(tmp_path / "dot")[0]) > 1e-3 * abs(cosine[0])

@@ -53,13 +53,31 @@ def rated_pairs(limit: Optional[int] = None) -> Tuple[List[str], List[Tuple[int,
     return documents[:count], pairs
 
 
+def background_documents(min_words: int = 5) -> List[List[str]]:
+    """The 300 background documents, each as its sentences (split at . ! ? followed by a space;
+    sentences under ``min_words`` words dropped)."""
+    return [[s for s in re.split(r"(?<=[.!?])\s+", document) if len(s.split()) >= min_words]
+            for document in _lines(os.path.join(_require(), "lee_background.cor"))]
+
+
 def background_sentences(limit: Optional[int] = None, min_words: int = 5) -> List[str]:
-    """Sentences of the 300 background documents (split at . ! ? followed by a space)."""
+    """Sentences of the 300 background documents, in order."""
+    out = [s for document in background_documents(min_words) for s in document]
+    return out if limit is None else out[:limit]
+
+
+def document_triples(seed: int = 0, min_words: int = 5) -> List[Tuple[str, str, str]]:
+    """Stand-in for NLI triples from the background documents: (a sentence, the next sentence of
+    its document as the positive, a sentence of another document as the negative), one per
+    sentence that has a successor; the negative's document and sentence are drawn with ``seed``."""
+    import random
+
+    documents = [d for d in background_documents(min_words) if d]
+    rng = random.Random(seed)
     out = []
-    for document in _lines(os.path.join(_require(), "lee_background.cor")):
-        for sentence in re.split(r"(?<=[.!?])\s+", document):
-            if len(sentence.split()) >= min_words:
-                out.append(sentence)
-                if limit is not None and len(out) >= limit:
-                    return out
+    for index, sentences in enumerate(documents):
+        for position in range(len(sentences) - 1):
+            other = rng.randrange(len(documents) - 1)
+            other = other + 1 if other >= index else other
+            out.append((sentences[position], sentences[position + 1], rng.choice(documents[other])))
     return out
