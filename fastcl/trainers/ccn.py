@@ -32,6 +32,7 @@ from .recommendation import ctr_metrics
 
 DEFAULT_STEPS = 400
 BENCH_ARGS = ["--data", "auto", "--steps", "20", "--ablation", "false"]
+BENCH_GRAD_CACHE = False  # no encoders: the embeddings are the parameters
 
 
 @dataclass

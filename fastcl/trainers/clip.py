@@ -109,7 +109,8 @@ def collate(items):
 
 
 def build(config: Config) -> Method:
-    data = load_images(config.data, train_limit=config.train_limit, test_limit=config.eval_test, seed=config.seed)
+    data = load_images(config.data, train_limit=config.train_limit, test_limit=config.eval_test, seed=config.seed,
+                       synthetic_train=config.synthetic_size or 512)
     captions, ids_per_class = clip_captions(data.class_names)
     prompts = class_prompts(data.class_names)
     prompt_ids = torch.arange(len(captions), len(captions) + len(prompts))

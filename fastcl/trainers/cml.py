@@ -27,6 +27,7 @@ from .recommendation import popularity_scores, topn_metrics, train_bpr_mf
 
 DEFAULT_STEPS = 3000
 BENCH_ARGS = ["--data", "auto", "--steps", "20", "--negatives", "1024", "--bpr-epochs", "0"]  # W = 1024: the loss dominates
+BENCH_GRAD_CACHE = False  # no encoders: the embeddings are the parameters
 
 
 @dataclass

@@ -290,3 +290,12 @@ def bench_peers(argv, out_dir):
     from .vision_bench import run_trainer
 
     return {"full high-res ViT": run_trainer("ps3", list(argv) + ["--encoder", "full"], out_dir)}
+
+
+def bench_search(work_dir):
+    """The largest canvas side whose one-canvas step fits the benchmark's memory cap, for the
+    selective encoder and, beside it, the full high-res one."""
+    from .vision_bench import largest_canvas
+
+    found = {encoder: largest_canvas(encoder)["largest_side"] for encoder in ("selective", "full")}
+    return f"side {found['selective']} (full: {found['full']})"

@@ -114,7 +114,8 @@ def probe_metrics(train_x, train_y, test_x, test_y, k: int, max_iter: int = 1000
 
 
 def build(config: Config) -> Method:
-    data = load_images(config.data, train_limit=config.train_limit, seed=config.seed)
+    data = load_images(config.data, train_limit=config.train_limit, seed=config.seed,
+                       synthetic_train=config.synthetic_size or 512)
     evaluation = load_images(config.data, train_limit=config.eval_train, test_limit=config.eval_test,
                              seed=config.seed)
     augment = SimCLRAugment(crop_scale=(config.crop_scale, 1.0))

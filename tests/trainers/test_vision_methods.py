@@ -101,3 +101,10 @@ def test_ps3_bce_column_and_local_feature():
     # a box covering the whole canvas weighs every low-res token fully
     whole = torch.tensor([[0, 0, 112, 112]])
     torch.testing.assert_close(model.low_res_weights(whole).float(), torch.ones(1, 16))
+
+
+@pytest.mark.parametrize("name", ["simclr", "clip"])
+def test_synthetic_size_sets_the_synthetic_training_split(name):
+    module, options = TINY[name]
+    method = module.build(module.Config(data="synthetic", synthetic_size=40, **options))
+    assert len(method.train_data) == 40 and "40 training images" in method.data_source

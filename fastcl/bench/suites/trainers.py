@@ -5,8 +5,10 @@ what was allocated before them, the final goal metric, and the largest batch who
 2 GiB (doubling until it does not). Every run is a fresh process with the same data, seed and
 steps (the method's ``BENCH_ARGS``).
 
-Each method registers its rows from its own module (``BENCH_ARGS``, optional ``bench_peer``,
-optional ``BENCH_BATCH_ARGS``); nothing here names a method. Opt-in: it trains models, so only
+Each method registers its rows from its own module (``BENCH_ARGS``, optional ``BENCH_BATCH_ARGS``;
+``BENCH_GRAD_CACHE = False`` for a method without encoders to cache; ``bench_peer`` for the sentence-transformers trainer, ``bench_peers(args, dir) -> {label: row}``
+for other libraries run inside this trainer, ``bench_search(dir) -> str`` for a search other than
+the batch, e.g. PS3's canvas side); nothing here names a method. Opt-in: it trains models, so only
 ``python -m fastcl.bench trainers`` (or ``make bench-trainers``) runs it.
 """
 from __future__ import annotations
@@ -125,8 +127,9 @@ def run(device: str, full: bool, out_dir: str, timeout: float = 3600.0, methods:
         args = list(getattr(module, "BENCH_ARGS_FULL" if full else "BENCH_ARGS", None) or getattr(module, "BENCH_ARGS", []))
         batch_args = list(getattr(module, "BENCH_BATCH_ARGS", [])) + (BATCH_ARGS_FULL if full else BATCH_ARGS_QUICK)
         batch_args = _known_options(batch_args, module.Config)  # e.g. cml, ccn: no encoder to shrink
-        runs = [(label, python + ["fastcl.trainers", name], extra) for label, extra in VARIANTS]
-        if hasattr(module, "bench_peer"):
+        runs = [(label, python + ["fastcl.trainers", name], extra) for label, extra in VARIANTS
+                if "--grad-cache" not in extra or getattr(module, "BENCH_GRAD_CACHE", True)]
+        if hasattr(module, "bench_peer"):  # the sentence-transformers trainer (text methods)
             runs += [("sentence-transformers", python + ["fastcl.trainers.st_peer", name], []),
                           ("sentence-transformers cached32", python + ["fastcl.trainers.st_peer", name], ["--grad-cache", "32"])]
         for label, command, extra in runs:
@@ -143,15 +146,30 @@ def run(device: str, full: bool, out_dir: str, timeout: float = 3600.0, methods:
                    "goal_metric": goal, "final_metric": result.get(goal) if goal else None,
                    "before_metric": (result.get("before") or {}).get(goal) if goal else None,
                    "data": (result.get("data") or "").split(";")[0], "args": " ".join(args + extra)}
-            if batch_search and (full or not label.startswith("sentence-transformers")):
+            if batch_search and hasattr(module, "bench_search"):  # e.g. PS3: the largest canvas side
+                if label == VARIANTS[-1][0]:
+                    row["largest_batch_2gb"] = module.bench_search(os.path.join(work, name, "search"))
+            elif batch_search and (full or not label.startswith("sentence-transformers")):
                 start, cap = (BATCH_START_FULL, BATCH_CAP_FULL) if full else (BATCH_START_QUICK, BATCH_CAP_QUICK)
                 row["largest_batch_2gb"] = _largest_batch(command[-2], [name, *args, *extra, *batch_args], start, cap,
                                                           os.path.join(work, name, label.replace(" ", "_") + "-batch"), timeout)
-            rows.append(row)
-            print(f"  {row['status']}: {row['time_per_step_s']} s/step, {row['peak_memory_mb']} MB, {goal} {row['final_metric']}",
-                  flush=True)
+            _add(rows, row)
+        if hasattr(module, "bench_peers") and (providers is None or "peers" in providers):
+            # other libraries' losses or encoders in this trainer (vision: PML, lightly, open_clip, full high-res)
+            print(f"[trainers] {name} peers ...", flush=True)
+            for label, result in module.bench_peers(args, os.path.join(work, name, "peers")).items():
+                _add(rows, {"method": name, "provider": label, "status": result.get("status"),
+                            "time_per_step_s": result.get("time_per_step_s"), "peak_memory_mb": result.get("peak_memory_mb"),
+                            "goal_metric": result.get("metric"), "final_metric": result.get("value"), "before_metric": None,
+                            "data": "", "args": " ".join(args) + " (" + label + ")"})
     _report(rows, out_dir, device)
     return rows
+
+
+def _add(rows: List[Dict[str, object]], row: Dict[str, object]) -> None:
+    rows.append(row)
+    print(f"  {row['status']}: {row['time_per_step_s']} s/step, {row['peak_memory_mb']} MB, {row['goal_metric']} "
+          f"{row['final_metric']}", flush=True)
 
 
 def format_table(rows: List[Dict[str, object]]) -> str:
