@@ -1,21 +1,11 @@
-"""Benchmark rows of the vision trainers, each run in a fresh process through the user's CLI.
-
-``python -m fastcl.trainers.vision_bench [--methods simclr clip ps3] [--out DIR] [--no-search]``
-runs, per method, its ``BENCH_ARGS`` with ``--loss naive``, ``--loss fused``, ``--loss fused
---grad-cache 32`` and the peers (``bench_peers(argv, out_dir) -> {name: row}``), then searches the largest
-batch whose run stays under the memory cap (SimCLR, CLIP: the batch doubles from 256; PS3: the
-canvas side grows, for the selective and the full high-res encoder). Time per step is the
-engine's median over the steps after the first; peak memory is the engine's (RSS high-water
-mark above the baseline on CPU, the allocator's peak on GPU). Writes ``trainers_vision.csv``,
-``trainers_vision.md`` (the table) and ``trainers_vision.png`` under ``--out``.
-
-The hook is ``bench_peers`` (not the ``bench_peer`` of the ``trainers`` suite, which runs the
-sentence-transformers peer for whoever defines it); the suite can call it for these methods.
+"""Helpers of the vision trainers' benchmark rows in ``python -m fastcl.bench trainers``: one run
+of the user's CLI in a fresh process (``run_trainer``, for the peers' rows of ``bench_peers``)
+and PS3's largest-canvas search (``largest_canvas``, for ``ps3.bench_search``). Time per step is
+the engine's median over the steps after the first; peak memory is the engine's (RSS high-water
+mark above the baseline on CPU, the allocator's peak on GPU).
 """
 from __future__ import annotations
 
-import argparse
-import csv
 import json
 import os
 import subprocess
@@ -62,38 +52,6 @@ def run_trainer(method: str, argv: List[str], out_dir: str, timeout: float = 900
     return row
 
 
-def provider_rows(method: str, out: str) -> List[Dict[str, object]]:
-    from . import load_method
-
-    module = load_method(method)
-    argv = list(module.BENCH_ARGS)
-    variants = {"naive": ["--loss", "naive"], "fused": ["--loss", "fused"],
-                "fused+gradcache": ["--loss", "fused", "--grad-cache", "32"]}
-    rows = []
-    for provider, extra in variants.items():
-        rows.append({"method": method, "provider": provider,
-                     **run_trainer(method, argv + extra, os.path.join(out, method, provider))})
-    peers = module.bench_peers(argv, os.path.join(out, method, "peer")) if hasattr(module, "bench_peers") else {}
-    for provider, row in peers.items():
-        rows.append({"method": method, "provider": provider, **row})
-    return rows
-
-
-def largest_batch(method: str, out: str, extra: List[str], start: int = 256, stop: int = 8192) -> Dict[str, object]:
-    """Double ``--batch-size`` from ``start`` while the run's peak stays under the cap."""
-    from . import load_method
-
-    argv = list(load_method(method).BENCH_BATCH_ARGS) + extra
-    best, batch, tried = None, start, []
-    while batch <= stop:
-        row = run_trainer(method, argv + ["--batch-size", str(batch)], os.path.join(out, method, f"batch{batch}"))
-        tried.append((batch, row.get("peak_memory_mb"), row.get("status")))
-        if row.get("status") != "ok" or row["peak_memory_mb"] is None or row["peak_memory_mb"] > CAP_MB:
-            break
-        best, batch = batch, batch * 2
-    return {"largest_batch": best, "tried": tried}
-
-
 def largest_canvas(encoder: str, sides=(448, 896, 1512), time_limit: float = 60.0) -> Dict[str, object]:
     """Grow the canvas side while one forward+backward of one canvas (PS3's selective encoder or
     the full high-res one, the trainer's default ViT) stays under the cap; stops at the first
@@ -120,85 +78,3 @@ def largest_canvas(encoder: str, sides=(448, 896, 1512), time_limit: float = 60.
         if seconds > time_limit:
             break
     return {"largest_side": best, "tried": tried}
-
-
-def write_outputs(rows: List[Dict[str, object]], search: Dict[str, object], out: str) -> None:
-    import torch
-
-    from ..bench.harness import device_name
-
-    device = device_name("cuda" if torch.cuda.is_available() else "cpu")
-    with open(os.path.join(out, "trainers_vision.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["device", "method", "provider", "time_per_step_s", "peak_memory_mb", "metric", "value", "status"])
-        for r in rows:
-            writer.writerow([device, r["method"], r["provider"], r.get("time_per_step_s"), r.get("peak_memory_mb"),
-                             r.get("metric"), r.get("value"), r.get("status")])
-    lines = [f"Device: {device}", "", "| method | provider | time/step (s) | peak MB | metric | value | status |",
-             "|---|---|---|---|---|---|---|"]
-
-    def fmt(value, digits):
-        return "-" if value is None else f"{value:.{digits}f}"
-
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['provider']} | {fmt(r.get('time_per_step_s'), 3)} | "
-                     f"{fmt(r.get('peak_memory_mb'), 0)} | {r.get('metric', '-')} | {fmt(r.get('value'), 3)} | "
-                     f"{r.get('status')} |")
-    lines += ["", "Largest batch / canvas side under 2 GB:", "", "```", json.dumps(search, indent=1), "```"]
-    with open(os.path.join(out, "trainers_vision.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    methods = sorted({r["method"] for r in rows})
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 3.4), squeeze=False)
-    for axis, method in zip(axes[0], methods):
-        mine = [r for r in rows if r["method"] == method and r.get("time_per_step_s")]
-        axis.bar([r["provider"] for r in mine], [r["time_per_step_s"] for r in mine], color="tab:blue")
-        axis.set_title(method)
-        axis.set_ylabel("time per step (s)")
-        axis.tick_params(axis="x", rotation=30, labelsize=7)
-        twin = axis.twinx()
-        twin.plot([r["provider"] for r in mine], [r["peak_memory_mb"] or 0 for r in mine], "o-", color="tab:red")
-        twin.set_ylabel("peak MB", color="tab:red")
-    fig.suptitle(f"vision trainers, {device}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "trainers_vision.png"), dpi=100)
-    plt.close(fig)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastcl.trainers.vision_bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=["simclr", "clip", "ps3"], choices=sorted(GOALS))
-    parser.add_argument("--out", default="benchmarks/results/cpu_trainers_vision")
-    parser.add_argument("--no-search", action="store_true", help="skip the largest-batch / canvas searches")
-    parser.add_argument("--batch-from", type=int, default=256, help="first batch of the doubling search")
-    parser.add_argument("--batch-to", type=int, default=8192, help="last batch of the doubling search")
-    args = parser.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    runs = os.path.join(args.out, "runs")
-    rows, search = [], {}
-    for method in args.methods:
-        rows += provider_rows(method, runs)
-        for row in rows[-5:]:
-            print(json.dumps(row), flush=True)
-        if args.no_search:
-            continue
-        if method == "ps3":
-            search["ps3"] = {encoder: largest_canvas(encoder) for encoder in ("selective", "full")}
-        else:
-            search[method] = {"fused+gradcache": largest_batch(method, runs, ["--grad-cache", "128"], args.batch_from,
-                                                               args.batch_to),
-                              "naive": largest_batch(method, runs, ["--loss", "naive"], args.batch_from, args.batch_to)}
-        print(json.dumps(search[method]), flush=True)
-    write_outputs(rows, search, args.out)
-    print(open(os.path.join(args.out, "trainers_vision.md")).read())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
