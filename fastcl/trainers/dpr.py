@@ -176,7 +176,7 @@ def build(config: Config) -> Method:
 
 
 # -- benchmark (python -m fastcl.bench trainers) ----------------------------------------------------
-BENCH_ARGS = ["--data", "auto", "--steps", "4", "--batch-size", "64", "--max-length", "32", "--passage-max-length", "64",
+BENCH_ARGS = ["--data", "auto", "--steps", "8", "--batch-size", "64", "--max-length", "32", "--passage-max-length", "64",
               "--skip-save"]
 
 

@@ -228,5 +228,5 @@ def build(config: Config) -> Method:
 
 
 # -- benchmark (python -m fastcl.bench trainers) ----------------------------------------------------
-BENCH_ARGS = ["--data", "auto", "--steps", "4", "--batch-size", "64", "--max-length", "32", "--passage-max-length", "64",
+BENCH_ARGS = ["--data", "auto", "--steps", "8", "--batch-size", "64", "--max-length", "32", "--passage-max-length", "64",
               "--ablation", "false", "--skip-save"]

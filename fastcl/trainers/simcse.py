@@ -104,7 +104,7 @@ def build(config: Config) -> Method:
 
 
 # -- benchmark (python -m fastcl.bench trainers) ----------------------------------------------------
-BENCH_ARGS = ["--data", "auto", "--steps", "4", "--batch-size", "64", "--max-length", "32", "--skip-save"]
+BENCH_ARGS = ["--data", "auto", "--steps", "8", "--batch-size", "64", "--max-length", "32", "--skip-save"]
 
 
 def bench_peer(config: Config):
