@@ -8,8 +8,9 @@ the first batch): out0 against its own out1 plus the bank's entries, read in pla
 each training batch, FIFO; a batch that runs past the end is cut there). ``gather_distributed``
 with several processes runs lightly's own loss (needs lightly installed).
 
-``_peer_module_from_files`` loads lightly's own loss module from its files, for comparing with
-it where lightly's package cannot be imported (it needs torchvision).
+``peer_loss_class`` gives lightly's own ``NTXentLoss`` to compare with: from the package, or,
+where it cannot be imported (it needs torchvision), loaded from its files by
+``_peer_module_from_files``.
 """
 from __future__ import annotations
 
@@ -130,3 +131,18 @@ def _peer_module_from_files(root: Path):
     sys.modules["lightly.models"].utils = sys.modules["lightly.models.utils"]
     _load_file("lightly.models.modules.memory_bank", root / "models" / "modules" / "memory_bank.py")
     return _load_file("lightly.loss.ntx_ent_loss", root / "loss" / "ntx_ent_loss.py")
+
+
+def peer_loss_class():
+    """lightly's own ``NTXentLoss`` class: from the package when it imports, else its loss module
+    loaded from the installed files. Raises ImportError when lightly is not installed."""
+    try:
+        from lightly.loss import NTXentLoss
+
+        return NTXentLoss
+    except ImportError:
+        pass
+    root = _peer_root()
+    if root is None:
+        raise ImportError("lightly is not installed (pip install --no-deps lightly)")
+    return _peer_module_from_files(root).NTXentLoss

@@ -13,7 +13,9 @@ This module does not import open_clip.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -133,6 +135,28 @@ class _Patch:
 
     def __exit__(self, *exc):
         self.undo()
+
+
+def peer_loss_module(from_file: bool = False):
+    """open_clip's own loss module, to compare with: ``open_clip.loss`` when the package imports
+    (unless ``from_file``), else its ``loss.py`` loaded from the installed files (the package
+    needs torchvision, whose wheels pin a CUDA torch; the loss module needs only torch). Raises
+    ImportError when open_clip is not installed."""
+    if not from_file:
+        try:
+            import open_clip.loss
+
+            return open_clip.loss
+        except ImportError:
+            pass
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("open_clip is not installed (pip install --no-deps open_clip_torch)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "loss.py"
+    loss_spec = importlib.util.spec_from_file_location("_fastcl_peer_open_clip_loss", path)
+    module = importlib.util.module_from_spec(loss_spec)
+    loss_spec.loader.exec_module(module)
+    return module
 
 
 def patch_open_clip(module=None) -> _Patch:

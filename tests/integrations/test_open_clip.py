@@ -1,7 +1,5 @@
 """fastcl.integrations.open_clip against open_clip's loss module (loaded from its file when the
 package cannot be imported: it is installed without torchvision)."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,14 +15,11 @@ pytestmark = pytest.mark.peers
 
 
 def peer_loss_module():
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
+    """open_clip's own loss module, always loaded from its file (``import open_clip`` needs torchvision)."""
+    try:
+        return ours.peer_loss_module(from_file=True)
+    except ImportError:
         pytest.skip("open_clip is not installed")
-    path = Path(next(iter(spec.submodule_search_locations))) / "loss.py"
-    loss_spec = importlib.util.spec_from_file_location("_open_clip_loss_for_adapters", path)
-    module = importlib.util.module_from_spec(loss_spec)
-    loss_spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

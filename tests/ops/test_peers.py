@@ -1,12 +1,10 @@
 """Parity with the peer libraries users migrate from (installed by the dev extra)."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastcl
+from fastcl.integrations.open_clip import peer_loss_module
 
 pytestmark = pytest.mark.peers
 BACKENDS = ["naive", "torch"] + (["cpu"] if fastcl.backends()["cpu"].available else [])
@@ -17,18 +15,9 @@ def _open_clip_loss():
     pin a CUDA torch build), so the package cannot be imported; its loss module needs only torch
     and is then loaded from the installed file."""
     try:
-        import open_clip.loss
-
-        return open_clip.loss
+        return peer_loss_module()
     except ImportError:
-        spec = importlib.util.find_spec("open_clip")
-        if spec is None or not spec.submodule_search_locations:
-            pytest.skip("open_clip is not installed")
-        path = Path(next(iter(spec.submodule_search_locations))) / "loss.py"
-        loss_spec = importlib.util.spec_from_file_location("_open_clip_loss", path)
-        module = importlib.util.module_from_spec(loss_spec)
-        loss_spec.loader.exec_module(module)
-        return module
+        pytest.skip("open_clip is not installed")
 
 
 def _grads(fn, *tensors):

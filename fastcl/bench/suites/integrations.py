@@ -52,34 +52,15 @@ class _FixedColumns(torch.nn.Module):
 
 
 def _lightly_peer():
-    """lightly's NTXentLoss class; its package needs torchvision, so without it the loss and
-    memory-bank modules are loaded from their files (fastcl.integrations.lightly._peer_module_from_files)."""
-    try:
-        from lightly.loss import NTXentLoss
-
-        return NTXentLoss
-    except ImportError:
-        pass
     from ...integrations import lightly as lightly_ours
 
-    root = lightly_ours._peer_root()
-    if root is None:
-        raise RuntimeError("lightly is not installed (pip install --no-deps lightly)")
-    return lightly_ours._peer_module_from_files(root).NTXentLoss
+    return lightly_ours.peer_loss_class()
 
 
 def _open_clip_peer():
-    import importlib.util
-    from pathlib import Path
+    from ...integrations import open_clip as open_clip_ours
 
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("open_clip is not installed")
-    path = Path(next(iter(spec.submodule_search_locations))) / "loss.py"
-    module_spec = importlib.util.spec_from_file_location("_open_clip_loss_bench", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
+    return open_clip_ours.peer_loss_module(from_file=True)
 
 
 def _gist(provider, columns):
