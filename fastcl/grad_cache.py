@@ -144,7 +144,8 @@ def _slice(value, start: int, stop: int, width: Optional[int]):
     return tuple(cut(v) for v in value)
 
 
-def _call(encoder: nn.Module, chunk):
+def call_encoder(encoder: nn.Module, chunk):
+    """``encoder(**chunk)`` for a mapping, ``encoder(*chunk)`` for a tuple, else ``encoder(chunk)``."""
     if isinstance(chunk, Mapping):
         return encoder(**chunk)
     if isinstance(chunk, tuple):
@@ -356,7 +357,7 @@ class GradCache:
                 for start, stop, width in chunks:
                     chunk_states.append(_RandomState(cuda_devices))
                     chunk = _slice(value, start, stop, width)
-                    parts.append(self._representation(index, _call(encoder, chunk), chunk, stop - start))
+                    parts.append(self._representation(index, call_encoder(encoder, chunk), chunk, stop - start))
                 states.append(chunk_states)
                 reps.append(torch.cat(parts) if len(parts) > 1 else parts[0])
         return _Run(inputs, encoders, plans, states, reps, _RandomState(cuda_devices))
@@ -384,7 +385,7 @@ class GradCache:
                         syncing = not _is_ddp(encoder) or last_use[id(encoder)] == (index, number)
                         with contextlib.nullcontext() if syncing else encoder.no_sync():
                             chunk = _slice(value, start, stop, width)
-                            rep = self._representation(index, _call(encoder, chunk), chunk, stop - start)
+                            rep = self._representation(index, call_encoder(encoder, chunk), chunk, stop - start)
                             if rep.requires_grad:  # an encoder without trainable parameters has nothing to learn
                                 grad = rep_grads[index][start:stop]
                                 if scale is not None:

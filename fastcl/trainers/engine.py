@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
+from ..grad_cache import call_encoder
 from .config import TrainConfig, config_to_dict
 
 __all__ = ["Method", "Stage", "train", "DataUnavailable", "CheckpointError", "CHECKPOINT_FORMAT"]
@@ -95,20 +96,12 @@ class Method:
         if self.encode_inputs is None or self.representation_loss is None:
             raise TypeError("a Method needs loss=, or encode_inputs= and representation_loss=")
         inputs, loss_kwargs = self.encode_inputs(batch)
-        representations = [call_model(model, value) for value in inputs]
+        representations = [call_encoder(model, value) for value in inputs]
         return self.representation_loss(*representations, **loss_kwargs)
 
     @property
     def supports_grad_cache(self) -> bool:
         return self.encode_inputs is not None and self.representation_loss is not None
-
-
-def call_model(model: nn.Module, value):
-    if isinstance(value, Mapping):
-        return model(**value)
-    if isinstance(value, tuple):
-        return model(*value)
-    return model(value)
 
 
 def to_device(value, device):
