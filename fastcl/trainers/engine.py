@@ -184,12 +184,12 @@ class PeakMemory:
                 ctypes.CDLL("libc.so.6").malloc_trim(0)
             except (OSError, AttributeError):
                 pass
-            try:
+            self.base = _rss("VmRSS")
+            try:  # reset the high-water mark to the current RSS
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
             except OSError:
-                pass
-            self.base = _rss("VmRSS")
+                self.base = None  # VmHWM would be the whole process's peak: no figure
 
     def peak_mb(self) -> Optional[float]:
         if self.device.type == "cuda":

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.canvases import box_mask
+from .engine import PeakMemory
 
 
 @torch.no_grad()
@@ -118,14 +119,6 @@ def retrieval_accuracy(queries: torch.Tensor, candidates: torch.Tensor, targets:
     return float((scores.argmax(1) == targets).float().mean())
 
 
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def peak_memory(run: Callable[[], object], device: torch.device, repeats: int = 1):
     """(seconds per call (median), peak bytes beyond what was allocated before) of ``run()``.
 
@@ -139,29 +132,12 @@ def peak_memory(run: Callable[[], object], device: torch.device, repeats: int = 
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-        before = _rss("VmRSS")
-        try:
-            with open("/proc/self/clear_refs", "w") as handle:
-                handle.write("5")
-        except OSError:
-            before = None
+    memory = PeakMemory(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
         sync()
         times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        peak = _rss("VmHWM") - before if before is not None else float("nan")
-    return float(np.median(times)), max(0.0, float(peak))
+    peak_mb = memory.peak_mb()
+    return float(np.median(times)), float("nan") if peak_mb is None else max(0.0, peak_mb * 2**20)
