@@ -292,7 +292,7 @@ def bench_peers(argv, out_dir):
     return {"full high-res ViT": run_trainer("ps3", list(argv) + ["--encoder", "full"], out_dir)}
 
 
-def bench_search(work_dir):
+def bench_search():
     """The largest canvas side whose one-canvas step fits the benchmark's memory cap, for the
     selective encoder and, beside it, the full high-res one."""
     from .vision_bench import largest_canvas

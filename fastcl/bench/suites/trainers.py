@@ -6,9 +6,10 @@ what was allocated before them, the final goal metric, and the largest batch who
 steps (the method's ``BENCH_ARGS``).
 
 Each method registers its rows from its own module (``BENCH_ARGS``, optional ``BENCH_BATCH_ARGS``;
-``BENCH_GRAD_CACHE = False`` for a method without encoders to cache; ``bench_peer`` for the sentence-transformers trainer, ``bench_peers(args, dir) -> {label: row}``
-for other libraries run inside this trainer, ``bench_search(dir) -> str`` for a search other than
-the batch, e.g. PS3's canvas side); nothing here names a method. Opt-in: it trains models, so only
+``BENCH_GRAD_CACHE = False`` for a method without encoders to cache; ``bench_peer`` for the
+sentence-transformers trainer, ``bench_peers(args, dir) -> {label: row}`` for other libraries
+run inside this trainer, ``bench_search() -> str`` for a search other than the batch, e.g. PS3's
+canvas side); nothing here names a method. Opt-in: it trains models, so only
 ``python -m fastcl.bench trainers`` (or ``make bench-trainers``) runs it.
 """
 from __future__ import annotations
@@ -148,7 +149,7 @@ def run(device: str, full: bool, out_dir: str, timeout: float = 3600.0, methods:
                    "data": (result.get("data") or "").split(";")[0], "args": " ".join(args + extra)}
             if batch_search and hasattr(module, "bench_search"):  # e.g. PS3: the largest canvas side
                 if label == VARIANTS[-1][0]:
-                    row["largest_batch_2gb"] = module.bench_search(os.path.join(work, name, "search"))
+                    row["largest_batch_2gb"] = module.bench_search()
             elif batch_search and (full or not label.startswith("sentence-transformers")):
                 start, cap = (BATCH_START_FULL, BATCH_CAP_FULL) if full else (BATCH_START_QUICK, BATCH_CAP_QUICK)
                 row["largest_batch_2gb"] = _largest_batch(command[-2], [name, *args, *extra, *batch_args], start, cap,
