@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_PINS ?= torch==2.13.0
-BUILD_TOOLS := scikit-build-core pybind11 cmake ninja
+BUILD_TOOLS := scikit-build-core cmake ninja
 PYTEST_ARGS ?=
 
 .PHONY: all venv install test test-vision bench bench-full bench-trainers data cuda-compile clean
@@ -38,7 +38,8 @@ $(VENV)/.stamp-bench: $(VENV)/.stamp-venv pyproject.toml
 
 venv: $(VENV)/.stamp-venv
 
-# (Re)build the native module fastcl._C in place; incremental thanks to the persistent build dir.
+# (Re)build the native libraries (fastcl/_kernels_*.so) for the editable install; incremental thanks to
+# the persistent build dir.
 install: $(VENV)/.stamp-venv
 	$(PIP) install --no-build-isolation --no-deps -e .
 

@@ -70,9 +70,9 @@ else
       log "pip install failed again (see install.log)"; tail -20 "$out/install.log"; exit 1
     fi
   fi
-  # Tests run from this tree (pytest puts it first on sys.path): give it the freshly built _C.
+  # Tests run from this tree (pytest puts it first on sys.path): give it the freshly built libraries.
   installed=$(cd / && $python -c 'import fastcl, os; print(os.path.dirname(fastcl.__file__))')
-  cp "$installed"/_C*.so fastcl/ 2>/dev/null || log "no compiled _C in $installed"
+  cp "$installed"/_kernels_*.so fastcl/ 2>/dev/null || log "no native libraries in $installed"
   if compgen -G "wheels/inf_cl-*.whl" > /dev/null; then
     $python -m pip install --no-deps wheels/inf_cl-*.whl >> "$out/install.log" 2>&1 && log "Inf-CL installed from wheels/" \
       || log "Inf-CL wheel did not install (see install.log)"

@@ -19,7 +19,12 @@ from .grad_cache import GradCache
 from .validation import set_validation, validation_enabled
 from .memory_bank import MemoryBank
 
-__version__ = "0.1.0"
+try:  # one source of the version: pyproject.toml, through the installed package's metadata
+    from importlib.metadata import PackageNotFoundError, version as _package_version
+
+    __version__ = _package_version("fastcl")
+except PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"
 
 __all__ = ["Backend", "backends", "info_nce", "clip_loss", "nt_xent", "siglip_loss", "InfoNCELoss", "SigLipLoss",
            "__version__"]

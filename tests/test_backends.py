@@ -15,12 +15,14 @@ def test_backends_lists_every_backend_with_a_reason():
 
 
 def test_missing_native_module_falls_back_with_one_warning():
-    # Block fastcl._C in a fresh interpreter: import works, "cpu" is unavailable with the
-    # reason, "auto" runs the PyTorch path and warns once.
+    # Hide the native libraries in a fresh interpreter (as an install without a compiler has
+    # none): import works, "cpu" is unavailable with the reason, "auto" runs the PyTorch path and
+    # warns once.
     script = textwrap.dedent(
         """
         import sys, warnings
-        sys.modules["fastcl._C"] = None  # makes `import fastcl._C` raise ImportError
+        for name in ("default", "avx2", "avx512", "native", "cuda"):
+            sys.modules["fastcl._kernels_" + name] = None  # find_spec then finds no library
         import torch, fastcl
         from fastcl.ops.info_nce import naive
         info = fastcl.backends()["cpu"]

@@ -42,7 +42,6 @@ void cml_scan(std::uintptr_t users, std::uintptr_t positives, std::uintptr_t neg
   int64_t* closest = ptr<int64_t>(closest_out);
   T* impostors = ptr<T>(impostors_out);
   const T m = static_cast<T>(margin);
-  pybind11::gil_scoped_release release;
   const int threads = clamp_threads(num_threads);
 #ifdef FASTCL_WITH_OPENMP
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -79,19 +78,13 @@ void cml_scan(std::uintptr_t users, std::uintptr_t positives, std::uintptr_t neg
 
 }  // namespace
 
-FASTCL_REGISTER(cml_cpu) {
-  namespace py = pybind11;
-  auto doc =
-      "CML scan (see fastcl/ops/cml/chunked.py): per row the positive distance, the closest sampled "
-      "negative's distance and index, and the impostor count. Pointers are integers (data_ptr()); "
-      "indices = 0 for dense negatives.";
-  auto define = [&](auto f, const char* name) {
-    m.def(name, f, doc, py::arg("users"), py::arg("positives"), py::arg("negatives"), py::arg("indices"),
-          py::arg("rows"), py::arg("window"), py::arg("dim"), py::arg("margin"), py::arg("positive_distance_out"),
-          py::arg("closest_distance_out"), py::arg("closest_out"), py::arg("impostors_out"), py::arg("num_threads"));
-  };
-  define(&cml_scan<float>, "cml_scan_f32");
-  define(&cml_scan<double>, "cml_scan_f64");
-}
+constexpr const char* kCmlArguments =
+    "users positives negatives indices rows window dim margin positive_distance_out closest_distance_out "
+    "closest_out impostors_out num_threads";
+constexpr const char* kCmlDoc =
+    "CML scan (see fastcl/ops/cml/chunked.py): per row the positive distance, the closest sampled negative's "
+    "distance and index, and the impostor count; indices = 0 for dense negatives.";
+FASTCL_EXPORT(cml_scan_f32, &cml_scan<float>, kCmlArguments, kCmlDoc);
+FASTCL_EXPORT(cml_scan_f64, &cml_scan<double>, kCmlArguments, kCmlDoc);
 
 }  // namespace fastcl

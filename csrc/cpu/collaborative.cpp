@@ -46,7 +46,6 @@ void collaborative_pages(std::uintptr_t items_ptr, std::uintptr_t clicks_ptr, st
   T* d_trigger = (with_grad && trigger) ? ptr<T>(d_trigger_out) : nullptr;
   const T inv_tau = static_cast<T>(1.0 / temperature);
   const T epsilon = static_cast<T>(eps);
-  pybind11::gil_scoped_release release;
   const int threads = clamp_threads(num_threads);
 #ifdef FASTCL_WITH_OPENMP
 #pragma omp parallel num_threads(threads)
@@ -159,20 +158,13 @@ void collaborative_pages(std::uintptr_t items_ptr, std::uintptr_t clicks_ptr, st
 
 }  // namespace
 
-FASTCL_REGISTER(collaborative_cpu) {
-  namespace py = pybind11;
-  auto doc =
-      "Collaborative contrastive loss over pages (see fastcl/ops/collaborative/chunked.py): per-anchor "
-      "losses and, with with_grad, the gradients of sum_a w_a L_a. Pointers are integers (data_ptr()); "
-      "trigger = 0 for none.";
-  auto define = [&](auto f, const char* name) {
-    m.def(name, f, doc, py::arg("items"), py::arg("clicks"), py::arg("mask"), py::arg("trigger"), py::arg("weights"),
-          py::arg("pages"), py::arg("length"), py::arg("dim"), py::arg("temperature"), py::arg("normalize"),
-          py::arg("eps"), py::arg("with_grad"), py::arg("losses_out"), py::arg("d_items_out"),
-          py::arg("d_trigger_out"), py::arg("num_threads"));
-  };
-  define(&collaborative_pages<float>, "collaborative_pages_f32");
-  define(&collaborative_pages<double>, "collaborative_pages_f64");
-}
+constexpr const char* kCollaborativeArguments =
+    "items clicks mask trigger weights pages length dim temperature normalize eps with_grad losses_out "
+    "d_items_out d_trigger_out num_threads";
+constexpr const char* kCollaborativeDoc =
+    "Collaborative contrastive loss over pages (see fastcl/ops/collaborative/chunked.py): per-anchor losses "
+    "and, with with_grad, the gradients of sum_a w_a L_a; trigger = 0 for none.";
+FASTCL_EXPORT(collaborative_pages_f32, &collaborative_pages<float>, kCollaborativeArguments, kCollaborativeDoc);
+FASTCL_EXPORT(collaborative_pages_f64, &collaborative_pages<double>, kCollaborativeArguments, kCollaborativeDoc);
 
 }  // namespace fastcl

@@ -127,55 +127,42 @@ GatherProblem<T> make_problem(int64_t batch, int64_t channels, int64_t height, i
 }
 
 template <typename T>
-void register_dtype(pybind11::module_& m, const char* forward_name, const char* backward_name) {
-  namespace py = pybind11;
-  m.def(
-      forward_name,
-      [](std::uintptr_t images, int64_t batch, int64_t channels, int64_t height, int64_t width,
-         int64_t stride_batch, int64_t stride_channel, int64_t stride_row, int64_t stride_col,
-         std::uintptr_t index, int64_t num_patches, int64_t patch_size, int64_t grid_w,
-         std::uintptr_t row_index0, std::uintptr_t row_index1, std::uintptr_t row_lambda1,
-         std::uintptr_t col_index0, std::uintptr_t col_index1, std::uintptr_t col_lambda1,
-         std::uintptr_t out, int64_t num_threads) {
-        const auto problem = make_problem<T>(batch, channels, height, width, stride_batch, stride_channel, stride_row,
-                                             stride_col, index, num_patches, patch_size, grid_w, row_index0,
-                                             row_index1, row_lambda1, col_index0, col_index1, col_lambda1);
-        py::gil_scoped_release release;
-        gather_forward<T>(problem, ptr<const T>(images), ptr<T>(out), clamp_threads(num_threads));
-      },
-      py::arg("images"), py::arg("batch"), py::arg("channels"), py::arg("height"), py::arg("width"),
-      py::arg("stride_batch"), py::arg("stride_channel"), py::arg("stride_row"), py::arg("stride_col"),
-      py::arg("index"), py::arg("num_patches"), py::arg("patch_size"), py::arg("grid_w"),
-      py::arg("row_index0"), py::arg("row_index1"), py::arg("row_lambda1"),
-      py::arg("col_index0"), py::arg("col_index1"), py::arg("col_lambda1"),
-      py::arg("out"), py::arg("num_threads"),
-      "Gather K bilinearly resampled P x P patches per image into out (B, K, C*P*P).");
-  m.def(
-      backward_name,
-      [](std::uintptr_t grad_out, int64_t batch, int64_t channels, int64_t height, int64_t width,
-         std::uintptr_t index, int64_t num_patches, int64_t patch_size, int64_t grid_w,
-         std::uintptr_t row_index0, std::uintptr_t row_index1, std::uintptr_t row_lambda1,
-         std::uintptr_t col_index0, std::uintptr_t col_index1, std::uintptr_t col_lambda1,
-         std::uintptr_t grad_images, int64_t num_threads) {
-        const auto problem = make_problem<T>(batch, channels, height, width, channels * height * width,
-                                             height * width, width, 1, index, num_patches, patch_size, grid_w,
-                                             row_index0, row_index1, row_lambda1, col_index0, col_index1, col_lambda1);
-        py::gil_scoped_release release;
-        gather_backward<T>(problem, ptr<const T>(grad_out), ptr<T>(grad_images), clamp_threads(num_threads));
-      },
-      py::arg("grad_out"), py::arg("batch"), py::arg("channels"), py::arg("height"), py::arg("width"),
-      py::arg("index"), py::arg("num_patches"), py::arg("patch_size"), py::arg("grid_w"),
-      py::arg("row_index0"), py::arg("row_index1"), py::arg("row_lambda1"),
-      py::arg("col_index0"), py::arg("col_index1"), py::arg("col_lambda1"),
-      py::arg("grad_images"), py::arg("num_threads"),
-      "Scatter-add dL/dpatches (B, K, C*P*P) into a zeroed contiguous grad_images (B, C, H, W).");
+void forward(std::uintptr_t images, int64_t batch, int64_t channels, int64_t height, int64_t width,
+             int64_t stride_batch, int64_t stride_channel, int64_t stride_row, int64_t stride_col, std::uintptr_t index,
+             int64_t num_patches, int64_t patch_size, int64_t grid_w, std::uintptr_t row_index0,
+             std::uintptr_t row_index1, std::uintptr_t row_lambda1, std::uintptr_t col_index0,
+             std::uintptr_t col_index1, std::uintptr_t col_lambda1, std::uintptr_t out, int64_t num_threads) {
+  const auto problem = make_problem<T>(batch, channels, height, width, stride_batch, stride_channel, stride_row,
+                                       stride_col, index, num_patches, patch_size, grid_w, row_index0, row_index1,
+                                       row_lambda1, col_index0, col_index1, col_lambda1);
+  gather_forward<T>(problem, ptr<const T>(images), ptr<T>(out), clamp_threads(num_threads));
+}
+
+template <typename T>
+void backward(std::uintptr_t grad_out, int64_t batch, int64_t channels, int64_t height, int64_t width,
+              std::uintptr_t index, int64_t num_patches, int64_t patch_size, int64_t grid_w, std::uintptr_t row_index0,
+              std::uintptr_t row_index1, std::uintptr_t row_lambda1, std::uintptr_t col_index0,
+              std::uintptr_t col_index1, std::uintptr_t col_lambda1, std::uintptr_t grad_images, int64_t num_threads) {
+  const auto problem = make_problem<T>(batch, channels, height, width, channels * height * width, height * width,
+                                       width, 1, index, num_patches, patch_size, grid_w, row_index0, row_index1,
+                                       row_lambda1, col_index0, col_index1, col_lambda1);
+  gather_backward<T>(problem, ptr<const T>(grad_out), ptr<T>(grad_images), clamp_threads(num_threads));
 }
 
 }  // namespace
 
-FASTCL_REGISTER(gather_patches) {
-  register_dtype<float>(m, "gather_patches_forward_f32", "gather_patches_backward_f32");
-  register_dtype<double>(m, "gather_patches_forward_f64", "gather_patches_backward_f64");
-}
+constexpr const char* kForwardArguments =
+    "images batch channels height width stride_batch stride_channel stride_row stride_col index num_patches "
+    "patch_size grid_w row_index0 row_index1 row_lambda1 col_index0 col_index1 col_lambda1 out num_threads";
+constexpr const char* kBackwardArguments =
+    "grad_out batch channels height width index num_patches patch_size grid_w row_index0 row_index1 row_lambda1 "
+    "col_index0 col_index1 col_lambda1 grad_images num_threads";
+constexpr const char* kForwardDoc = "Gather K bilinearly resampled P x P patches per image into out (B, K, C*P*P).";
+constexpr const char* kBackwardDoc =
+    "Scatter-add dL/dpatches (B, K, C*P*P) into a zeroed contiguous grad_images (B, C, H, W).";
+FASTCL_EXPORT(gather_patches_forward_f32, &forward<float>, kForwardArguments, kForwardDoc);
+FASTCL_EXPORT(gather_patches_forward_f64, &forward<double>, kForwardArguments, kForwardDoc);
+FASTCL_EXPORT(gather_patches_backward_f32, &backward<float>, kBackwardArguments, kBackwardDoc);
+FASTCL_EXPORT(gather_patches_backward_f64, &backward<double>, kBackwardArguments, kBackwardDoc);
 
 }  // namespace fastcl

@@ -388,33 +388,20 @@ void info_nce_rows(std::uintptr_t similarity, int64_t ld_similarity, int64_t row
     throw std::invalid_argument("info_nce_rows: modes 'supcon'/'pairwise' need labels and num_positive");
   if (mode < kMask || mode > kPairwise) throw std::invalid_argument("info_nce_rows: unknown mode");
   if (!p.nonfinite_out) throw std::invalid_argument("info_nce_rows: nonfinite_out is required");
-  pybind11::gil_scoped_release release;
   run_rows(p, rows, clamp_threads(num_threads));
 }
 
 }  // namespace
 
-FASTCL_REGISTER(info_nce_cpu) {
-  namespace py = pybind11;
-  auto doc =
-      "Row kernel of the chunked InfoNCE (see fastcl/ops/info_nce/native.py). Pointers are "
-      "integers (tensor.data_ptr()); 0 means absent. nonfinite_out (uint8 per row) is set to 1 for a "
-      "row holding a non-finite score, which the kernel leaves for the caller (loss, lse, gradient "
-      "row and dtemp unset).";
-  m.def("info_nce_rows_f32", &info_nce_rows<float>, doc, py::arg("similarity"), py::arg("ld_similarity"),
-        py::arg("rows"), py::arg("cols"), py::arg("private_similarity"), py::arg("ld_private"),
-        py::arg("private_cols"), py::arg("row0"), py::arg("inv_temperature"), py::arg("mode"),
-        py::arg("positive"), py::arg("has_margin"), py::arg("margin"),
-        py::arg("anchor_labels"), py::arg("candidate_labels"), py::arg("num_positive"),
-        py::arg("label_smoothing"), py::arg("self_excluded"), py::arg("weights"), py::arg("loss_out"),
-        py::arg("lse_out"), py::arg("dtemp_out"), py::arg("nonfinite_out"), py::arg("num_threads"));
-  m.def("info_nce_rows_f64", &info_nce_rows<double>, doc, py::arg("similarity"), py::arg("ld_similarity"),
-        py::arg("rows"), py::arg("cols"), py::arg("private_similarity"), py::arg("ld_private"),
-        py::arg("private_cols"), py::arg("row0"), py::arg("inv_temperature"), py::arg("mode"),
-        py::arg("positive"), py::arg("has_margin"), py::arg("margin"),
-        py::arg("anchor_labels"), py::arg("candidate_labels"), py::arg("num_positive"),
-        py::arg("label_smoothing"), py::arg("self_excluded"), py::arg("weights"), py::arg("loss_out"),
-        py::arg("lse_out"), py::arg("dtemp_out"), py::arg("nonfinite_out"), py::arg("num_threads"));
-}
+constexpr const char* kRowsArguments =
+    "similarity ld_similarity rows cols private_similarity ld_private private_cols row0 inv_temperature mode "
+    "positive has_margin margin anchor_labels candidate_labels num_positive label_smoothing self_excluded weights "
+    "loss_out lse_out dtemp_out nonfinite_out num_threads";
+constexpr const char* kRowsDoc =
+    "Row kernel of the chunked InfoNCE (see fastcl/ops/info_nce/native.py); pointer 0 means absent. "
+    "nonfinite_out (uint8 per row) is set to 1 for a row holding a non-finite score, which the kernel leaves "
+    "for the caller (loss, lse, gradient row and dtemp unset).";
+FASTCL_EXPORT(info_nce_rows_f32, &info_nce_rows<float>, kRowsArguments, kRowsDoc);
+FASTCL_EXPORT(info_nce_rows_f64, &info_nce_rows<double>, kRowsArguments, kRowsDoc);
 
 }  // namespace fastcl

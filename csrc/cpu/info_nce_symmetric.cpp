@@ -109,7 +109,6 @@ void statistics(std::uintptr_t similarity, int64_t ld, int64_t rows, int64_t col
                 int64_t num_threads) {
   if (tracked > cols || tracked < 0) throw std::invalid_argument("info_nce_symmetric_statistics: tracked > cols");
   const Block<T> b{ptr<const T>(similarity), ld, rows, cols, row0, tracked, static_cast<T>(inv_temperature)};
-  pybind11::gil_scoped_release release;
   const int threads = clamp_threads(num_threads);
   row_statistics(b, ptr<T>(row_max_out), ptr<T>(row_sum_out), ptr<T>(diagonal_out), threads);
   column_statistics(b, ptr<T>(column_max), ptr<T>(column_sum), threads);
@@ -132,7 +131,6 @@ void gradient(std::uintptr_t similarity, int64_t ld, int64_t rows, int64_t cols,
   const T* pos = ptr<const T>(positive);
   T* dtemp = ptr<T>(dtemp_out);
   const T inv_t = static_cast<T>(inv_temperature);
-  pybind11::gil_scoped_release release;
   const int threads = clamp_threads(num_threads);
 #ifdef FASTCL_WITH_OPENMP
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -164,31 +162,21 @@ void gradient(std::uintptr_t similarity, int64_t ld, int64_t rows, int64_t cols,
 
 }  // namespace
 
-FASTCL_REGISTER(info_nce_symmetric_cpu) {
-  namespace py = pybind11;
-  auto stats_doc =
-      "Pass 1 of the two-pass symmetric InfoNCE (fastcl/ops/info_nce/symmetric.py): row max, sum "
-      "of exp and own similarity of each row of the block, running column max and sum of exp over "
-      "the tracked columns. Pointers are integers (tensor.data_ptr()).";
-  auto grad_doc =
-      "Pass 2 of the two-pass symmetric InfoNCE: overwrites the block with dL/dS of both "
-      "directions and writes sum_j dL/dS_rj * S_rj per row.";
-  auto stats_args = [](auto f, const char* name, const char* doc, py::module_& m) {
-    m.def(name, f, doc, py::arg("similarity"), py::arg("ld"), py::arg("rows"), py::arg("cols"), py::arg("row0"),
-          py::arg("tracked"), py::arg("inv_temperature"), py::arg("row_max_out"), py::arg("row_sum_out"),
-          py::arg("diagonal_out"),
-          py::arg("column_max"), py::arg("column_sum"), py::arg("num_threads"));
-  };
-  auto grad_args = [](auto f, const char* name, const char* doc, py::module_& m) {
-    m.def(name, f, doc, py::arg("similarity"), py::arg("ld"), py::arg("rows"), py::arg("cols"), py::arg("row0"),
-          py::arg("tracked"), py::arg("inv_temperature"), py::arg("row_max"), py::arg("row_factor"),
-          py::arg("column_max"), py::arg("column_factor"), py::arg("positive"), py::arg("dtemp_out"),
-          py::arg("num_threads"));
-  };
-  stats_args(&statistics<float>, "info_nce_symmetric_statistics_f32", stats_doc, m);
-  stats_args(&statistics<double>, "info_nce_symmetric_statistics_f64", stats_doc, m);
-  grad_args(&gradient<float>, "info_nce_symmetric_gradient_f32", grad_doc, m);
-  grad_args(&gradient<double>, "info_nce_symmetric_gradient_f64", grad_doc, m);
-}
+constexpr const char* kStatisticsArguments =
+    "similarity ld rows cols row0 tracked inv_temperature row_max_out row_sum_out diagonal_out column_max "
+    "column_sum num_threads";
+constexpr const char* kStatisticsDoc =
+    "Pass 1 of the two-pass symmetric InfoNCE (fastcl/ops/info_nce/symmetric.py): row max, sum of exp and own "
+    "similarity of each row of the block, running column max and sum of exp over the tracked columns.";
+constexpr const char* kGradientArguments =
+    "similarity ld rows cols row0 tracked inv_temperature row_max row_factor column_max column_factor positive "
+    "dtemp_out num_threads";
+constexpr const char* kGradientDoc =
+    "Pass 2 of the two-pass symmetric InfoNCE: overwrites the block with dL/dS of both directions and writes "
+    "sum_j dL/dS_rj * S_rj per row.";
+FASTCL_EXPORT(info_nce_symmetric_statistics_f32, &statistics<float>, kStatisticsArguments, kStatisticsDoc);
+FASTCL_EXPORT(info_nce_symmetric_statistics_f64, &statistics<double>, kStatisticsArguments, kStatisticsDoc);
+FASTCL_EXPORT(info_nce_symmetric_gradient_f32, &gradient<float>, kGradientArguments, kGradientDoc);
+FASTCL_EXPORT(info_nce_symmetric_gradient_f64, &gradient<double>, kGradientArguments, kGradientDoc);
 
 }  // namespace fastcl

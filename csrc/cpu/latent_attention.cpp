@@ -50,15 +50,10 @@ FASTCL_INLINE NormalTerms normal_terms(float x) {
   return {x < 0.0f ? tail : 1.0f - tail, gauss * kInvSqrt2Pi};
 }
 
-// Row functions get an AVX2+FMA clone next to the baseline one, picked at load time (GCC
-// target_clones): the build stays portable and the elementwise work runs 8 floats wide where the
-// CPU allows. They are separate functions because OpenMP outlines the parallel loop bodies,
-// which would not inherit the attribute.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FASTCL_ROW_KERNEL __attribute__((target_clones("arch=haswell", "default"))) __attribute__((noinline))
-#else
-#define FASTCL_ROW_KERNEL
-#endif
+// Row functions stay out of line: OpenMP outlines the parallel loop bodies, and each row loop
+// is vectorized for the instruction set of the library it is built into (CMakeLists.txt builds
+// this file once per CPU capability; fastcl/_native.py picks one at load).
+#define FASTCL_ROW_KERNEL __attribute__((noinline))
 
 FASTCL_ROW_KERNEL float softmax_row_forward(float* row, int64_t cols) {
   float row_max = -std::numeric_limits<float>::infinity();
@@ -160,51 +155,34 @@ void geglu_backward(const float* u, const float* grad_gated, float* grad_u, int6
 
 }  // namespace
 
-FASTCL_REGISTER(latent_attention_cpu) {
-  namespace py = pybind11;
-  using py::arg;
-  using Address = std::uintptr_t;
-  m.def(
-      "latent_softmax_forward_f32",
-      [](Address scores, Address lse, int64_t rows, int64_t cols, int64_t num_threads) {
-        py::gil_scoped_release release;
-        softmax_forward(ptr<float>(scores), ptr<float>(lse), rows, cols, clamp_threads(num_threads));
-      },
-      "Row softmax in place over contiguous (rows, cols) float32 scores; writes the row log-sum-exp.",
-      arg("scores"), arg("lse"), arg("rows"), arg("cols"), arg("num_threads"));
-  m.def(
-      "latent_softmax_recompute_f32",
-      [](Address scores, Address lse, int64_t rows, int64_t cols, int64_t num_threads) {
-        py::gil_scoped_release release;
-        softmax_recompute(ptr<float>(scores), ptr<const float>(lse), rows, cols, clamp_threads(num_threads));
-      },
-      "scores <- exp(scores - lse[row]) in place (probabilities from the saved log-sum-exp).", arg("scores"),
-      arg("lse"), arg("rows"), arg("cols"), arg("num_threads"));
-  m.def(
-      "latent_softmax_backward_f32",
-      [](Address probs, Address grad, int64_t rows, int64_t cols, int64_t num_threads) {
-        py::gil_scoped_release release;
-        softmax_backward(ptr<const float>(probs), ptr<float>(grad), rows, cols, clamp_threads(num_threads));
-      },
-      "grad <- probs * (grad - sum(probs * grad)) in place, row by row.", arg("probs"), arg("grad"), arg("rows"),
-      arg("cols"), arg("num_threads"));
-  m.def(
-      "latent_geglu_forward_f32",
-      [](Address u, Address gated, int64_t rows, int64_t width, int64_t num_threads) {
-        py::gil_scoped_release release;
-        geglu_forward(ptr<const float>(u), ptr<float>(gated), rows, width, clamp_threads(num_threads));
-      },
-      "gated = u[:, :width] * gelu(u[:, width:]) for contiguous (rows, 2*width) u.", arg("u"), arg("gated"),
-      arg("rows"), arg("width"), arg("num_threads"));
-  m.def(
-      "latent_geglu_backward_f32",
-      [](Address u, Address grad_gated, Address grad_u, int64_t rows, int64_t width, int64_t num_threads) {
-        py::gil_scoped_release release;
-        geglu_backward(ptr<const float>(u), ptr<const float>(grad_gated), ptr<float>(grad_u), rows, width,
-                       clamp_threads(num_threads));
-      },
-      "GEGLU backward: grad_u (rows, 2*width) from grad_gated (rows, width).", arg("u"), arg("grad_gated"),
-      arg("grad_u"), arg("rows"), arg("width"), arg("num_threads"));
+void softmax_forward_f32(std::uintptr_t scores, std::uintptr_t lse, int64_t rows, int64_t cols, int64_t num_threads) {
+  softmax_forward(ptr<float>(scores), ptr<float>(lse), rows, cols, clamp_threads(num_threads));
 }
+void softmax_recompute_f32(std::uintptr_t scores, std::uintptr_t lse, int64_t rows, int64_t cols,
+                           int64_t num_threads) {
+  softmax_recompute(ptr<float>(scores), ptr<const float>(lse), rows, cols, clamp_threads(num_threads));
+}
+void softmax_backward_f32(std::uintptr_t probs, std::uintptr_t grad, int64_t rows, int64_t cols, int64_t num_threads) {
+  softmax_backward(ptr<const float>(probs), ptr<float>(grad), rows, cols, clamp_threads(num_threads));
+}
+void geglu_forward_f32(std::uintptr_t u, std::uintptr_t gated, int64_t rows, int64_t width, int64_t num_threads) {
+  geglu_forward(ptr<const float>(u), ptr<float>(gated), rows, width, clamp_threads(num_threads));
+}
+void geglu_backward_f32(std::uintptr_t u, std::uintptr_t grad_gated, std::uintptr_t grad_u, int64_t rows,
+                        int64_t width, int64_t num_threads) {
+  geglu_backward(ptr<const float>(u), ptr<const float>(grad_gated), ptr<float>(grad_u), rows, width,
+                 clamp_threads(num_threads));
+}
+
+FASTCL_EXPORT(latent_softmax_forward_f32, &softmax_forward_f32, "scores lse rows cols num_threads",
+              "Row softmax in place over contiguous (rows, cols) float32 scores; writes the row log-sum-exp.");
+FASTCL_EXPORT(latent_softmax_recompute_f32, &softmax_recompute_f32, "scores lse rows cols num_threads",
+              "scores <- exp(scores - lse[row]) in place (probabilities from the saved log-sum-exp).");
+FASTCL_EXPORT(latent_softmax_backward_f32, &softmax_backward_f32, "probs grad rows cols num_threads",
+              "grad <- probs * (grad - sum(probs * grad)) in place, row by row.");
+FASTCL_EXPORT(latent_geglu_forward_f32, &geglu_forward_f32, "u gated rows width num_threads",
+              "gated = u[:, :width] * gelu(u[:, width:]) for contiguous (rows, 2*width) u.");
+FASTCL_EXPORT(latent_geglu_backward_f32, &geglu_backward_f32, "u grad_gated grad_u rows width num_threads",
+              "GEGLU backward: grad_u (rows, 2*width) from grad_gated (rows, width).");
 
 }  // namespace fastcl

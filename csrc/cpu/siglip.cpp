@@ -41,7 +41,6 @@ void siglip_rows(std::uintptr_t similarity, int64_t ld, int64_t rows, int64_t co
   const T t = static_cast<T>(scale);
   const T b = static_cast<T>(bias);
   const T f = static_cast<T>(factor);
-  pybind11::gil_scoped_release release;
   const int threads = clamp_threads(num_threads);
 #ifdef FASTCL_WITH_OPENMP
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -81,19 +80,12 @@ void siglip_rows(std::uintptr_t similarity, int64_t ld, int64_t rows, int64_t co
 
 }  // namespace
 
-FASTCL_REGISTER(siglip_cpu) {
-  namespace py = pybind11;
-  auto doc =
-      "SigLIP block kernel (see fastcl/ops/siglip/chunked.py): per row, the sum of the loss terms "
-      "and, with with_grad, dL/dS written in place and the bias and scale gradient sums. "
-      "Pointers are integers (tensor.data_ptr()).";
-  auto define = [&](auto f, const char* name) {
-    m.def(name, f, doc, py::arg("similarity"), py::arg("ld"), py::arg("rows"), py::arg("cols"), py::arg("row0"),
-          py::arg("scale"), py::arg("bias"), py::arg("factor"), py::arg("with_grad"), py::arg("loss_out"),
-          py::arg("dscale_out"), py::arg("dbias_out"), py::arg("num_threads"));
-  };
-  define(&siglip_rows<float>, "siglip_rows_f32");
-  define(&siglip_rows<double>, "siglip_rows_f64");
-}
+constexpr const char* kSiglipArguments =
+    "similarity ld rows cols row0 scale bias factor with_grad loss_out dscale_out dbias_out num_threads";
+constexpr const char* kSiglipDoc =
+    "SigLIP block kernel (see fastcl/ops/siglip/chunked.py): per row, the sum of the loss terms and, with "
+    "with_grad, dL/dS written in place and the bias and scale gradient sums.";
+FASTCL_EXPORT(siglip_rows_f32, &siglip_rows<float>, kSiglipArguments, kSiglipDoc);
+FASTCL_EXPORT(siglip_rows_f64, &siglip_rows<double>, kSiglipArguments, kSiglipDoc);
 
 }  // namespace fastcl

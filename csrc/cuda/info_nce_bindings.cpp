@@ -1,5 +1,5 @@
-// Python bindings of the CUDA InfoNCE launchers (compiled only with FASTCL_CUDA). Kept out of
-// the .cu file so nvcc never sees pybind11.
+// C exports of the CUDA InfoNCE launchers (compiled only with FASTCL_CUDA), kept out of the .cu
+// file so nvcc compiles kernels only.
 #include "../registry.h"
 #include "info_nce_cuda.h"
 
@@ -11,7 +11,7 @@ namespace {
 cuda::InfoNCEProblem make_problem(std::uintptr_t query, std::uintptr_t key, std::uintptr_t hard, int64_t ld_query,
                                   int64_t ld_key, int64_t hard_row_stride, int64_t hard_slot_stride, int64_t batch,
                                   int64_t num_keys, int64_t num_hard, int64_t dim, std::uintptr_t positive,
-                                  double inv_temperature, bool exclude_self, int64_t column_anchors, int dtype,
+                                  double inv_temperature, bool exclude_self, int64_t column_anchors, int64_t dtype,
                                   std::uintptr_t stream) {
   if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");
   cuda::InfoNCEProblem p;
@@ -35,48 +35,38 @@ cuda::InfoNCEProblem make_problem(std::uintptr_t query, std::uintptr_t key, std:
   return p;
 }
 
+void forward(std::uintptr_t query, std::uintptr_t key, std::uintptr_t hard, int64_t ld_query, int64_t ld_key,
+             int64_t hard_row_stride, int64_t hard_slot_stride, int64_t batch, int64_t num_keys, int64_t num_hard,
+             int64_t dim, std::uintptr_t positive, double inv_temperature, bool exclude_self, int64_t column_anchors,
+             int64_t dtype, std::uintptr_t stream, std::uintptr_t row_stats, std::uintptr_t column_shift,
+             std::uintptr_t column_sums) {
+  cuda::info_nce_forward(make_problem(query, key, hard, ld_query, ld_key, hard_row_stride, hard_slot_stride, batch,
+                                      num_keys, num_hard, dim, positive, inv_temperature, exclude_self, column_anchors,
+                                      dtype, stream),
+                         row_stats, column_shift, column_sums);
+}
+
+void backward(std::uintptr_t query, std::uintptr_t key, std::uintptr_t hard, int64_t ld_query, int64_t ld_key,
+              int64_t hard_row_stride, int64_t hard_slot_stride, int64_t batch, int64_t num_keys, int64_t num_hard,
+              int64_t dim, std::uintptr_t positive, double inv_temperature, bool exclude_self, int64_t column_anchors,
+              int64_t dtype, std::uintptr_t stream, std::uintptr_t row_stats, std::uintptr_t row_weight,
+              std::uintptr_t column_lse, std::uintptr_t column_weight, std::uintptr_t d_query, std::uintptr_t d_key,
+              std::uintptr_t d_hard, std::uintptr_t dtemp) {
+  cuda::info_nce_backward(make_problem(query, key, hard, ld_query, ld_key, hard_row_stride, hard_slot_stride, batch,
+                                       num_keys, num_hard, dim, positive, inv_temperature, exclude_self,
+                                       column_anchors, dtype, stream),
+                          row_stats, row_weight, column_lse, column_weight, d_query, d_key, d_hard, dtemp);
+}
+
 }  // namespace
 
-FASTCL_REGISTER(info_nce_cuda) {
-  namespace py = pybind11;
-  m.def(
-      "info_nce_cuda_forward",
-      [](std::uintptr_t query, std::uintptr_t key, std::uintptr_t hard, int64_t ld_query, int64_t ld_key,
-         int64_t hard_row_stride, int64_t hard_slot_stride, int64_t batch, int64_t num_keys, int64_t num_hard,
-         int64_t dim, std::uintptr_t positive, double inv_temperature, bool exclude_self, int64_t column_anchors,
-         int dtype, std::uintptr_t stream, std::uintptr_t row_stats, std::uintptr_t column_shift,
-         std::uintptr_t column_sums) {
-        cuda::info_nce_forward(make_problem(query, key, hard, ld_query, ld_key, hard_row_stride, hard_slot_stride,
-                                            batch, num_keys, num_hard, dim, positive, inv_temperature, exclude_self,
-                                            column_anchors, dtype, stream),
-                               row_stats, column_shift, column_sums);
-      },
-      "InfoNCE forward on the GPU (see csrc/cuda/info_nce_cuda.h). Pointers are integers; 0 = absent.",
-      py::arg("query"), py::arg("key"), py::arg("hard"), py::arg("ld_query"), py::arg("ld_key"),
-      py::arg("hard_row_stride"), py::arg("hard_slot_stride"), py::arg("batch"), py::arg("num_keys"),
-      py::arg("num_hard"), py::arg("dim"), py::arg("positive"), py::arg("inv_temperature"), py::arg("exclude_self"),
-      py::arg("column_anchors"), py::arg("dtype"), py::arg("stream"), py::arg("row_stats"), py::arg("column_shift"),
-      py::arg("column_sums"));
-  m.def(
-      "info_nce_cuda_backward",
-      [](std::uintptr_t query, std::uintptr_t key, std::uintptr_t hard, int64_t ld_query, int64_t ld_key,
-         int64_t hard_row_stride, int64_t hard_slot_stride, int64_t batch, int64_t num_keys, int64_t num_hard,
-         int64_t dim, std::uintptr_t positive, double inv_temperature, bool exclude_self, int64_t column_anchors,
-         int dtype, std::uintptr_t stream, std::uintptr_t row_stats, std::uintptr_t row_weight,
-         std::uintptr_t column_lse, std::uintptr_t column_weight, std::uintptr_t d_query, std::uintptr_t d_key,
-         std::uintptr_t d_hard, std::uintptr_t dtemp) {
-        cuda::info_nce_backward(make_problem(query, key, hard, ld_query, ld_key, hard_row_stride, hard_slot_stride,
-                                             batch, num_keys, num_hard, dim, positive, inv_temperature, exclude_self,
-                                             column_anchors, dtype, stream),
-                                row_stats, row_weight, column_lse, column_weight, d_query, d_key, d_hard, dtemp);
-      },
-      "InfoNCE backward on the GPU (see csrc/cuda/info_nce_cuda.h). Gradient buffers are fp32 and accumulated.",
-      py::arg("query"), py::arg("key"), py::arg("hard"), py::arg("ld_query"), py::arg("ld_key"),
-      py::arg("hard_row_stride"), py::arg("hard_slot_stride"), py::arg("batch"), py::arg("num_keys"),
-      py::arg("num_hard"), py::arg("dim"), py::arg("positive"), py::arg("inv_temperature"), py::arg("exclude_self"),
-      py::arg("column_anchors"), py::arg("dtype"), py::arg("stream"), py::arg("row_stats"), py::arg("row_weight"),
-      py::arg("column_lse"), py::arg("column_weight"), py::arg("d_query"), py::arg("d_key"), py::arg("d_hard"),
-      py::arg("dtemp"));
-}
+#define FASTCL_INFO_NCE_PROBLEM                                                                          \
+  "query key hard ld_query ld_key hard_row_stride hard_slot_stride batch num_keys num_hard dim positive " \
+  "inv_temperature exclude_self column_anchors dtype stream "
+FASTCL_EXPORT(info_nce_cuda_forward, &forward, FASTCL_INFO_NCE_PROBLEM "row_stats column_shift column_sums",
+              "InfoNCE forward on the GPU (see csrc/cuda/info_nce_cuda.h); pointer 0 means absent.");
+FASTCL_EXPORT(info_nce_cuda_backward, &backward,
+              FASTCL_INFO_NCE_PROBLEM "row_stats row_weight column_lse column_weight d_query d_key d_hard dtemp",
+              "InfoNCE backward on the GPU (see csrc/cuda/info_nce_cuda.h); gradient buffers are fp32 and accumulated.");
 
 }  // namespace fastcl
