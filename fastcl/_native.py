@@ -131,13 +131,14 @@ class NativeLibrary:
 
 class NativeModule:
     """Every loaded kernel as an attribute (``module.info_nce_rows_f32(...)``), with what was
-    loaded: ``cpu_capability``, ``cpu_capabilities`` (built), ``with_openmp``, ``with_cuda``,
-    ``cuda_architectures`` and ``openmp_runtime``."""
+    loaded: ``cpu_capability``, ``cpu_capabilities`` (built), ``cpu_supported`` (built and run
+    by this CPU), ``with_openmp``, ``with_cuda``, ``cuda_architectures`` and ``openmp_runtime``."""
 
-    def __init__(self, cpu: NativeLibrary, built: List[str], openmp_runtime: Optional[str],
+    def __init__(self, cpu: NativeLibrary, built: List[str], supported: List[str], openmp_runtime: Optional[str],
                  cuda: Optional[NativeLibrary], cuda_error: Optional[str]):
         self.cpu_capability = cpu.capability
         self.cpu_capabilities = built
+        self.cpu_supported = supported
         self.with_openmp = cpu.with_openmp
         self.openmp_runtime = openmp_runtime
         self.with_cuda = cuda is not None
@@ -210,11 +211,12 @@ def _load() -> Tuple[Optional[NativeModule], Optional[str], List[str]]:
     try:
         if native_path is not None:
             cpu = NativeLibrary(native_path)
-            built = ["native"]
+            built = supported = ["native"]
         else:
             default = NativeLibrary(_library_path("default")) if "default" in built else None
             if default is None:
                 return None, "fastcl/_kernels_default.so is missing from this install", notes
+            supported = [name for name in built if name == "default" or default.cpu_supports(name)]
             cap, problem = _requested_capability()
             if problem:
                 notes.append(problem)
@@ -224,7 +226,7 @@ def _load() -> Tuple[Optional[NativeModule], Optional[str], List[str]]:
             for capability in reversed(allowed):
                 if capability == "default":
                     break
-                if capability in built and default.cpu_supports(capability):
+                if capability in supported:
                     try:
                         cpu = NativeLibrary(_library_path(capability))
                         break
@@ -244,7 +246,7 @@ def _load() -> Tuple[Optional[NativeModule], Optional[str], List[str]]:
             cuda = NativeLibrary(cuda_path)
         except Exception as error:
             cuda_error = f"{type(error).__name__}: {error}"
-    return NativeModule(cpu, built, openmp, cuda, cuda_error), None, notes
+    return NativeModule(cpu, built, supported, openmp, cuda, cuda_error), None, notes
 
 
 _C, _C_ERROR, _C_NOTES = _load()
