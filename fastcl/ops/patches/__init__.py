@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..._native import backends as _backends
-from ..._native import requested_backend, warn_once
+from ..._native import cuda_device_supported, requested_backend, warn_once
 from . import naive
 from .indexed import gather_patches_indexed
 from .op import gather_patches_backward, gather_patches_forward
@@ -37,10 +37,10 @@ def resolve_gather_backend(backend: str, device: torch.device, dtype: torch.dtyp
     if backend == "auto":
         available = _backends()
         if device.type == "cuda":
-            for name in ("cuda", "triton"):
-                if available[name].available:
-                    return name
-            return "torch"
+            # the native kernels only where a cubin or PTX of theirs runs on this GPU
+            if available["cuda"].available and cuda_device_supported(device)[0]:
+                return "cuda"
+            return "triton" if available["triton"].available else "torch"
         if device.type == "cpu":
             if available["cpu"].available and dtype in (torch.float32, torch.float64):
                 return "cpu"
@@ -51,6 +51,10 @@ def resolve_gather_backend(backend: str, device: torch.device, dtype: torch.dtyp
     requested_backend(backend, device, "images")
     if backend == "cuda" and device.type != "cuda":
         raise ValueError(f"backend='cuda' runs on CUDA tensors, got images on {device}")
+    if backend == "cuda":
+        supported, detail = cuda_device_supported(device)
+        if not supported:
+            raise RuntimeError(f"backend='cuda' cannot run on {device}: {detail}")
     return backend
 
 
