@@ -24,7 +24,7 @@ NATIVE = fastcl.backends()["cpu"].available
 TRITON = fastcl.backends()["triton"].available
 BACKENDS = [
     "torch",
-    pytest.param("cpu", marks=pytest.mark.skipif(not NATIVE, reason="fastcl._C not built")),
+    pytest.param("cpu", marks=pytest.mark.skipif(not NATIVE, reason="native kernels not built")),
     pytest.param("triton", marks=[pytest.mark.triton,
                                   pytest.mark.skipif(not TRITON, reason="triton unavailable (needs CUDA or TRITON_INTERPRET=1)")]),
 ]

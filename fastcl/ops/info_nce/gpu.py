@@ -1,7 +1,7 @@
 """The GPU backends of InfoNCE, registered without importing them.
 
 ``triton`` is registered whenever triton is installed; its kernels module (and triton itself, a
-slow import) loads on the first call. ``cuda`` is registered when ``fastcl._C`` was built with
+slow import) loads on the first call. ``cuda`` is registered when fastcl was built with
 the CUDA kernels. Whether either can run on this machine is :func:`fastcl.backends`'s business
 (``resolve_backend`` asks it).
 

@@ -26,7 +26,7 @@ class NativeKernels(ElementwiseKernels):
     def __init__(self):
         self.module = native_module()
         if self.module is None or not hasattr(self.module, "latent_softmax_forward_f32"):
-            raise RuntimeError("fastcl._C has no latent-attention kernels (rebuild the native module)")
+            raise RuntimeError("the native kernels have no latent-attention functions (rebuild fastcl)")
 
     def softmax_forward(self, scores: torch.Tensor) -> torch.Tensor:
         _check("scores", scores)
