@@ -14,9 +14,12 @@ Passes over the B x N tiles (never stored):
 
 * forward, one pass: an online max / sum per row gives LSE_i. For the symmetric (CLIP) loss
   the *column* sums come out of the same pass, shifted per column and added with atomics. The
-  shift is max(s_jj, norm bound - 80) (see _column_shift), so no term overflows; columns whose sum underflowed are recomputed by a launch the device filters
-  (no host decision). Under torch.use_deterministic_algorithms the key->query direction runs
-  as a pass of its own instead (no atomics).
+  shift is max(s_jj, norm bound - 80) (see _column_shift), so no term overflows; columns whose
+  sum underflowed are recomputed by a launch the device filters (no host decision), over the
+  same query x key tiles the backward kernels recompute: at |s| ~ 1e6 the LSE a gradient is
+  formed against must come from the very similarities, not from the transposed product. Under
+  torch.use_deterministic_algorithms the key->query direction runs as a pass of its own
+  instead (no atomics; its forward and backward both read keys x queries tiles).
   ``pairwise`` needs a second pass (its terms need the finished negative LSE).
 * backward, no atomics: two kernels, each recomputing every tile and forming the gradient of
   *both* directions for it. One owns anchor rows and accumulates d(anchor) and dtau on chip;
@@ -188,13 +191,15 @@ def _private_scores(anchor_ptr, private_ptr, private_scale_ptr, rows, row_valid,
 
 
 @triton.jit
-def _online_update(row_max, row_sum, scores, included):
-    """Fold a (BLOCK_M, BLOCK_N) tile into the running max / sum of exp, only where included."""
+def _online_update(running_max, running_sum, scores, included, AXIS: tl.constexpr):
+    """Fold a (BLOCK_M, BLOCK_N) tile into the running max / sum of exp, only where included:
+    per row (AXIS = 1) or per column (AXIS = 0)."""
     masked = tl.where(included, scores, float("-inf"))
-    new_max = tl.maximum(row_max, tl.max(masked, axis=1))
+    new_max = tl.maximum(running_max, tl.max(masked, axis=AXIS))
     safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # no (-inf) - (-inf)
-    row_sum = row_sum * tl.exp(row_max - safe_max) + tl.sum(tl.exp(masked - safe_max[:, None]), axis=1)
-    return new_max, row_sum
+    running_sum = (running_sum * tl.exp(running_max - safe_max)
+                   + tl.sum(tl.exp(masked - tl.expand_dims(safe_max, AXIS)), axis=AXIS))
+    return new_max, running_sum
 
 
 @triton.jit
@@ -204,6 +209,44 @@ def _online_update_vector(row_max, row_sum, scores, included):
     safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
     row_sum = row_sum * tl.exp(row_max - safe_max) + tl.exp(masked - safe_max)
     return new_max, row_sum
+
+
+@triton.jit
+def _filtered_column_lse(pid, anchor_ptr, candidate_ptr, anchor_scale_ptr, candidate_scale_ptr, positive_raw_ptr,
+                         anchor_label_ptr, candidate_label_ptr, lse_ptr, column_filter_ptr, num_rows, dim,
+                         num_column_anchors, inv_temperature, margin, NORMALIZE: tl.constexpr,
+                         HAS_LABELS: tl.constexpr, HAS_MARGIN: tl.constexpr, CAST_DOT: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    """LSE_j over the anchor rows of the key->query direction, with an online max, for the
+    columns j of block ``pid`` whose column_filter != 0, written to lse_ptr[4 j] (a block with
+    none walks no tile).
+
+    The tiles are the fused pass's and the backward kernels' own (anchors on axis 0, the same
+    blocks), not those of the transposed product keys . anchors: a product's rounding may depend
+    on the operands' order and places in the tile (OpenBLAS's AVX2 kernels under the interpreter
+    do), and one ulp of a similarity of 2e4 is 0.2 in exp(s - LSE) at tau = 0.01. Reduced along
+    axis 0, the scores are bit for bit those the backward kernels form against this LSE."""
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    wanted = tl.load(column_filter_ptr + cols, mask=cols < num_column_anchors, other=0) != 0
+    limit = tl.where(tl.sum(wanted.to(tl.int32), axis=0) > 0, num_rows, 0)
+    candidate_labels = tl.load(candidate_label_ptr + cols, mask=wanted, other=-1) if HAS_LABELS else cols * 0
+    column_positive_raw = tl.load(positive_raw_ptr + cols, mask=wanted, other=0.0) if HAS_MARGIN else cols * 0.0
+    column_max = tl.zeros((BLOCK_N,), dtype=tl.float32) + float("-inf")
+    column_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(0, limit, BLOCK_M):
+        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        row_valid = rows < num_rows
+        anchor_scale = _inverse_norm(anchor_scale_ptr, rows, row_valid, NORMALIZE)
+        raw, _ = _unit_similarity(anchor_ptr, candidate_ptr, candidate_scale_ptr, rows, cols, row_valid, wanted, dim,
+                                  anchor_scale, NORMALIZE, CAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        anchor_labels = tl.load(anchor_label_ptr + rows, mask=row_valid, other=-2) if HAS_LABELS else rows * 0
+        same_label = anchor_labels[:, None] == candidate_labels[None, :]
+        candidate, _ = _column_tile_masks(raw, rows, cols, row_valid, same_label, column_positive_raw, margin,
+                                          num_column_anchors, HAS_LABELS, HAS_MARGIN)
+        column_max, column_sum = _online_update(column_max, column_sum, raw * inv_temperature,
+                                                candidate & wanted[None, :], 0)
+    tl.store(lse_ptr + cols * 4, column_max + tl.log(column_sum), mask=wanted)
 
 
 @tile_kernel("forward", grid_size="num_rows", grid_block="BLOCK_M", reset=["column_stats_ptr"])
@@ -226,87 +269,90 @@ def info_nce_fwd_kernel_rows(
     pairwise STAGE 1: [LSE over negatives, ...]; STAGE 2 (reads column 0): [.., loss, sum of sigmoids, ..]
     FUSED_COLUMNS (symmetric, mask): column_stats (B, 3) += [sum exp(s - shift_j), sum of candidate
     scores, #candidates] over the key->query direction, shift_j = column_shift[j].
-    HAS_FILTER: only the rows with row_filter != 0 are computed and written (a program with none
-    walks no tile): the device-side recompute of underflowed columns, without a host decision.
+    HAS_FILTER (the row direction's pointers, none of the above): the device-side recompute of the
+    fused columns whose shifted sum underflowed (row_filter (B,) int8 != 0), no host decision;
+    program ``pid`` owns columns [pid * BLOCK_N, (pid + 1) * BLOCK_N), see :func:`_filtered_column_lse`.
     inv_temperature is read from device memory (a learnable temperature costs no host sync).
     """
     pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = rows < num_rows
-    inv_temperature = tl.load(inv_temperature_ptr)
-    limit = num_candidates
     if HAS_FILTER:
-        wanted = tl.load(row_filter_ptr + rows, mask=row_valid, other=0) != 0
-        row_valid = row_valid & wanted
-        limit = tl.where(tl.sum(wanted.to(tl.int32), axis=0) > 0, num_candidates, 0)
-    positive, positive_raw, anchor_labels, anchor_scale = _row_inputs(
-        rows, row_valid, positive_ptr, positive_raw_ptr, anchor_label_ptr, anchor_scale_ptr,
-        MODE, NORMALIZE, HAS_LABELS, HAS_MARGIN)
-    row_max = tl.zeros((BLOCK_M,), dtype=tl.float32) + float("-inf")
-    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    positive_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    candidate_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    candidate_count = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    sigma_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    negative_lse = tl.load(row_stats_ptr + rows * 4, mask=row_valid, other=0.0) if STAGE == 2 else rows * 0.0
-
-    for n0 in range(0, limit, BLOCK_N):
-        cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # 64-bit offsets: N * D may pass 2^31
-        col_valid = cols < num_candidates
-        raw, candidate_scale = _unit_similarity(
-            anchor_ptr, candidate_ptr, candidate_scale_ptr, rows, cols, row_valid, col_valid, dim, anchor_scale,
-            NORMALIZE, CAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
-        scores = raw * inv_temperature
-        candidate, is_positive, same_label = _key_tile_masks(
-            raw, rows, cols, row_valid, col_valid, positive, positive_raw, anchor_labels, candidate_label_ptr,
-            margin, MODE, EXCLUDE_SELF, HAS_LABELS, HAS_MARGIN)
-        if MODE == 2:
-            if STAGE == 1:
-                row_max, row_sum = _online_update(row_max, row_sum, scores, candidate & ~is_positive)
-            else:
-                gap = negative_lse[:, None] - scores
-                positive_sum += tl.sum(tl.where(is_positive, softplus(gap), 0.0), axis=1)
-                sigma_sum += tl.sum(tl.where(is_positive, tl.sigmoid(gap), 0.0), axis=1)
-        else:
-            row_max, row_sum = _online_update(row_max, row_sum, scores, candidate)
-            positive_sum += tl.sum(tl.where(is_positive, scores, 0.0), axis=1)
-            if SMOOTHING:
-                candidate_sum += tl.sum(tl.where(candidate, scores, 0.0), axis=1)
-                candidate_count += tl.sum(candidate.to(tl.float32), axis=1)
-        if FUSED_COLUMNS:
-            if n0 < num_column_anchors:
-                column_valid, column_candidate, is_diagonal = _column_terms(
-                    raw, rows, cols, row_valid, same_label, positive_raw_ptr, margin, num_column_anchors,
-                    HAS_LABELS, HAS_MARGIN)
-                shift = tl.load(column_shift_ptr + cols, mask=column_valid, other=0.0)
-                shifted = tl.where(column_candidate, tl.exp(scores - shift[None, :]), 0.0)
-                tl.atomic_add(column_stats_ptr + cols * 3, tl.sum(shifted, axis=0), mask=column_valid)
-                if SMOOTHING:
-                    tl.atomic_add(column_stats_ptr + cols * 3 + 1,
-                                  tl.sum(tl.where(column_candidate, scores, 0.0), axis=0), mask=column_valid)
-                    tl.atomic_add(column_stats_ptr + cols * 3 + 2,
-                                  tl.sum(column_candidate.to(tl.float32), axis=0), mask=column_valid)
-
-    if HAS_PRIVATE:
-        if STAGE == 1:
-            for slot in range(0, num_private):
-                scores_h, candidate_h, _ = _private_scores(
-                    anchor_ptr, private_ptr, private_scale_ptr, rows, row_valid, slot, num_private, dim, anchor_scale,
-                    positive_raw, inv_temperature, margin, NORMALIZE, HAS_MARGIN, BLOCK_M, BLOCK_D)
-                row_max, row_sum = _online_update_vector(row_max, row_sum, scores_h, candidate_h)
-                if SMOOTHING:
-                    candidate_sum += tl.where(candidate_h, scores_h, 0.0)
-                    candidate_count += candidate_h.to(tl.float32)
-
-    if STAGE == 1:
-        lse = row_max + tl.log(row_sum)
-        tl.store(row_stats_ptr + rows * 4, lse, mask=row_valid)
-        tl.store(row_stats_ptr + rows * 4 + 1, positive_sum, mask=row_valid)
-        tl.store(row_stats_ptr + rows * 4 + 2, candidate_sum, mask=row_valid)
-        tl.store(row_stats_ptr + rows * 4 + 3, candidate_count, mask=row_valid)
+        _filtered_column_lse(
+            pid, anchor_ptr, candidate_ptr, anchor_scale_ptr, candidate_scale_ptr, positive_raw_ptr,
+            anchor_label_ptr, candidate_label_ptr, row_stats_ptr, row_filter_ptr, num_rows, dim,
+            num_column_anchors, tl.load(inv_temperature_ptr), margin, NORMALIZE, HAS_LABELS, HAS_MARGIN,
+            CAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
     else:
-        tl.store(row_stats_ptr + rows * 4 + 1, positive_sum, mask=row_valid)
-        tl.store(row_stats_ptr + rows * 4 + 2, sigma_sum, mask=row_valid)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_valid = rows < num_rows
+        inv_temperature = tl.load(inv_temperature_ptr)
+        positive, positive_raw, anchor_labels, anchor_scale = _row_inputs(
+            rows, row_valid, positive_ptr, positive_raw_ptr, anchor_label_ptr, anchor_scale_ptr,
+            MODE, NORMALIZE, HAS_LABELS, HAS_MARGIN)
+        row_max = tl.zeros((BLOCK_M,), dtype=tl.float32) + float("-inf")
+        row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        positive_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        candidate_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        candidate_count = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        sigma_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        negative_lse = tl.load(row_stats_ptr + rows * 4, mask=row_valid, other=0.0) if STAGE == 2 else rows * 0.0
+
+        for n0 in range(0, num_candidates, BLOCK_N):
+            cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # 64-bit offsets: N * D may pass 2^31
+            col_valid = cols < num_candidates
+            raw, candidate_scale = _unit_similarity(
+                anchor_ptr, candidate_ptr, candidate_scale_ptr, rows, cols, row_valid, col_valid, dim, anchor_scale,
+                NORMALIZE, CAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+            scores = raw * inv_temperature
+            candidate, is_positive, same_label = _key_tile_masks(
+                raw, rows, cols, row_valid, col_valid, positive, positive_raw, anchor_labels, candidate_label_ptr,
+                margin, MODE, EXCLUDE_SELF, HAS_LABELS, HAS_MARGIN)
+            if MODE == 2:
+                if STAGE == 1:
+                    row_max, row_sum = _online_update(row_max, row_sum, scores, candidate & ~is_positive, 1)
+                else:
+                    gap = negative_lse[:, None] - scores
+                    positive_sum += tl.sum(tl.where(is_positive, softplus(gap), 0.0), axis=1)
+                    sigma_sum += tl.sum(tl.where(is_positive, tl.sigmoid(gap), 0.0), axis=1)
+            else:
+                row_max, row_sum = _online_update(row_max, row_sum, scores, candidate, 1)
+                positive_sum += tl.sum(tl.where(is_positive, scores, 0.0), axis=1)
+                if SMOOTHING:
+                    candidate_sum += tl.sum(tl.where(candidate, scores, 0.0), axis=1)
+                    candidate_count += tl.sum(candidate.to(tl.float32), axis=1)
+            if FUSED_COLUMNS:
+                if n0 < num_column_anchors:
+                    column_valid, column_candidate, is_diagonal = _column_terms(
+                        raw, rows, cols, row_valid, same_label, positive_raw_ptr, margin, num_column_anchors,
+                        HAS_LABELS, HAS_MARGIN)
+                    shift = tl.load(column_shift_ptr + cols, mask=column_valid, other=0.0)
+                    shifted = tl.where(column_candidate, tl.exp(scores - shift[None, :]), 0.0)
+                    tl.atomic_add(column_stats_ptr + cols * 3, tl.sum(shifted, axis=0), mask=column_valid)
+                    if SMOOTHING:
+                        tl.atomic_add(column_stats_ptr + cols * 3 + 1,
+                                      tl.sum(tl.where(column_candidate, scores, 0.0), axis=0), mask=column_valid)
+                        tl.atomic_add(column_stats_ptr + cols * 3 + 2,
+                                      tl.sum(column_candidate.to(tl.float32), axis=0), mask=column_valid)
+
+        if HAS_PRIVATE:
+            if STAGE == 1:
+                for slot in range(0, num_private):
+                    scores_h, candidate_h, _ = _private_scores(
+                        anchor_ptr, private_ptr, private_scale_ptr, rows, row_valid, slot, num_private, dim, anchor_scale,
+                        positive_raw, inv_temperature, margin, NORMALIZE, HAS_MARGIN, BLOCK_M, BLOCK_D)
+                    row_max, row_sum = _online_update_vector(row_max, row_sum, scores_h, candidate_h)
+                    if SMOOTHING:
+                        candidate_sum += tl.where(candidate_h, scores_h, 0.0)
+                        candidate_count += candidate_h.to(tl.float32)
+
+        if STAGE == 1:
+            lse = row_max + tl.log(row_sum)
+            tl.store(row_stats_ptr + rows * 4, lse, mask=row_valid)
+            tl.store(row_stats_ptr + rows * 4 + 1, positive_sum, mask=row_valid)
+            tl.store(row_stats_ptr + rows * 4 + 2, candidate_sum, mask=row_valid)
+            tl.store(row_stats_ptr + rows * 4 + 3, candidate_count, mask=row_valid)
+        else:
+            tl.store(row_stats_ptr + rows * 4 + 1, positive_sum, mask=row_valid)
+            tl.store(row_stats_ptr + rows * 4 + 2, sigma_sum, mask=row_valid)
 
 
 @triton.jit
@@ -584,14 +630,14 @@ class _Direction:
     fused_columns: int = 0  # B when the key->query direction rides along (symmetric, mask mode)
 
 
-def _flags(direction: _Direction, options: InfoNCEOptions, stage: int, has_filter: bool = False) -> dict:
+def _flags(direction: _Direction, options: InfoNCEOptions, stage: int) -> dict:
     cast, precision = dot_settings(direction.anchors)
     return dict(
         MODE=MODES[options.multi_positive], STAGE=stage, HAS_PRIVATE=direction.private is not None,
         NORMALIZE=options.normalize, EXCLUDE_SELF=direction.exclude_self,
         HAS_LABELS=direction.anchor_labels is not None,
         HAS_MARGIN=options.margin is not None, SMOOTHING=options.label_smoothing > 0,
-        FUSED_COLUMNS=direction.fused_columns > 0, HAS_FILTER=has_filter, CAST_DOT=cast, DOT_PRECISION=precision,
+        FUSED_COLUMNS=direction.fused_columns > 0, HAS_FILTER=False, CAST_DOT=cast, DOT_PRECISION=precision,
     )
 
 
@@ -676,7 +722,7 @@ def _prepare(query, key, hard_negatives, positive, labels, key_labels, options: 
 
 def _column_direction(row: _Direction) -> _Direction:
     """The key->query direction of a symmetric loss as a direction of its own (deterministic
-    mode; the recompute of underflowed columns)."""
+    mode: its forward and backward passes both read the transposed tiles)."""
     batch = row.anchors.shape[0]
     return _Direction(row.candidates[:batch], row.anchors, None,
                       row.candidate_scale[:batch] if row.candidate_scale is not None else None, row.anchor_scale,
@@ -712,10 +758,8 @@ def _column_shift(direction: _Direction, inv_temperature: torch.Tensor) -> torch
     return torch.maximum(diagonal, bound - _SHIFT_HEADROOM).contiguous()
 
 
-def _run_forward(direction: _Direction, options: InfoNCEOptions, inv_temperature: torch.Tensor,
-                 row_filter: Optional[torch.Tensor] = None):
-    """Launch the forward kernel(s). Returns (row_stats (R, 4), column_stats (B, 3) or None, column_shift).
-    ``row_filter`` (R,) int8: only those rows are computed (the others stay 0)."""
+def _run_forward(direction: _Direction, options: InfoNCEOptions, inv_temperature: torch.Tensor):
+    """Launch the forward kernel(s). Returns (row_stats (R, 4), column_stats (B, 3) or None, column_shift)."""
     rows = direction.anchors.shape[0]
     device = direction.anchors.device
     row_stats = torch.zeros(rows, 4, dtype=torch.float32, device=device)
@@ -731,11 +775,31 @@ def _run_forward(direction: _Direction, options: InfoNCEOptions, inv_temperature
         info_nce_fwd_kernel_rows[_grid(rows)](
             *_pointers(direction), row_stats,
             column_shift if column_shift is not None else unused,
-            column_stats if column_stats is not None else unused,
-            row_filter if row_filter is not None else unused,
-            *_sizes(direction), inv_temperature, margin, **_flags(direction, options, stage, row_filter is not None),
+            column_stats if column_stats is not None else unused, unused,
+            *_sizes(direction), inv_temperature, margin, **_flags(direction, options, stage),
         )
     return row_stats, column_stats, column_shift
+
+
+def _recompute_columns(direction: _Direction, options: InfoNCEOptions, inv_temperature: torch.Tensor,
+                       column_filter: torch.Tensor) -> torch.Tensor:
+    """(B,) fp32 LSE of the fused key->query direction for the columns with column_filter != 0
+    (int8, on the device; the others 0), with an online max: one launch, a program per BLOCK_N
+    columns, that walks no tile where its columns need nothing. It reads the row direction's
+    own tiles (see :func:`_filtered_column_lse`), not the transposed product."""
+    batch = direction.fused_columns
+    device = direction.anchors.device
+    column_lse = torch.zeros(batch, 4, dtype=torch.float32, device=device)  # LSE in column 0
+    unused = torch.zeros(1, dtype=torch.float32, device=device)
+    margin = options.margin if options.margin is not None else 0.0
+    # the filtered pass reads only NORMALIZE, HAS_LABELS, HAS_MARGIN and the product settings
+    flags = dict(_flags(direction, options, 1), HAS_PRIVATE=False, EXCLUDE_SELF=False, SMOOTHING=False,
+                 FUSED_COLUMNS=False, HAS_FILTER=True)
+    info_nce_fwd_kernel_rows[lambda meta: (triton.cdiv(batch, meta["BLOCK_N"]),)](
+        *_pointers(direction), column_lse, unused, unused, column_filter,
+        *_sizes(direction), inv_temperature, margin, **flags,
+    )
+    return column_lse[:, 0]
 
 
 def _row_losses(direction: _Direction, row_stats: torch.Tensor, options: InfoNCEOptions) -> torch.Tensor:
@@ -776,9 +840,8 @@ class _Forward:
         # columns whose sum underflowed the shift (or is NaN) are recomputed with an online max, by
         # a launch that does nothing when none did (decided on the device)
         underflowed = ~(shifted_sum >= _UNDERFLOW)
-        recomputed, _, _ = _run_forward(_column_direction(direction), options, inv_temperature,
-                                        row_filter=underflowed.to(torch.int8))
-        lse = torch.where(underflowed, recomputed[:, 0], column_shift + torch.log(shifted_sum))
+        recomputed = _recompute_columns(direction, options, inv_temperature, underflowed.to(torch.int8))
+        lse = torch.where(underflowed, recomputed, column_shift + torch.log(shifted_sum))
         loss = lse - (1.0 - eps) * positive_score
         if eps > 0:
             loss = loss - eps * candidate_sum / candidate_count.clamp_min(1.0)
