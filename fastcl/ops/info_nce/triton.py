@@ -831,12 +831,15 @@ class _Forward:
             self.row_stats.append(row_stats)
             self.losses.append(_row_losses(direction, row_stats, options))
             if column_stats is not None:
-                self._finish_columns(direction, column_stats, column_shift, options, inv_temperature)
+                self._finish_columns(direction, row_stats, column_stats, column_shift, options, inv_temperature)
 
-    def _finish_columns(self, direction, column_stats, column_shift, options, inv_temperature):
+    def _finish_columns(self, direction, row_stats, column_stats, column_shift, options, inv_temperature):
         shifted_sum, candidate_sum, candidate_count = column_stats.unbind(1)
         eps = options.label_smoothing
-        positive_score = direction.positive_raw[:direction.fused_columns] * inv_temperature
+        # column j's positive s_jj is row j's (symmetric: positive = arange): the tile's value, which
+        # the LSE was formed from (pair_dot rounds it differently: at |s| = 1e4 a loss of 0 came out
+        # as -7e-6)
+        positive_score = row_stats[:, 1]
         # columns whose sum underflowed the shift (or is NaN) are recomputed with an online max, by
         # a launch that does nothing when none did (decided on the device)
         underflowed = ~(shifted_sum >= _UNDERFLOW)
