@@ -10,6 +10,7 @@ This module does not import transformers.
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Callable, Optional, Sequence
 
@@ -19,7 +20,7 @@ from ..grad_cache import GradCache
 from ..ops.info_nce import info_nce
 from . import log
 
-__all__ = ["compute_loss_func", "grad_cache_compute_loss"]
+__all__ = ["compute_loss_func", "grad_cache_compute_loss", "accumulation_share"]
 
 
 def _default_embeddings(outputs) -> Sequence[torch.Tensor]:
@@ -32,12 +33,50 @@ def _default_embeddings(outputs) -> Sequence[torch.Tensor]:
     raise TypeError(f"cannot take embeddings from model outputs of type {type(outputs).__name__}: pass embeddings=")
 
 
+def _calling_trainer(depth: int = 8):
+    """The ``transformers.Trainer`` whose ``compute_loss`` called us (a few frames up), or None."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if candidate is not None and hasattr(candidate, "compute_loss_func") and \
+                hasattr(candidate, "current_gradient_accumulation_steps"):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def accumulation_share(labels, num_items_in_batch, trainer=None):
+    """The factor that turns a micro-batch's *mean* loss into what ``transformers.Trainer``
+    expects of a ``compute_loss_func``: a loss already normalized over the whole gradient
+    accumulation window (the Trainer does not divide it by ``gradient_accumulation_steps``).
+
+    With ``num_items_in_batch`` (the batch has ``labels``: the count over the window, and across
+    devices when ``average_tokens_across_devices``), the share of this micro-batch's items, as
+    transformers intends; without it, ``1 / current_gradient_accumulation_steps`` of the Trainer
+    in training mode (1 in evaluation, or where the Trainer divides itself,
+    ``loss_is_scaled_for_ga=False``)."""
+    if num_items_in_batch is not None and labels is not None:
+        local = labels.ne(-100).sum() if isinstance(labels, torch.Tensor) else len(labels)
+        return local / num_items_in_batch
+    if trainer is None or not getattr(getattr(trainer, "model", None), "training", False):
+        return 1.0
+    if getattr(trainer, "loss_is_scaled_for_ga", None) is False:
+        return 1.0
+    return 1.0 / max(1, int(getattr(trainer, "current_gradient_accumulation_steps", 1) or 1))
+
+
 def compute_loss_func(loss_fn: Callable = info_nce, *, embeddings: Optional[Callable] = None, **loss_kwargs):
     """``Trainer(compute_loss_func=fastcl.integrations.transformers.compute_loss_func(...))``.
 
     Returns ``fn(outputs, labels, num_items_in_batch=None)`` computing
-    ``loss_fn(*embeddings(outputs), **loss_kwargs)``. ``embeddings`` maps the model's outputs to
-    the loss's positional tensors (default: the outputs' tensors in order).
+    ``loss_fn(*embeddings(outputs), **loss_kwargs)``, scaled as the Trainer expects of a
+    ``compute_loss_func`` under gradient accumulation (:func:`accumulation_share`): the weights and
+    the logged loss equal those of a ``compute_loss`` override returning the per-batch mean loss,
+    for every ``gradient_accumulation_steps``. ``embeddings`` maps the model's outputs to the
+    loss's positional tensors (default: the outputs' tensors in order). ``loss_fn`` must return
+    the mean over the micro-batch (fastcl's default ``reduction="mean"``).
 
     Example::
 
@@ -50,7 +89,9 @@ def compute_loss_func(loss_fn: Callable = info_nce, *, embeddings: Optional[Call
 
     def fastcl_compute_loss(outputs, labels=None, num_items_in_batch=None):
         log.debug("transformers compute_loss_func: %s", getattr(loss_fn, "__name__", loss_fn))
-        return loss_fn(*take(outputs), **loss_kwargs)
+        share = accumulation_share(labels, num_items_in_batch, _calling_trainer())
+        loss = loss_fn(*take(outputs), **loss_kwargs)
+        return loss if isinstance(share, float) and share == 1.0 else loss * share
 
     return fastcl_compute_loss
 

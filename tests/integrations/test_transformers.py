@@ -116,3 +116,49 @@ def test_grad_cache_under_trainer_equals_plain_without_dropout(tmp_path):
     plain = run(transformers.Trainer, compute_loss_func=compute_loss_func(fastcl.info_nce, **loss_kwargs))
     for a, b in zip(cached, plain):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _train_logged(tmp_path, trainer_cls, accumulation, with_labels, **trainer_kwargs):
+    """Weights and logged losses after 2 optimizer steps of 12 rows, in `accumulation` micro-batches."""
+    model = TwoTower()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2,
+                                          per_device_train_batch_size=12 // accumulation,
+                                          gradient_accumulation_steps=accumulation, learning_rate=0.1, optim="sgd",
+                                          lr_scheduler_type="constant", report_to=[], save_strategy="no",
+                                          remove_unused_columns=False, use_cpu=True, seed=5, logging_steps=1)
+
+    def collate(rows):
+        batch = _collate(rows)
+        if with_labels:
+            batch["labels"] = torch.arange(len(rows))
+        return batch
+
+    trainer = trainer_cls(model=model, args=args, train_dataset=_dataset(), data_collator=collate, **trainer_kwargs)
+    trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return [p.detach().clone() for p in model.parameters()], logged
+
+
+@pytest.mark.parametrize("with_labels", [False, True], ids=["no_labels", "labels"])
+@pytest.mark.parametrize("accumulation", [1, 2, 4])
+def test_compute_loss_func_under_gradient_accumulation_equals_a_compute_loss_override(tmp_path, accumulation,
+                                                                                     with_labels):
+    """transformers does not divide a compute_loss_func loss by the accumulation steps (it passes
+    num_items_in_batch instead): the weights and the logged loss must still be those of an
+    override returning the per-batch mean, at every gradient_accumulation_steps."""
+    loss_kwargs = dict(temperature=0.1, normalize=True)
+
+    class MeanLossTrainer(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = dict(inputs)
+            inputs.pop("labels", None)
+            q, p = model(**inputs)
+            return fastcl.info_nce(q, p, backend="naive", **loss_kwargs)
+
+    ours, ours_logged = _train_logged(tmp_path / "func", transformers.Trainer, accumulation, with_labels,
+                                      compute_loss_func=compute_loss_func(fastcl.info_nce, **loss_kwargs))
+    expected, expected_logged = _train_logged(tmp_path / "override", MeanLossTrainer, accumulation, with_labels)
+    assert len(ours_logged) == len(expected_logged) == 2
+    torch.testing.assert_close(torch.tensor(ours_logged), torch.tensor(expected_logged), rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
