@@ -87,6 +87,9 @@ def _fused_forward(loss, name, embeddings, labels, indices_tuple, ref_emb, ref_l
         labels = _c_f.to_device(labels, embeddings)
     same_set = ref_emb is None
     ref_emb, ref_labels = _c_f.set_ref_emb(embeddings, labels, ref_emb, ref_labels)
+    # The peer drops the (i, i) pairs whenever ref_labels *is* labels (get_matches_and_diffs), also
+    # with a ref_emb of other rows, e.g. loss(v1, y, ref_emb=v2, ref_labels=y): do the same.
+    same_set = same_set or (ref_labels is not None and ref_labels is labels)
     if indices_tuple is None:
         log.debug("%s: fused path (all label pairs)", name)
         if ref_labels is None:  # ref_emb without ref_labels: the peer compares with the labels themselves

@@ -115,3 +115,18 @@ def test_miner_feeds_indices_tuple_in_a_training_loop():
     torch.testing.assert_close(torch.tensor(mine), torch.tensor(theirs), rtol=1e-5, atol=1e-6)
     for a, b in zip(mine_params, their_params):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("aliased", [True, False], ids=["ref_labels_is_labels", "cloned"])
+def test_ref_labels_aliasing_labels_equals_peer(name, aliased):
+    """PML drops the (i, i) pairs when ref_labels is the labels object itself, even with a
+    ref_emb of other rows (two views): with one view per label that leaves no positive."""
+    torch.manual_seed(0)
+    v1 = torch.randn(32, 16)
+    v2 = v1 + 0.3 * torch.randn(32, 16)
+    for y in (torch.arange(32), torch.arange(16).repeat(2)):
+        ref = y if aliased else y.clone()
+        call = _Call((v1, v2), labels=y, ref_labels=ref)
+        mine, theirs = _both(name, {"temperature": 0.07}, call)
+        assert_same(mine, theirs)
