@@ -21,6 +21,10 @@ class MemoryBank(nn.Module):
     ``overflow="wrap"`` (default) writes a batch that runs past the end around to the start;
     ``"drop"`` writes what fits, drops the rest and restarts at slot 0 (lightly 1.6's bank).
 
+    The queue is part of ``state_dict()`` (its rows, labels, indices, fill count and write
+    position), so a checkpoint resumes with the same negatives; a checkpoint saved before the
+    bank was saved loads as an empty bank.
+
     Example::
 
         >>> bank = fastcl.MemoryBank(4096, 128)
@@ -37,9 +41,9 @@ class MemoryBank(nn.Module):
         if overflow not in OVERFLOWS:
             raise ValueError(f"overflow must be one of {OVERFLOWS}, got {overflow!r}")
         self.size, self.dim, self.overflow = size, dim, overflow
-        self.register_buffer("embeddings", torch.zeros(size, dim, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.int64, device=device), persistent=False)
-        self.register_buffer("indices", torch.full((size,), -1, dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("embeddings", torch.zeros(size, dim, dtype=dtype, device=device))
+        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.int64, device=device))
+        self.register_buffer("indices", torch.full((size,), -1, dtype=torch.int64, device=device))
         self.count = 0  # filled slots
         self.pointer = 0  # next slot to write
         self.has_labels = False
@@ -47,6 +51,26 @@ class MemoryBank(nn.Module):
 
     def __len__(self) -> int:
         return self.count
+
+    def get_extra_state(self) -> dict:
+        return {"count": self.count, "pointer": self.pointer, "has_labels": self.has_labels,
+                "has_indices": self.has_indices, "overflow": self.overflow}
+
+    def set_extra_state(self, state: dict) -> None:
+        count, pointer = int(state["count"]), int(state["pointer"])
+        if not (0 <= count <= self.size and 0 <= pointer < self.size):
+            raise ValueError(f"MemoryBank state has count {count} / pointer {pointer} for a bank of size {self.size}")
+        self.count, self.pointer = count, pointer
+        self.has_labels, self.has_indices = bool(state["has_labels"]), bool(state["has_indices"])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        names = ("embeddings", "labels", "indices", "_extra_state")
+        if not any(prefix + name in state_dict for name in names):
+            self.reset()  # a checkpoint from before the queue was saved: start empty
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def negatives(self) -> torch.Tensor:
         """The filled rows, a view (no copy): (count, dim)."""

@@ -50,8 +50,24 @@ class NTXentLoss(nn.Module):
         self.memory_bank_size = memory_bank_size
         self.bank = None
         self._peer = None
+        self.cross_entropy = nn.CrossEntropyLoss(reduction="mean")  # as lightly's (the fused path does not use it)
         if size[0] > 0 and len(size) == 2:
             self.bank = self._new_bank(size[0], size[1])
+
+    @property
+    def memory_bank(self) -> Optional[MemoryBank]:
+        """The bank of negatives (a :class:`fastcl.MemoryBank`, not lightly's ``MemoryBankModule``:
+        its rows are ``memory_bank.negatives()``), or None before the first batch sets its width."""
+        return self.bank
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # a bank whose width came from the first batch: make it before its saved rows load into it
+        saved = state_dict.get(prefix + "bank.embeddings")
+        if self.bank is None and saved is not None:
+            self.bank = MemoryBank(saved.shape[0], saved.shape[1], overflow="drop").to(saved.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @staticmethod
     def _new_bank(size: int, dim: int) -> MemoryBank:

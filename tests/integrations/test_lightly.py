@@ -94,3 +94,19 @@ def test_simclr_loop_with_bank_equals_peer(peer):
     torch.testing.assert_close(torch.tensor(mine), torch.tensor(theirs), rtol=1e-5, atol=1e-6)
     for a, b in zip(my_params, their_params):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("memory_bank_size", [12, (12, 8)], ids=["int", "size_dim"])
+def test_memory_bank_survives_a_checkpoint(memory_bank_size):
+    """state_dict holds the bank (also one whose width came from the first batch), so a resumed
+    loss sees the same negatives as the one that kept training."""
+    torch.manual_seed(0)
+    loss = ours.NTXentLoss(memory_bank_size=memory_bank_size)
+    for _ in range(3):
+        loss(torch.randn(5, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True))
+    assert loss.memory_bank is loss.bank and len(loss.bank) == 12
+    resumed = ours.NTXentLoss(memory_bank_size=memory_bank_size)
+    resumed.load_state_dict(loss.state_dict())
+    out0, out1 = torch.randn(5, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True)
+    torch.testing.assert_close(resumed(out0, out1), loss(out0, out1))
+    torch.testing.assert_close(resumed.bank.negatives(), loss.bank.negatives())

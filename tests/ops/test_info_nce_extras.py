@@ -137,3 +137,30 @@ def test_bad_extra_arguments_raise():
         fastcl.info_nce(q, k, labels=torch.arange(4), key_labels=torch.arange(4), multi_positive="supcon", return_stats=True)
     with pytest.raises(ValueError, match="size"):
         fastcl.MemoryBank(0, 3)
+
+
+def test_memory_bank_state_dict_resumes_the_same_queue():
+    torch.manual_seed(0)
+    bank = fastcl.MemoryBank(7, 3)
+    for rows in (4, 5):
+        bank.push(torch.randn(rows, 3), labels=torch.arange(rows))
+    state = bank.state_dict()
+    assert set(state) == {"embeddings", "labels", "indices", "_extra_state"}
+    resumed = fastcl.MemoryBank(7, 3)
+    resumed.load_state_dict(state)
+    assert (len(resumed), resumed.pointer) == (len(bank), bank.pointer) == (7, 2)
+    torch.testing.assert_close(resumed.negatives(), bank.negatives())
+    torch.testing.assert_close(resumed.filled_labels(), bank.filled_labels())
+    assert resumed.filled_indices() is None
+    more = torch.randn(3, 3)
+    bank.push(more)
+    resumed.push(more)
+    torch.testing.assert_close(resumed.negatives(), bank.negatives())
+    # a checkpoint from before the queue was saved loads as an empty bank, strict or not
+    holder = torch.nn.Module()
+    holder.bank = fastcl.MemoryBank(7, 3)
+    holder.bank.push(torch.randn(2, 3))
+    holder.load_state_dict({})
+    assert len(holder.bank) == 0
+    with pytest.raises(ValueError, match="count 9"):
+        fastcl.MemoryBank(7, 3).load_state_dict({**state, "_extra_state": {**state["_extra_state"], "count": 9}})
