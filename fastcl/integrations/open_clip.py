@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed as _fastcl_distributed
@@ -59,9 +60,55 @@ class ClipLoss(nn.Module):
         if use_horovod:
             raise NotImplementedError("fastcl's ClipLoss does not support use_horovod=True (horovod); use torch.distributed")
 
+    def get_ground_truth(self, device, num_logits) -> torch.Tensor:
+        """open_clip's targets: 0..num_logits-1, offset by this rank's rows under local_loss."""
+        if self.prev_num_logits != num_logits or device not in self.labels:
+            labels = torch.arange(num_logits, device=device, dtype=torch.long)
+            if self.world_size > 1 and self.local_loss:
+                labels = labels + num_logits * self.rank
+            if self.cache_labels:
+                self.labels[device] = labels
+                self.prev_num_logits = num_logits
+        else:
+            labels = self.labels[device]
+        return labels
+
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        """(logits_per_image, logits_per_text) as open_clip forms them (materialized: for logging
+        or subclasses; the loss itself never builds them unless a subclass overrides this)."""
+        if self.world_size > 1:
+            if self.gather_with_grad:
+                images = _fastcl_distributed.all_gather_rows(image_features)
+                texts = _fastcl_distributed.all_gather_rows(text_features)
+            else:
+                images = _gather_without_grad(image_features, self.rank, self.world_size, not self.local_loss)
+                texts = _gather_without_grad(text_features, self.rank, self.world_size, not self.local_loss)
+            if self.local_loss:
+                per_image = logit_scale * image_features @ texts.T
+                per_text = logit_scale * text_features @ images.T
+            else:
+                per_image = logit_scale * images @ texts.T
+                per_text = per_image.T
+        else:
+            per_image = logit_scale * image_features @ text_features.T
+            per_text = logit_scale * text_features @ image_features.T
+        if logit_bias is not None:
+            per_image, per_text = per_image + logit_bias, per_text + logit_bias
+        return per_image, per_text
+
+    def _overridden(self) -> bool:
+        return type(self).get_logits is not ClipLoss.get_logits or \
+            type(self).get_ground_truth is not ClipLoss.get_ground_truth
+
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
         if self.use_horovod:
             raise NotImplementedError("fastcl's ClipLoss does not support use_horovod=True (horovod); use torch.distributed")
+        if self._overridden():  # a subclass's own logits or targets: open_clip's materialized loss over them
+            log.debug("ClipLoss: materialized path (get_logits / get_ground_truth overridden)")
+            per_image, per_text = self.get_logits(image_features, text_features, logit_scale, logit_bias)
+            labels = self.get_ground_truth(image_features.device, per_image.shape[0])
+            loss = (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
+            return {"contrastive_loss": loss} if output_dict else loss
         if self.world_size > 1:
             loss = self._distributed(image_features, text_features, logit_scale)
         else:
@@ -106,7 +153,31 @@ class SigLipLoss(nn.Module):
         self.prev_num_logits = 0
         self.labels = {}
 
+    def get_ground_truth(self, device, dtype, num_logits, negative_only=False) -> torch.Tensor:
+        """open_clip's targets: +1 on the diagonal, -1 elsewhere (-1 everywhere with negative_only)."""
+        labels = -torch.ones((num_logits, num_logits), device=device, dtype=dtype)
+        if not negative_only:
+            labels = 2 * torch.eye(num_logits, device=device, dtype=dtype) + labels
+        return labels
+
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        """logit_scale * image_features @ text_features.T + logit_bias (materialized, as open_clip's)."""
+        logits = logit_scale * image_features @ text_features.T
+        if logit_bias is not None:
+            logits = logits + logit_bias
+        return logits
+
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict=False):
+        if type(self).get_logits is not SigLipLoss.get_logits or \
+                type(self).get_ground_truth is not SigLipLoss.get_ground_truth:
+            if self.world_size > 1:
+                raise NotImplementedError("SigLipLoss with get_logits / get_ground_truth overridden runs in one "
+                                          "process only; use open_clip's own SigLipLoss for world_size > 1")
+            log.debug("SigLipLoss: materialized path (get_logits / get_ground_truth overridden)")
+            logits = self.get_logits(image_features, text_features, logit_scale, logit_bias)
+            labels = self.get_ground_truth(image_features.device, image_features.dtype, image_features.shape[0])
+            loss = -F.logsigmoid(labels * logits).sum() / image_features.shape[0]
+            return {"contrastive_loss": loss} if output_dict else loss
         if self.world_size > 1:
             log.debug("SigLipLoss: fused path (fastcl.distributed.siglip_loss, dist_impl=%s)", self.dist_impl)
             loss = _fastcl_distributed.siglip_loss(image_features, text_features, logit_scale, logit_bias)
@@ -119,15 +190,27 @@ class SigLipLoss(nn.Module):
 _REPLACED = {"ClipLoss": ClipLoss, "SigLipLoss": SigLipLoss}
 
 
+# (module, name) -> [open_clip's own class, number of live patch handles]: handles may be undone
+# in any order, and the originals come back only when the last one is.
+_ORIGINALS: dict = {}
+
+
 class _Patch:
-    """What :func:`patch_open_clip` replaced; ``undo()`` (or leaving a ``with`` block) restores it."""
+    """What :func:`patch_open_clip` replaced; ``undo()`` (or leaving a ``with`` block) restores it
+    once every handle has been undone, in whatever order."""
 
     def __init__(self, saved):
         self.saved = saved
 
     def undo(self) -> None:
-        for module, name, value in reversed(self.saved):
-            setattr(module, name, value)
+        for module, name in reversed(self.saved):
+            entry = _ORIGINALS.get((module, name))
+            if entry is None:
+                continue
+            entry[1] -= 1
+            if entry[1] == 0:
+                setattr(module, name, entry[0])
+                del _ORIGINALS[(module, name)]
         self.saved = []
 
     def __enter__(self):
@@ -178,6 +261,8 @@ def patch_open_clip(module=None) -> _Patch:
     for target in targets:
         for name, replacement in _REPLACED.items():
             if hasattr(target, name):
-                saved.append((target, name, getattr(target, name)))
+                entry = _ORIGINALS.setdefault((target, name), [getattr(target, name), 0])
+                entry[1] += 1
+                saved.append((target, name))
                 setattr(target, name, replacement)
     return _Patch(saved)

@@ -74,6 +74,47 @@ def test_patch_open_clip_swaps_and_undoes(peer):
     assert peer.ClipLoss is original[0]
 
 
+def test_patch_handles_undone_in_any_order_restore_the_originals(peer):
+    original = peer.ClipLoss, peer.SigLipLoss
+    first, second = ours.patch_open_clip(peer), ours.patch_open_clip(peer)
+    first.undo()
+    assert peer.ClipLoss is ours.ClipLoss  # the second handle is still live
+    second.undo()
+    assert (peer.ClipLoss, peer.SigLipLoss) == original
+    first, second = ours.patch_open_clip(peer), ours.patch_open_clip(peer)
+    second.undo()
+    first.undo()
+    first.undo()  # a second undo of the same handle changes nothing
+    assert (peer.ClipLoss, peer.SigLipLoss) == original
+
+
+@pytest.mark.parametrize("name", ["ClipLoss", "SigLipLoss"])
+def test_get_logits_and_ground_truth_equal_peer(peer, name):
+    image, text = _features(9)
+    scale, bias = torch.tensor(14.3), torch.tensor(-2.0)
+    mine, theirs = getattr(ours, name)(), getattr(peer, name)()
+    torch.testing.assert_close(mine.get_logits(image, text, scale, bias), theirs.get_logits(image, text, scale, bias))
+    args = (image.device, 9) if name == "ClipLoss" else (image.device, image.dtype, 9)
+    torch.testing.assert_close(mine.get_ground_truth(*args), theirs.get_ground_truth(*args))
+
+
+@pytest.mark.parametrize("name", ["ClipLoss", "SigLipLoss"])
+def test_subclass_overriding_get_logits_is_honoured(peer, name):
+    """A user's subclass that changes the logits gets the loss over its logits, as with open_clip."""
+    image, text = _features(11)
+    tensors = [image, text, torch.tensor(10.0), torch.tensor(-3.0)]
+
+    def subclass(base):
+        class Shifted(base):
+            def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+                return super().get_logits(image_features, text_features, 0.5 * logit_scale, logit_bias)
+
+        return Shifted
+
+    assert_same(loss_and_grads(lambda *t: subclass(getattr(ours, name))()(*t), *tensors),
+                loss_and_grads(lambda *t: subclass(getattr(peer, name))()(*t), *tensors))
+
+
 class _TinyClip(torch.nn.Module):
     """open_clip's model shape: two towers, normalized features, a learnable log scale."""
 
