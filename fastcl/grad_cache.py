@@ -371,9 +371,10 @@ class GradCache:
             raise ValueError("loss_fn returned a loss that does not depend on the representations (no grad_fn)")
         return loss
 
-    def _replay(self, run: "_Run", rep_grads, scale=None) -> None:
+    def _replay(self, run: "_Run", rep_grads, scale=None, resume: Optional[_RandomState] = None) -> None:
         """Phase 3: replay every chunk with autograd and push its cached gradient (times
-        ``scale``) into the encoder. A DDP module all-reduces only on the backward of its last chunk."""
+        ``scale``) into the encoder. A DDP module all-reduces only on the backward of its last chunk.
+        The random stream then continues from ``resume`` (default: as if each chunk had run once)."""
         last_use: Dict[int, Tuple[int, int]] = {}
         for index, (encoder, chunks) in enumerate(zip(run.encoders, run.plans)):
             last_use[id(encoder)] = (index, len(chunks) - 1)
@@ -392,8 +393,7 @@ class GradCache:
                                     grad = grad * scale.to(device=grad.device, dtype=grad.dtype)
                                 rep.backward(gradient=grad.to(rep.dtype))
         finally:
-            # continue the random stream as if each chunk had run once
-            run.state_after_forward.restore()
+            (resume or run.state_after_forward).restore()
 
     def loss(self, *inputs, **loss_kwargs) -> torch.Tensor:
         """Deferred mode, for a loop that calls ``loss.backward()`` itself (HF ``Trainer``,
@@ -402,9 +402,12 @@ class GradCache:
         Encodes the chunks without autograd and computes the loss and dL/d(representations)
         now; returns the loss as a tensor whose ``backward()`` replays the chunks with autograd
         and pushes the cached gradients, times the incoming gradient (a loss scaler's factor,
-        a division by the accumulation steps), into the encoder's parameters. Tensors among the
-        loss keywords that require grad (a learnable temperature) get their gradient in that
-        same backward. Without grad mode it returns the plain detached loss.
+        a division by the accumulation steps), into the encoder's parameters. Every other leaf
+        the loss depends on (a learnable temperature among the loss keywords, or held by a loss
+        module such as ``InfoNCELoss(learnable_temperature=True)``) gets its gradient in that same
+        backward. The random stream after ``backward()`` continues from where it was when
+        ``backward()`` began (numbers drawn in between are not drawn again). Without grad mode it
+        returns the plain detached loss.
 
         Example::
 
@@ -417,8 +420,8 @@ class GradCache:
         if not torch.is_grad_enabled():
             return self.loss_fn(*run.reps, **kwargs)
         leaves = [rep.detach().requires_grad_() for rep in run.reps]
-        extra = [value for value in kwargs.values() if isinstance(value, torch.Tensor) and value.requires_grad]
         loss = self._checked_loss(leaves, kwargs)
+        extra = _graph_leaves(loss, exclude=leaves)  # learnable temperatures, wherever they live
         grads = torch.autograd.grad(loss.reshape(()), leaves + extra, allow_unused=True)
         rep_grads = [g if g is not None else torch.zeros_like(leaf) for g, leaf in zip(grads, leaves)]
         extra_grads = list(grads[len(leaves):])
@@ -426,11 +429,14 @@ class GradCache:
         run.reps = None
         result = loss.detach().reshape(()).requires_grad_()
 
+        cuda_devices = list(run.state_after_forward.cuda)
+
         def replay(grad_output):
+            now = _RandomState(cuda_devices)
             pairs = [(t, g * grad_output.to(g.dtype)) for t, g in zip(extra, extra_grads) if g is not None]
             if pairs:
                 torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
-            self._replay(run, rep_grads, grad_output.reshape(()))
+            self._replay(run, rep_grads, grad_output.reshape(()), resume=now)
             return grad_output
 
         result.register_hook(replay)

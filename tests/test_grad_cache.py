@@ -286,3 +286,36 @@ def test_zero_row_inputs_raise_clear_error():
         cache.step(batch(0, 1), batch(0, 2))
     with pytest.raises(ValueError, match=r"inputs\[1\] has 0 rows"):
         cache.step(batch(3, 1), batch(0, 2))
+
+
+def test_deferred_loss_gives_a_loss_module_temperature_its_gradient():
+    """GradCache.loss() with loss_fn = InfoNCELoss(learnable_temperature=True): the module's
+    logit scale gets the same gradient as a full-batch backward (and as step())."""
+    queries, keys = batch(10, 20), batch(10, 21)
+    encoder = Encoder()
+    criterion = fastcl.InfoNCELoss(learnable_temperature=True, normalize=True)
+    (0.5 * criterion(encoder(queries), encoder(keys))).backward()
+    expected = grads_of(encoder, criterion)
+    zero(encoder, criterion)
+    cache = fastcl.GradCache(encoder, chunk_size=4, loss_fn=criterion)
+    (0.5 * cache.loss(queries, keys)).backward()
+    assert all(p.grad is not None for p in criterion.parameters())
+    assert_grads_close(grads_of(encoder, criterion), expected)
+    zero(encoder, criterion)
+    cache.step(queries, keys)
+    assert_grads_close([0.5 * g for g in grads_of(encoder, criterion)], expected)
+
+
+def test_deferred_backward_continues_the_random_stream():
+    """Numbers drawn between loss() and backward() are not drawn again after backward()."""
+    cache = fastcl.GradCache(Encoder(dropout=0.3), chunk_size=4)
+    torch.manual_seed(3)
+    loss = cache.loss(batch(10, 22), batch(10, 23))
+    state = torch.get_rng_state()
+    drawn_before = torch.rand(4)
+    loss.backward()
+    drawn_after = torch.rand(4)
+    torch.set_rng_state(state)
+    torch.rand(4)
+    torch.testing.assert_close(drawn_after, torch.rand(4))
+    assert not torch.equal(drawn_before, drawn_after)
