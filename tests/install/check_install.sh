@@ -13,8 +13,8 @@ cd "$(dirname "$0")/../.."
 root=$PWD
 python=${1:-python3}
 torch_pins=${2:-torch==2.13.0}
-wheel=$(ls dist/fastcl-*.whl | head -1)
-sdist=$(ls dist/fastcl-*.tar.gz | head -1)
+wheel=$(ls "$root"/dist/fastcl-*.whl | head -1)
+sdist=$(ls "$root"/dist/fastcl-*.tar.gz | head -1)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 smoke="$root/tests/install/smoke.py"
@@ -67,7 +67,7 @@ log "4. the sdist without a C++ compiler"
 "$work/fallback/bin/pip" install -q $torch_pins
 "$work/fallback/bin/pip" install -q scikit-build-core cmake ninja
 CC=/nonexistent/cc CXX=/nonexistent/c++ CMAKE_ARGS="-DCMAKE_CXX_COMPILER=/nonexistent/c++" \
-  "$work/fallback/bin/pip" install -v --no-deps --no-build-isolation "$root/$sdist" > "$work/fallback.log" 2>&1 \
+  "$work/fallback/bin/pip" install -v --no-deps --no-build-isolation "$sdist" > "$work/fallback.log" 2>&1 \
   || { cat "$work/fallback.log"; echo "the sdist did not install without a compiler" >&2; exit 1; }
 grep -q "pure-Python package" "$work/fallback.log" || { cat "$work/fallback.log"; echo "no fallback message" >&2; exit 1; }
 if ls "$work"/fallback/lib/python*/site-packages/fastcl/_kernels_* >/dev/null 2>&1; then
