@@ -110,6 +110,8 @@ def _bank_loss(anchors, pair, bank: MemoryBank, temperature: float) -> torch.Ten
     negatives = bank.negatives()
     if negatives.dtype != dtype:
         negatives = negatives.to(dtype)
+    elif torch.is_grad_enabled():
+        negatives = negatives.clone()  # the bank is pushed to next; a create_graph backward re-reads these rows
     segments = [Segment(anchors.to(dtype), pair.to(dtype), PAIRED), Segment(anchors.to(dtype), negatives, SHARED)]
     return segmented_loss(segments, SegmentOptions(None), torch.tensor(float(temperature), dtype=torch.float64))
 

@@ -110,3 +110,22 @@ def test_memory_bank_survives_a_checkpoint(memory_bank_size):
     out0, out1 = torch.randn(5, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True)
     torch.testing.assert_close(resumed(out0, out1), loss(out0, out1))
     torch.testing.assert_close(resumed.bank.negatives(), loss.bank.negatives())
+
+
+def test_second_order_through_the_bank_equals_peer(peer):
+    """Hessian-vector products of the loss with a memory bank (create_graph=True), as lightly's."""
+    results = []
+    for module in (ours, peer):
+        torch.manual_seed(0)
+        loss_fn = module.NTXentLoss(temperature=0.3, memory_bank_size=(20, 8))
+        generator = torch.Generator().manual_seed(4)
+        for _ in range(2):  # fill part of the bank with real rows first
+            loss_fn(torch.randn(6, 8, generator=generator, requires_grad=True), torch.randn(6, 8, generator=generator))
+        out0 = torch.randn(6, 8, generator=generator).requires_grad_()
+        out1 = torch.randn(6, 8, generator=generator).requires_grad_()
+        vectors = (torch.randn(6, 8, generator=generator), torch.randn(6, 8, generator=generator))
+        grads = torch.autograd.grad(loss_fn(out0, out1), (out0, out1), create_graph=True)
+        product = sum((g * v).sum() for g, v in zip(grads, vectors))
+        results.append(torch.autograd.grad(product, (out0, out1)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

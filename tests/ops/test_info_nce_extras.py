@@ -164,3 +164,35 @@ def test_memory_bank_state_dict_resumes_the_same_queue():
     assert len(holder.bank) == 0
     with pytest.raises(ValueError, match="count 9"):
         fastcl.MemoryBank(7, 3).load_state_dict({**state, "_extra_state": {**state["_extra_state"], "count": 9}})
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("case", [c for c in sorted(CASES) if not c.startswith("stats")])
+def test_second_order_equals_reference(case, normalize, reduction, small_blocks):
+    """Hessian-vector products through memory_bank= / guide= (gradient penalties, HVPs): exact,
+    also when the bank is pushed to between the loss and the double backward."""
+    q, k, labels, key_labels, generator = _inputs(1)
+    bank = _bank(generator)
+    kwargs = {**CASES[case](generator, labels, key_labels, bank), "normalize": normalize}
+    temperature = torch.tensor(0.3, dtype=torch.float64)
+    weight = torch.randn(B, dtype=torch.float64, generator=generator) if reduction == "none" else torch.tensor(1.7, dtype=torch.float64)
+    vectors = [torch.randn_like(q), torch.randn_like(k), torch.tensor(0.4, dtype=torch.float64)]
+    results = []
+    for fn in (fastcl.info_nce, naive.info_nce_extras):
+        leaves = [t.clone().requires_grad_() for t in (q, k, temperature)]
+        loss = fn(leaves[0], leaves[1], temperature=leaves[2], reduction=reduction,
+                  **(kwargs if fn is fastcl.info_nce else _reference_kwargs(kwargs)))
+        if fn is naive.info_nce_extras:
+            loss = loss[0]  # (loss, stats)
+        if fn is fastcl.info_nce and isinstance(kwargs.get("memory_bank"), fastcl.MemoryBank):
+            reference_rows = bank.negatives().clone()
+            bank.push(torch.randn(3, D, dtype=torch.float64, generator=generator))  # as a training loop does
+        grads = torch.autograd.grad((loss * weight).sum(), leaves, create_graph=True)
+        product = sum((g * v).sum() for g, v in zip(grads, vectors))
+        results.append(torch.autograd.grad(product, leaves))
+        if fn is fastcl.info_nce and isinstance(kwargs.get("memory_bank"), fastcl.MemoryBank):
+            bank.embeddings[: bank.count] = reference_rows  # the reference reads the rows the loss saw
+            bank.pointer = (bank.pointer - 3) % bank.size
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)

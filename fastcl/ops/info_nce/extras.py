@@ -98,7 +98,10 @@ def _directions(query, key, hard_negatives, positive, labels, key_labels, option
     if h is not None:
         rows.append(Segment(q, h, PRIVATE))
     if bank is not None and bank.shape[0] > 0:
-        bank_values = bank.detach()
+        # a copy where autograd may come back for it: the bank is pushed to right after the loss,
+        # and a create_graph backward recomputes the loss from these rows (O(M * D), against the
+        # O(B * M * D) of the loss itself)
+        bank_values = bank.detach().clone() if differentiable and torch.is_grad_enabled() else bank.detach()
         scale = None
         if bank_values.dtype != dtype:
             bank_values = bank_values.to(dtype)

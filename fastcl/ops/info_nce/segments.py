@@ -28,7 +28,7 @@ The driver is pure PyTorch (any device); memory O(B * D) plus one block of logit
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence
 
 import torch
@@ -209,9 +209,46 @@ def _gradient_buffers(segments, needs):
     return buffers
 
 
+def differentiable_loss(segments: Sequence[Segment], options: SegmentOptions, temperature: torch.Tensor,
+                        reduction: str, divisor: float) -> torch.Tensor:
+    """The same loss in plain differentiable PyTorch, all rows at once (the logits materialized):
+    what a double backward differentiates. Masks come from the same rules, on detached values."""
+    rows = segments[0].anchors.shape[0]
+    device = segments[0].anchors.device
+    if segments[0].kind == PAIRED:
+        positive_column = torch.zeros(rows, dtype=torch.int64, device=device)
+    else:
+        positive_column = options.positive
+    state = {"margin": options.margin, "guide_margin": options.guide_margin, "guide_relative": options.guide_relative}
+    parts, positive_raw = [], None
+    for index, segment in enumerate(segments):
+        if segment.kind == SHARED:
+            raw = segment.anchors @ segment.candidates.T
+            if segment.candidate_scale is not None:
+                raw = raw * segment.candidate_scale[None, :]
+        elif segment.kind == PAIRED:
+            raw = (segment.anchors * segment.candidates).sum(1, keepdim=True)
+        else:
+            raw = torch.bmm(segment.candidates, segment.anchors[:, :, None])[:, :, 0]
+        guide = None
+        if segment.guide_anchors is not None:
+            guide = _similarity(segment.guide_anchors, segment.guide_candidates, segment.kind, 0, rows)
+        drop = _segment_drop(segment, index, raw.detach(), guide, 0, rows, positive_column, state)
+        if index == 0:
+            positive_raw = raw.gather(1, positive_column[:, None])[:, 0]
+        logits = raw / temperature
+        parts.append(logits if drop is None else logits.masked_fill(drop, float("-inf")))
+    loss = torch.logsumexp(torch.cat(parts, dim=1), dim=1) - positive_raw / temperature
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.sum() / divisor
+
+
 class _SegmentedLoss(torch.autograd.Function):
     """Scalar reductions: gradients computed in the forward pass (a memory bank may change
-    right after the call); ``reduction="none"``: recomputed in backward with the row weights."""
+    right after the call); ``reduction="none"``: recomputed in backward with the row weights.
+    Under ``create_graph=True`` the backward differentiates :func:`differentiable_loss` instead,
+    so second-order gradients (Hessian-vector products, gradient penalties) are exact."""
 
     @staticmethod
     def forward(ctx, spec, temperature, *tensors):
@@ -233,6 +270,7 @@ class _SegmentedLoss(torch.autograd.Function):
             loss, _, statistics = run_segments(segments, options, inv_temperature, None, None, stats)
             ctx.unit_grads = None
         ctx.spec = spec
+        ctx.save_for_backward(temperature, *tensors)
         ctx.inv_temperature = inv_temperature
         ctx.temperature_meta = (temperature.shape, temperature.dtype, temperature.device)
         ctx.needs = needs
@@ -249,6 +287,8 @@ class _SegmentedLoss(torch.autograd.Function):
     def backward(ctx, grad_output):
         segments, options, reduction = ctx.spec[:3]
         shape, t_dtype, t_device = ctx.temperature_meta
+        if torch.is_grad_enabled():  # create_graph=True: gradients with a graph of their own
+            return (None, *_differentiable_gradients(ctx, grad_output))
         if ctx.unit_grads is not None:
             scale = grad_output.reshape(())
             grads = [None if g is None else g * scale.to(g.dtype) for g in ctx.unit_grads]
@@ -264,6 +304,23 @@ class _SegmentedLoss(torch.autograd.Function):
             dtemp = -dtemp * ctx.inv_temperature
         dtemp = dtemp.to(device=t_device, dtype=t_dtype).reshape(shape)
         return (None, dtemp, *grads)
+
+
+def _differentiable_gradients(ctx, grad_output):
+    from .double_backward import reference_gradients
+
+    segments, options, reduction, divisor = ctx.spec[:4]
+    temperature, *tensors = ctx.saved_tensors
+
+    def loss_of(temperature, *tensors):
+        pieces = iter(tensors)
+        rebuilt = [replace(segment, anchors=next(pieces), candidates=next(pieces)) for segment in segments]
+        return differentiable_loss(rebuilt, options, temperature, reduction, divisor)
+
+    grads = reference_gradients(loss_of, [temperature, *tensors], grad_output)
+    if not ctx.needs_input_grad[1]:
+        grads[0] = None
+    return [g if ctx.needs_input_grad[1 + index] else None for index, g in enumerate(grads)]
 
 
 def segmented_loss(segments: Sequence[Segment], options: SegmentOptions, temperature: torch.Tensor,
