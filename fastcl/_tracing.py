@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-__all__ = ["is_compiling", "plain_eager", "lazy_dynamo_disable"]
+__all__ = ["is_compiling", "functorch_active", "plain_eager", "lazy_dynamo_disable"]
 
 
 def is_compiling() -> bool:
@@ -21,11 +21,23 @@ def is_compiling() -> bool:
     return compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling()
 
 
+def functorch_active() -> bool:
+    """Inside a ``torch.func`` transform (grad, vmap, jacrev, jvp, functional_call's callers):
+    tensors are wrapped, data-dependent Python branches break vmap, and the fused kernels'
+    autograd (custom ops) does not compose with the transforms. False while torch.compile
+    traces (the custom ops are what it compiles)."""
+    if is_compiling():
+        return False
+    functorch = getattr(torch._C, "_functorch", None)
+    peek = getattr(functorch, "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
+
+
 def plain_eager(*tensors) -> bool:
     """True outside every tracer (dynamo, AOT autograd's fake/functional tensors, make_fx)."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-    return (not is_compiling() and _get_current_dispatch_mode() is None
+    return (not is_compiling() and not functorch_active() and _get_current_dispatch_mode() is None
             and all(type(t) is torch.Tensor for t in tensors))
 
 

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from ._tracing import is_compiling
+from ._tracing import functorch_active, is_compiling
 
 _ENABLED = os.environ.get("FASTCL_VALIDATE", "0") not in ("", "0")
 
@@ -34,10 +34,10 @@ def validation_enabled() -> bool:
 
 
 def checks_values(*tensors) -> bool:
-    """Whether the value checks run for these tensors: never while torch.compile traces or on meta
-    tensors; always
+    """Whether the value checks run for these tensors: never while torch.compile traces, inside a
+    torch.func transform or on meta tensors; always
     when every tensor is on the CPU; else only in validation mode."""
-    if is_compiling():
+    if is_compiling() or functorch_active():
         return False
     tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
     if any(t.device.type == "meta" for t in tensors):  # shapes only (deferred initialization)

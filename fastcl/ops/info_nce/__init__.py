@@ -10,6 +10,7 @@ over row blocks and never do.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional
@@ -19,6 +20,7 @@ import torch
 from ..._native import backends as _backends
 import logging
 
+from ..._tracing import functorch_active
 from ...validation import checks_values
 from ..._native import CUDA_INFO_NCE_NOTE, requested_backend, warn_once
 from . import extras, naive
@@ -61,6 +63,12 @@ def resolve_backend(backend: str, device: torch.device, extra_backends=None, log
     not considered.
     """
     extra = EXTRA_BACKENDS if extra_backends is None else extra_backends
+    if backend != "naive" and functorch_active():
+        # torch.func (grad, vmap, jacrev): the fused kernels' autograd does not compose with the
+        # transforms, so every backend computes with plain differentiable PyTorch here (the
+        # same values; the logits are materialized)
+        _log.debug("fastcl: inside a torch.func transform: backend=%r runs the reference", backend)
+        return "naive"
     if backend == "auto":
         available = _backends()
         if device.type == "cuda":
@@ -187,10 +195,18 @@ def _info_nce_loss(query, key, hard_negatives, temperature, positive, labels, ke
                    device_type, autocast):
     hard = hard_negatives.shape[1] if hard_negatives is not None else 0
     chosen = resolve_backend(backend, query.device, logits=query.shape[0] * (key.shape[0] + hard))
-    if chosen == "naive" and backend == "auto":  # a small call: materialize the logits
-        return dense_info_nce(query, key, positive, hard_negatives, temperature, labels, key_labels, options)
     if chosen == "naive":
-        return naive.info_nce_with_options(query, key, positive, hard_negatives, temperature, labels, key_labels, options)
+        # the inputs are already in the autocast dtype: every path then computes the logits and
+        # the loss in float32 (float64 for float64 inputs), as the fused op does
+        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+            if backend != "naive":  # auto's small calls (and torch.func): materialize the logits
+                loss = dense_info_nce(query, key, positive, hard_negatives, temperature, labels, key_labels, options)
+            else:
+                loss = naive.info_nce_with_options(query, key, positive, hard_negatives, temperature, labels,
+                                                   key_labels, options)
+        if hard_negatives is not None and hard_negatives.shape[1] == 0 and hard_negatives.requires_grad:
+            loss = loss + hard_negatives.sum() * 0  # an empty hard-negative set gets an (empty) zero gradient, as on every path
+        return loss
     if chosen in EXTRA_BACKENDS:
         EXTRA_BACKENDS[chosen](query, options, labels)  # what this GPU backend refuses
     if autocast:  # the inputs are already in the autocast dtype; the op accumulates in float32

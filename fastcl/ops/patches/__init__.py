@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..._native import backends as _backends
 from ..._native import cuda_device_supported, requested_backend, warn_once
+from ..._tracing import functorch_active
 from . import naive
 from .indexed import gather_patches_indexed
 from .op import gather_patches_backward, gather_patches_forward
@@ -33,7 +34,10 @@ __all__ = ["gather_patches", "select_patches", "budget_split", "patch_saliency",
 
 
 def resolve_gather_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that will run ``gather_patches``: ``auto`` never picks ``naive``."""
+    """The backend that will run ``gather_patches``: ``auto`` never picks ``naive``, except inside
+    a torch.func transform, where every backend runs the differentiable reference."""
+    if backend != "naive" and functorch_active():
+        return "naive"
     if backend == "auto":
         available = _backends()
         if device.type == "cuda":

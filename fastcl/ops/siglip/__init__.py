@@ -7,6 +7,8 @@ bias b; floats or scalar tensors (tensors get their gradients). Equals open_clip
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..info_nce import resolve_backend
@@ -61,7 +63,9 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
     if chosen == "naive":
-        loss = naive.siglip_loss(image_features, text_features, logit_scale, logit_bias)
+        # the features are already in the autocast dtype: float32 logits and loss, as the fused op
+        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+            loss = naive.siglip_loss(image_features, text_features, logit_scale, logit_bias)
     else:
         if chosen in EXTRA_BACKENDS:
             EXTRA_BACKENDS[chosen](image_features)
