@@ -14,6 +14,8 @@ Anything else runs the peer's own code.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import distances as _distances
@@ -65,6 +67,12 @@ class NTXentLoss(_losses.NTXentLoss):
         return _fused_forward(self, "NTXentLoss", embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def _all_pairs_loss(self, embeddings, labels, ref_emb, ref_labels, same_set):
+        if not _cap_cannot_bind(self.temperature, ref_emb.shape[0], embeddings.dtype):
+            # a pair term could pass -log(small_val): list the pairs, as the peer does, to cap them
+            log.debug("NTXentLoss: listed pairs (temperature %g: the peer's small_val cap can bind)", self.temperature)
+            # same_set: the peer drops the (i, i) pairs, as get_all_pairs_indices(labels) does
+            pairs = _lmu.get_all_pairs_indices(labels) if same_set else _lmu.get_all_pairs_indices(labels, ref_labels)
+            return self._listed_pairs_loss(embeddings, ref_emb, *pairs)
         return info_nce(embeddings, ref_emb, temperature=self.temperature, normalize=True, exclude_self=same_set,
                         labels=labels, key_labels=ref_labels, multi_positive="pairwise")
 
@@ -72,8 +80,24 @@ class NTXentLoss(_losses.NTXentLoss):
         positive = _pair_scores(embeddings, ref_emb, a1, p, self.temperature)
         negative = _pair_scores(embeddings, ref_emb, a2, n, self.temperature)
         negative_lse = _anchor_logsumexp(negative, a2, embeddings.shape[0])
-        # -log(e^s / (e^s + sum_neg e^n)) = softplus(lse_neg - s)
-        return F.softplus(negative_lse[a1] - positive).mean()
+        # -log(e^s / (e^s + sum_neg e^n)) = softplus(lse_neg - s); the peer adds small_val to the
+        # probability, which caps a term at -log(small_val) (87.3 in float32)
+        terms = F.softplus(negative_lse[a1] - positive)
+        return _capped(terms).mean()
+
+
+def _capped(terms: torch.Tensor) -> torch.Tensor:
+    """-log(exp(-x) + small_val) for pair terms x = -log p: the peer's log(p + small_val)."""
+    tiny = _c_f.small_val(terms.dtype)
+    return -torch.log(torch.exp(-terms) + tiny)
+
+
+def _cap_cannot_bind(temperature: float, candidates: int, dtype: torch.dtype) -> bool:
+    """Whether every pair term -log p stays where adding small_val to p changes nothing at this
+    precision: cosine logits lie in [-1/T, 1/T], so -log p <= 2/T + log(candidates)."""
+    bound = 2.0 / temperature + math.log(max(candidates, 1))
+    tiny = _c_f.small_val(dtype)
+    return bound < -math.log(tiny) - 20.0  # tiny * e^bound below 2e-9 of p: under float32 rounding
 
 
 def _fused_forward(loss, name, embeddings, labels, indices_tuple, ref_emb, ref_labels):

@@ -130,3 +130,19 @@ def test_ref_labels_aliasing_labels_equals_peer(name, aliased):
         call = _Call((v1, v2), labels=y, ref_labels=ref)
         mine, theirs = _both(name, {"temperature": 0.07}, call)
         assert_same(mine, theirs)
+
+
+@pytest.mark.parametrize("miner", [None, "batch_hard"])
+@pytest.mark.parametrize("temperature", [0.01, 0.005])
+def test_ntxent_small_temperature_caps_pairs_like_the_peer(temperature, miner):
+    """PML adds small_val to each pair's probability (a cap of -log(small_val) per pair term),
+    which binds at small temperatures with confidently wrong pairs."""
+    torch.manual_seed(0)
+    embeddings = torch.randn(48, 16)
+    labels = torch.randint(0, 6, (48,))
+    extra = {}
+    if miner == "batch_hard":
+        extra["indices_tuple"] = miners.BatchHardMiner()(embeddings, labels)
+    call = _Call([embeddings], labels=labels, **extra)
+    mine, theirs = _both("NTXentLoss", {"temperature": temperature}, call)
+    assert_same(mine, theirs)
