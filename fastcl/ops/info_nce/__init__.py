@@ -22,7 +22,7 @@ import logging
 
 from ..._tracing import functorch_active
 from ...validation import checks_values
-from ..._native import CUDA_INFO_NCE_NOTE, requested_backend, warn_once
+from ..._native import CUDA_INFO_NCE_NOTE, native_module, requested_backend, warn_once
 from . import extras, naive
 from .dense import dense_info_nce
 from .op import info_nce_op
@@ -70,6 +70,14 @@ def resolve_backend(backend: str, device: torch.device, extra_backends=None, log
         _log.debug("fastcl: inside a torch.func transform: backend=%r runs the reference", backend)
         return "naive"
     if backend == "auto":
+        if device.type == "cpu":  # the hot path of small calls: no backends() table
+            native = native_module() is not None
+            if not native:
+                warn_once("cpu-fallback", f"fastcl: native CPU kernels unavailable ({_backends()['cpu'].reason}); "
+                                          "using the chunked PyTorch path")
+            if logits is not None and logits <= materialize_logits():
+                return "naive"
+            return "cpu" if native else "torch"
         available = _backends()
         if device.type == "cuda":
             if "triton" in extra and available["triton"].available:
@@ -79,13 +87,6 @@ def resolve_backend(backend: str, device: torch.device, extra_backends=None, log
                 warn_once("cuda-not-auto", f"fastcl: Triton unavailable ({available['triton'].reason}); "
                           f"using the chunked torch path. {CUDA_INFO_NCE_NOTE}")
             return "torch"
-        if device.type == "cpu":
-            if not available["cpu"].available:
-                warn_once("cpu-fallback", f"fastcl: native CPU kernels unavailable ({available['cpu'].reason}); using the chunked PyTorch path")
-            if logits is not None and logits <= materialize_logits():
-                return "naive"
-            if available["cpu"].available:
-                return "cpu"
         return "torch"
     requested_backend(backend, device)
     if backend in ("triton", "cuda") and backend not in extra:

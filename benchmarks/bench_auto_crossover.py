@@ -1,0 +1,126 @@
+"""``auto`` against the fastest of {naive, torch, cpu} at every batch size, in one process.
+
+For B in {64, ..., 8192}, normalized and unnormalized inputs, tau in {0.01, 0.05, 1} and D in
+{128, 768} (issue 21's grid), every provider runs fwd+bwd on the same inputs, rounds
+interleaved (so machine noise hits all alike), and the median of each is compared:
+``auto / naive`` and ``auto / fastest``. ``naive`` is the plain PyTorch loss users write
+(``F.cross_entropy`` on the materialized logits). Also reports the crossover: the smallest B
+where the native ``cpu`` kernels beat the plain loss, which ``auto``'s switch point should track.
+
+    python benchmarks/bench_auto_crossover.py --out benchmarks/results/cpu_auto_crossover
+    python benchmarks/bench_auto_crossover.py --quick            # a small grid, to check it runs
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fastcl
+from fastcl._native import cpu_capability
+
+SIZES = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def plain_loss(q, k, temperature, normalize):
+    if normalize:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    logits = (q @ k.T) / temperature
+    return F.cross_entropy(logits, torch.arange(q.shape[0]))
+
+
+def step(provider, q, k, temperature, normalize):
+    a, b = q.clone().requires_grad_(), k.clone().requires_grad_()
+    if provider == "naive":
+        loss = plain_loss(a, b, temperature, normalize)
+    else:
+        loss = fastcl.info_nce(a, b, temperature=temperature, normalize=normalize, backend=provider)
+    loss.backward()
+
+
+def repeats_for(batch: int, dim: int) -> int:
+    work = batch * batch * dim
+    return max(1, min(201, int(4e9 / max(work, 1))))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median over all timed calls)")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    sizes = (64, 256, 1024) if args.quick else SIZES
+    temperatures = (0.05,) if args.quick else (0.01, 0.05, 1.0)
+    dims = (128,) if args.quick else (128, 768)
+    providers = ["naive", "torch", "cpu", "auto"] if fastcl.backends()["cpu"].available else ["naive", "torch", "auto"]
+    rows, lines = [], []
+    machine = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            machine = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    header = (f"auto vs the fastest, fwd+bwd fp32, {machine}, {os.cpu_count()} cores, {torch.get_num_threads()} "
+              f"threads, torch {torch.__version__}, CPU kernels: {cpu_capability()}; median of {args.rounds} "
+              "interleaved rounds of n calls (n by size)")
+    print(header)
+    lines.append(header)
+    for dim, normalize, temperature, batch in itertools.product(dims, (True, False), temperatures, sizes):
+        generator = torch.Generator().manual_seed(batch + dim)
+        q = torch.randn(batch, dim, generator=generator)
+        k = (q + 0.5 * torch.randn(batch, dim, generator=generator)) if normalize else torch.randn(batch, dim, generator=generator)
+        calls = repeats_for(batch, dim)
+        times = {p: [] for p in providers}
+        for provider in providers:  # warm-up, first call of each path
+            step(provider, q, k, temperature, normalize)
+        for round_index in range(args.rounds):
+            order = providers if round_index % 2 == 0 else providers[::-1]
+            for provider in order:
+                start = time.perf_counter()
+                for _ in range(calls):
+                    step(provider, q, k, temperature, normalize)
+                times[provider].append((time.perf_counter() - start) / calls)
+        medians = {p: statistics.median(v) for p, v in times.items()}
+        fastest = min((p for p in providers if p != "auto"), key=medians.get)
+        row = {"batch": batch, "dim": dim, "normalized": normalize, "temperature": temperature, "calls": calls,
+               **{f"{p}_ms": medians[p] * 1e3 for p in providers}, "fastest": fastest,
+               "auto_over_naive": medians["auto"] / medians["naive"],
+               "auto_over_fastest": medians["auto"] / medians[fastest]}
+        rows.append(row)
+        text = (f"B={batch:<5} D={dim:<4} {'norm' if normalize else 'raw '} tau={temperature:<5} " +
+                " ".join(f"{p}={medians[p] * 1e3:8.3f}ms" for p in providers) +
+                f"  fastest={fastest:<5} auto/naive={row['auto_over_naive']:.2f} auto/fastest={row['auto_over_fastest']:.2f}")
+        print(text, flush=True)
+        lines.append(text)
+    misses = [r for r in rows if r["auto_over_fastest"] > 1.05 or r["auto_over_naive"] > 1.0]
+    summary = (f"goal auto <= 1.05x fastest and <= 1.0x naive: {len(rows) - len(misses)} of {len(rows)} cases met; "
+               f"worst auto/fastest {max(r['auto_over_fastest'] for r in rows):.2f}, "
+               f"worst auto/naive {max(r['auto_over_naive'] for r in rows):.2f}")
+    print(summary)
+    lines.append(summary)
+    if "cpu" in providers:
+        for dim, normalize in itertools.product(dims, (True, False)):
+            wins = [r["batch"] for r in rows if r["dim"] == dim and r["normalized"] == normalize
+                    and r["cpu_ms"] < r["naive_ms"]]
+            text = f"crossover D={dim} {'normalized' if normalize else 'raw'}: cpu beats naive from B = {min(wins) if wins else 'never'}"
+            print(text)
+            lines.append(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "auto_crossover.csv"), "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        with open(os.path.join(args.out, "auto_crossover_summary.txt"), "w") as handle:
+            handle.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
