@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -206,16 +207,28 @@ def _write_json(path: str, value) -> None:
     os.replace(temporary, path)
 
 
+_CHECKPOINT_NAME = re.compile(r"step-\d{8}")
+
+
+def _latest_name(root: str) -> Optional[str]:
+    """The checkpoint name ``root/latest`` holds, if it is one this writer makes (``step-NNNNNNNN``):
+    never a path, so a crafted file cannot point a resume or a deletion outside ``root``."""
+    latest = os.path.join(root, "latest")
+    if not os.path.isfile(latest):
+        return None
+    with open(latest) as f:
+        name = f.read().strip()
+    return name if _CHECKPOINT_NAME.fullmatch(name) else None
+
+
 def resolve_checkpoint(path: str) -> str:
     """A checkpoint directory, or a run directory's latest checkpoint."""
     if not os.path.exists(path):
         raise CheckpointError(f"--resume {path!r}: no such file or directory")
     if os.path.isfile(os.path.join(path, STATE_FILE)):
         return path
-    latest = os.path.join(path, "checkpoints", "latest")
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            name = f.read().strip()
+    name = _latest_name(os.path.join(path, "checkpoints"))
+    if name is not None:
         candidate = os.path.join(path, "checkpoints", name)
         if os.path.isfile(os.path.join(candidate, STATE_FILE)):
             return candidate
@@ -259,11 +272,8 @@ def save_checkpoint(accelerator, run_dir: str, state: Dict[str, Any]) -> str:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_json(os.path.join(temporary, STATE_FILE), state)
-        previous = None
         latest = os.path.join(root, "latest")
-        if os.path.isfile(latest):
-            with open(latest) as f:
-                previous = f.read().strip()
+        previous = _latest_name(root)  # only a name of this writer's pattern is ever deleted
         if os.path.exists(final):
             shutil.rmtree(final)
         os.rename(temporary, final)
