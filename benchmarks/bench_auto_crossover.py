@@ -54,11 +54,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median over all timed calls)")
+    parser.add_argument("--sizes", type=int, nargs="*", help="batch sizes (default: 64 ... 8192)")
+    parser.add_argument("--temperatures", type=float, nargs="*", help="default: 0.01 0.05 1")
+    parser.add_argument("--dims", type=int, nargs="*", help="default: 128 768")
     parser.add_argument("--out")
     args = parser.parse_args()
-    sizes = (64, 256, 1024) if args.quick else SIZES
-    temperatures = (0.05,) if args.quick else (0.01, 0.05, 1.0)
-    dims = (128,) if args.quick else (128, 768)
+    sizes = args.sizes or ((64, 256, 1024) if args.quick else SIZES)
+    temperatures = args.temperatures or ((0.05,) if args.quick else (0.01, 0.05, 1.0))
+    dims = args.dims or ((128,) if args.quick else (128, 768))
     providers = ["naive", "torch", "cpu", "auto"] if fastcl.backends()["cpu"].available else ["naive", "torch", "auto"]
     rows, lines = [], []
     machine = platform.machine()

@@ -287,8 +287,10 @@ def test_auto_materializes_small_calls_on_the_cpu(monkeypatch):
 
     fused = "cpu" if backends()["cpu"].available else "torch"
     cpu = torch.device("cpu")
-    assert resolve_backend("auto", cpu, logits=MATERIALIZE_LOGITS) == "naive"
-    assert resolve_backend("auto", cpu, logits=MATERIALIZE_LOGITS + 1) == fused
+    for normalized, threshold in MATERIALIZE_LOGITS.items():
+        assert resolve_backend("auto", cpu, logits=threshold, normalized=normalized) == "naive"
+        assert resolve_backend("auto", cpu, logits=threshold + 1, normalized=normalized) == fused
+    assert MATERIALIZE_LOGITS[True] < MATERIALIZE_LOGITS[False]  # the plain loss's normalization costs it more
     assert resolve_backend("auto", cpu) == fused  # no size given: the fused path
     assert resolve_backend("torch", cpu, logits=1) == "torch"  # an explicit backend is kept
     monkeypatch.setenv("FASTCL_MATERIALIZE_LOGITS", "0")

@@ -41,20 +41,23 @@ register_gpu_backends(EXTRA_BACKENDS)
 
 
 # ``auto`` on the CPU materializes the logits (the naive path) when a call has at most this many
-# (B x (N + H)): then one block of the fused path would hold them all anyway, so it saves no
-# memory, and its fixed costs (custom op, block driver, native calls) lose to PyTorch's own
-# elementwise ops. Measurements behind the number: docs/robustness.md, "How auto chooses".
-MATERIALIZE_LOGITS = 2**20
+# (B x (N + H)): below it the fused path's fixed costs (custom op, block driver, native calls)
+# lose to PyTorch's own ops. Measured crossover (benchmarks/bench_auto_crossover.py, interleaved
+# in one process, the same within noise for the default, avx2 and avx512 kernels): the native
+# kernels win from B = 512 (2^18 logits) with normalize=True, where the plain loss also pays the
+# normalization, and from B = 1024 (2^20) on raw dot products. Keyed by ``normalize``.
+MATERIALIZE_LOGITS = {True: 2**17, False: 2**19}
 
 
-def materialize_logits() -> int:
+def materialize_logits(normalized: bool = True) -> int:
     """The threshold above, or the ``FASTCL_MATERIALIZE_LOGITS`` override (benchmarks use 0 to
     time the fused path at every size)."""
     override = os.environ.get("FASTCL_MATERIALIZE_LOGITS")
-    return int(override) if override else MATERIALIZE_LOGITS
+    return int(override) if override else MATERIALIZE_LOGITS[bool(normalized)]
 
 
-def resolve_backend(backend: str, device: torch.device, extra_backends=None, logits: Optional[int] = None) -> str:
+def resolve_backend(backend: str, device: torch.device, extra_backends=None, logits: Optional[int] = None,
+                    normalized: bool = True) -> str:
     """The backend that will run: ``auto`` picks the fastest exact path for ``device`` and size.
 
     ``extra_backends``: the op's GPU implementations (defaults to InfoNCE's). ``logits``: how
@@ -75,7 +78,7 @@ def resolve_backend(backend: str, device: torch.device, extra_backends=None, log
             if not native:
                 warn_once("cpu-fallback", f"fastcl: native CPU kernels unavailable ({_backends()['cpu'].reason}); "
                                           "using the chunked PyTorch path")
-            if logits is not None and logits <= materialize_logits():
+            if logits is not None and logits <= materialize_logits(normalized):
                 return "naive"
             return "cpu" if native else "torch"
         available = _backends()
@@ -195,7 +198,8 @@ def info_nce(
 def _info_nce_loss(query, key, hard_negatives, temperature, positive, labels, key_labels, options, backend,
                    device_type, autocast):
     hard = hard_negatives.shape[1] if hard_negatives is not None else 0
-    chosen = resolve_backend(backend, query.device, logits=query.shape[0] * (key.shape[0] + hard))
+    chosen = resolve_backend(backend, query.device, logits=query.shape[0] * (key.shape[0] + hard),
+                             normalized=options.normalize)
     if chosen == "naive":
         # the inputs are already in the autocast dtype: every path then computes the logits and
         # the loss in float32 (float64 for float64 inputs), as the fused op does

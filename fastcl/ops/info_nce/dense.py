@@ -9,11 +9,19 @@ inputs), so NaN and Inf land where the reference puts them and double backward w
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from . import naive
 from .options import MASK, InfoNCEOptions, _checking_values
+
+
+def _finite(loss: torch.Tensor) -> bool:
+    if loss.dim() == 0:  # a scalar reduction: one host read (cheaper than isfinite().all())
+        return math.isfinite(float(loss.detach()))
+    return bool(torch.isfinite(loss.detach()).all())
 
 
 def plain(options: InfoNCEOptions, labels, key_labels, hard_negatives) -> bool:
@@ -46,7 +54,7 @@ def dense_info_nce(query, key, positive, hard_negatives, temperature, labels, ke
     # with a NaN or +inf logit (NaN / Inf inputs, an overflowed product), and such a row's loss
     # is not finite: then the reference runs instead. Checking the loss, not the B x N logits,
     # costs nothing. (A data-dependent branch: skipped under torch.compile, like the other checks.)
-    if _checking_values() and not bool(torch.isfinite(loss.detach()).all()):
+    if _checking_values() and not _finite(loss):
         return naive.info_nce_with_options(query, key, positive, hard_negatives, temperature, labels, key_labels,
                                            options)
     return loss

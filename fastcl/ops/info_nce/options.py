@@ -108,9 +108,13 @@ def input_dtypes(device_type: str, **tensors):
     (tensors as a dict in the same order, whether autocast was on). Non-tensors and non-floating
     tensors pass through for the argument checks to report.
     """
+    autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+    if not autocast:  # the common call: nothing to cast when every floating input shares one dtype
+        dtypes = {t.dtype for t in tensors.values() if isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES}
+        if len(dtypes) <= 1:
+            return tensors, False
     present = {name: t for name, t in tensors.items()
                if isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES}
-    autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
     if autocast:
         low = torch.get_autocast_dtype(device_type)
         present = {name: t if t.dtype == torch.float64 else t.to(low) for name, t in present.items()}
