@@ -107,7 +107,44 @@ def load_config_file(path: str) -> Dict[str, Any]:
 def build_parser(config_class: Type[TrainConfig], prog: str, description: str = ""):
     from transformers import HfArgumentParser
 
-    return HfArgumentParser(config_class, prog=prog, description=description)
+    # no abbreviations: argparse would take --conf for --config, which the file loader never sees
+    return HfArgumentParser(config_class, prog=prog, description=description, allow_abbrev=False)
+
+
+def _value_problem(kind, value) -> Optional[str]:
+    """Why ``value`` (from a config file) does not fit a field annotated ``kind``, or None."""
+    origin = getattr(kind, "__origin__", None)
+    arguments = getattr(kind, "__args__", ())
+    if origin is not None and type(None) in arguments:  # Optional[X]
+        if value is None:
+            return None
+        kind = next(a for a in arguments if a is not type(None))
+        origin = getattr(kind, "__origin__", None)
+        arguments = getattr(kind, "__args__", ())
+    if origin is Literal:
+        return None if value in arguments else f"one of {list(arguments)}"
+    if kind is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if kind is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if kind is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if kind is str:
+        return None if isinstance(value, str) else "a string"
+    return None
+
+
+def check_config_values(config_class: Type[TrainConfig], values: Dict[str, Any]) -> Optional[str]:
+    """The first config-file value whose type does not fit its option, as a message, or None."""
+    import typing
+
+    hints = typing.get_type_hints(config_class)
+    for name, value in values.items():
+        if name in hints:
+            expected = _value_problem(hints[name], value)
+            if expected is not None:
+                return f"--{name.replace('_', '-')} must be {expected}, got {value!r}"
+    return None
 
 
 def parse_config(config_class: Type[C], argv: Optional[Sequence[str]] = None, prog: str = "fastcl.trainers",
@@ -126,6 +163,9 @@ def parse_config(config_class: Type[C], argv: Optional[Sequence[str]] = None, pr
         unknown = sorted(set(values) - names)
         if unknown:
             parser.error(f"--config {pre}: unknown option(s) {unknown}; see --help")
+        problem = check_config_values(config_class, values)
+        if problem:
+            parser.error(f"--config {pre}: {problem}")
         parser.set_defaults(**values)
     try:
         (config,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)

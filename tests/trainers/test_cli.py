@@ -63,6 +63,34 @@ def test_config_file_with_an_unknown_key_is_an_error(tmp_path, capsys):
     assert "stepz" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("values, expected", [
+    ({"steps": 2.7}, "--steps must be an integer, got 2.7"),
+    ({"steps": True}, "--steps must be an integer, got True"),
+    ({"batch_size": 8.9}, "--batch-size must be an integer, got 8.9"),
+    ({"lr": "fast"}, "--lr must be a number, got 'fast'"),
+    ({"skip_eval": 1}, "--skip-eval must be true or false, got 1"),
+    ({"loss": "fast"}, "--loss must be one of"),
+])
+def test_config_file_values_are_type_checked(values, expected, tmp_path, capsys):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(values))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simcse", "--config", str(path), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_abbreviated_options_are_refused(tmp_path, capsys):
+    """--conf is not --config (argparse would take it, and the file would be silently ignored)."""
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"steps": 2}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simcse", "--conf", str(path), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "--conf" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("method, module, loader", [
     ("simcse", "fastcl.trainers.data.lee", "background_sentences"),
     ("dpr", "fastcl.trainers.data.faq", "question_passages"),
