@@ -503,6 +503,7 @@ def train(method_name: str, build: Callable[[TrainConfig], Method], config: Trai
                 with accelerator.autocast():
                     loss = method.compute_loss(batch, model)
                 accelerator.backward(loss)
+            learning_rate = scheduler.get_last_lr()[0]  # the rate this step trains at (read before the scheduler moves)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -518,7 +519,7 @@ def train(method_name: str, build: Callable[[TrainConfig], Method], config: Trai
                 # (optimizer state, lazy initialization, warmed-up caches)
                 memory = PeakMemory(accelerator.device)
             done = step + 1
-            record = {"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "stage": stage.name,
+            record = {"step": done, "loss": loss_value, "lr": learning_rate, "stage": stage.name,
                       "time_s": round(elapsed, 5), "samples_per_s": round(config.batch_size / elapsed, 2)}
             if config.eval_every and done % config.eval_every == 0 and done < total:
                 metrics = evaluate()

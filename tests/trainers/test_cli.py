@@ -112,3 +112,13 @@ def test_missing_real_data(method, module, loader, monkeypatch, tmp_path, capsys
 def test_grad_cache_batch_larger_than_the_data_is_refused(tmp_path, capsys):
     assert train("simcse", tmp_path, "--batch-size", "100000", "--steps", "1") == 2
     assert "--batch-size" in capsys.readouterr().err
+
+
+def test_log_records_the_learning_rate_each_step_trained_at(tmp_path):
+    """Linear warm-up over 2 steps, then linear decay: the rates the 4 steps trained at (the log read
+    them after the scheduler had moved on: 1e-3, 1e-3, 5e-4, 0.0)."""
+    assert train("simcse", tmp_path / "out", "--steps", "4", "--warmup-steps", "2", "--lr", "1e-3", "--skip-eval",
+                 "--skip-save") == 0
+    with open(tmp_path / "out" / "log.jsonl") as f:
+        rates = [json.loads(line)["lr"] for line in f]
+    assert rates == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])
