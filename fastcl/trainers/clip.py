@@ -41,6 +41,7 @@ MAX_LOGIT_SCALE = math.log(100.0)
 
 @dataclass
 class Config(TrainConfig):
+    min_batch_size = 2  # in-batch negatives only: a batch of 1 has none
     batch_size: int = option(256, "global batch of (image, caption) pairs")
     lr: float = option(1e-3, "peak learning rate (AdamW)")
     weight_decay: float = option(1e-4, "AdamW weight decay")

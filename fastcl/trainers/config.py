@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Type, TypeVar
+from typing import Any, ClassVar, Dict, List, Literal, Optional, Sequence, Tuple, Type, TypeVar
 
 __all__ = ["TrainConfig", "parse_config", "load_config_file", "config_to_dict"]
 
@@ -55,11 +55,17 @@ class TrainConfig:
     skip_save: bool = option(False, "no checkpoint at the end (timing runs of the benchmark)")
     config: Optional[str] = option(None, "JSON or YAML file with any of these options; command-line options override it")
 
+    # the smallest batch that trains: 2 where the only negatives are the batch's other rows
+    min_batch_size: ClassVar[int] = 1
+
     def __post_init__(self):
+        smallest = type(self).min_batch_size
         checks = [
             ("steps", self.steps is None or self.steps >= 1, "a positive integer"),
             ("epochs", self.epochs is None or self.epochs > 0, "a positive number"),
-            ("batch_size", self.batch_size >= 1, "a positive integer"),
+            ("batch_size", self.batch_size >= smallest,
+             "a positive integer" if smallest == 1 else
+             f"at least {smallest} (the loss's negatives are the other rows of the batch)"),
             ("lr", self.lr > 0, "a positive number"),
             ("weight_decay", self.weight_decay >= 0, "a non-negative number"),
             ("warmup_steps", self.warmup_steps >= 0, "a non-negative integer"),

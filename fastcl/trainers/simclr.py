@@ -40,6 +40,7 @@ BENCH_BATCH_ARGS = ["--data", "auto", "--steps", "2", "--eval-train", "200", "--
 
 @dataclass
 class Config(TrainConfig):
+    min_batch_size = 2  # in-batch negatives only: a batch of 1 has none
     temperature: float = option(0.5, "NT-Xent temperature (the paper's 0.5 for small images)")
     batch_size: int = option(256, "global batch of images (2x as many views); 1024+ with --grad-cache")
     lr: float = option(1e-3, "peak learning rate (AdamW)")

@@ -34,6 +34,7 @@ DEFAULT_STEPS = 100
 
 @dataclass
 class Config(TextConfig):
+    min_batch_size = 2  # in-batch negatives only: a batch of 1 has none
     mode: Literal["unsup", "sup"] = option("unsup", "unsup: dropout views of one sentence; sup: (anchor, positive, hard negative) triples")
     triples: Literal["lee", "faq"] = option("lee", "sup's stand-in triples: lee (a background sentence, the next one of its "
                                                    "document, a sentence of another document) or faq (question, answer, another answer)")

@@ -122,3 +122,15 @@ def test_log_records_the_learning_rate_each_step_trained_at(tmp_path):
     with open(tmp_path / "out" / "log.jsonl") as f:
         rates = [json.loads(line)["lr"] for line in f]
     assert rates == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])
+
+
+@pytest.mark.parametrize("method", ["simcse", "clip", "simclr"])
+def test_batch_of_one_is_refused_where_the_batch_holds_the_only_negatives(method, tmp_path, capsys):
+    from fastcl.trainers.config import parse_config
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(load_method(method).Config, ["--batch-size", "1", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "--batch-size must be at least 2" in capsys.readouterr().err
+    assert parse_config(load_method(method).Config, ["--batch-size", "2"]).batch_size == 2
+    assert not (tmp_path / "out").exists()
