@@ -410,6 +410,15 @@ def train(method_name: str, build: Callable[[TrainConfig], Method], config: Trai
     plan = stage_plan(stages, total)
     orders = [BatchOrder(len(stage.data), config.batch_size, config.seed + number) for number, (stage, _, _) in enumerate(plan)]
 
+    # the resume state is checked before anything is written: a refused resume leaves no trace
+    directory, state = None, None
+    if config.resume:
+        directory = resolve_checkpoint(config.resume)
+        state = read_checkpoint_state(directory, method_name, config)
+        if state.get("total_steps") != total:
+            raise CheckpointError(f"--resume {directory!r}: the run had {state.get('total_steps')} steps, this one {total} "
+                                  "(the learning-rate schedule would differ); pass the same --steps")
+
     if main:
         os.makedirs(out, exist_ok=True)
         _write_json(os.path.join(out, "config.json"), {"method": method_name, **config_to_dict(config)})
@@ -425,13 +434,8 @@ def train(method_name: str, build: Callable[[TrainConfig], Method], config: Trai
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped = accelerator.unwrap_model(model)
 
-    start, state = 0, None
-    if config.resume:
-        directory = resolve_checkpoint(config.resume)
-        state = read_checkpoint_state(directory, method_name, config)
-        if state.get("total_steps") != total:
-            raise CheckpointError(f"--resume {directory!r}: the run had {state.get('total_steps')} steps, this one {total} "
-                                  "(the learning-rate schedule would differ); pass the same --steps")
+    start = 0
+    if state is not None:
         load_checkpoint(accelerator, directory)
         start = int(state["step"])
         say(f"  resumed from {directory} at step {start}")

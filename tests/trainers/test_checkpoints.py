@@ -74,3 +74,21 @@ def test_a_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeypat
     assert train("simcse", run, "--steps", "4", "--lr", "1e-3", "--resume", run) == 0
     assert train("simcse", tmp_path / "full", "--steps", "4", "--lr", "1e-3") == 0
     assert losses(run) == losses(tmp_path / "full")
+
+
+@pytest.mark.parametrize("argv", [["--steps", "5", "--lr", "0.5"], ["--batch-size", "16"]], ids=["steps", "batch"])
+def test_a_refused_resume_writes_nothing(argv, tmp_path):
+    """Resuming into the run itself with options the checkpoint refuses leaves its config.json,
+    log.jsonl and checkpoint exactly as they were."""
+    run = tmp_path / "run"
+    assert train("simcse", run, "--steps", "2") == 0
+    before = {name: (run / name).read_bytes() for name in ("config.json", "log.jsonl")}
+    assert train("simcse", run, "--resume", str(run), *argv) == 2
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
+def test_resuming_as_another_method_creates_no_run(tmp_path):
+    run = tmp_path / "run"
+    assert train("simcse", run, "--steps", "2") == 0
+    assert train("dpr", tmp_path / "other", "--resume", str(run)) == 2
+    assert not (tmp_path / "other").exists()
