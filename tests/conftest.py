@@ -33,3 +33,12 @@ def small_blocks(monkeypatch):
     """Force several row blocks at test-sized shapes so the block loop itself is exercised."""
     monkeypatch.setenv("FASTCL_BLOCK_ROWS", "7")
     yield
+
+
+@pytest.fixture(scope="module")
+def triton_mode():
+    """Triton tests run compiled on a GPU, else in the interpreter, which this file turns on
+    (TRITON_INTERPRET=1) before triton is imported (tests/ops/compare.py's TRITON_MARKS use it)."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1 (it must be set before triton is imported; tests/conftest.py does)")
+    yield

@@ -1,12 +1,27 @@
 """Shared helpers of the op tests: the comparison of the GPU-backend tests (Triton, CUDA)
 against the naive reference, a spy on the path an op takes, and the backend list of the ops
 that run on torch / cpu / triton."""
+import importlib.util
 import inspect
 
 import pytest
 import torch
 
 import fastcl
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+# pytestmark of the Triton test modules: marked, skipped without triton, and the interpreter's
+# (numpy) warnings for values the kernels want (log(0) = -inf, exp overflow to inf) silenced
+TRITON_MARKS = [
+    pytest.mark.triton,
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered in log"),
+    pytest.mark.filterwarnings("ignore:overflow encountered in exp"),
+    pytest.mark.usefixtures("triton_mode"),  # tests/conftest.py
+]
+
 
 
 def assert_close(actual, expected, tolerance, what):

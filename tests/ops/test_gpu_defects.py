@@ -5,8 +5,6 @@ tests run compiled on CUDA tensors.
 One test (or a few) per defect, named ``test_d<N>_...`` after the issue's numbering.
 """
 import contextlib
-import importlib.util
-import os
 
 import pytest
 import torch
@@ -14,25 +12,9 @@ import torch
 import fastcl
 from fastcl.ops.info_nce import naive
 
-from .compare import assert_close
+from .compare import DEVICE, TRITON_MARKS, assert_close
 
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
-    pytest.mark.filterwarnings("ignore:divide by zero encountered in log"),
-    pytest.mark.filterwarnings("ignore:overflow encountered in exp"),
-    pytest.mark.filterwarnings("ignore:underflow encountered"),
-]
-
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def triton_mode():
-    if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no GPU and TRITON_INTERPRET is not 1 (tests/conftest.py sets it before triton is imported)")
-    yield
+pytestmark = TRITON_MARKS + [pytest.mark.filterwarnings("ignore:underflow encountered")]
 
 
 def _kernel_modules():

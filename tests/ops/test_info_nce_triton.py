@@ -6,8 +6,6 @@ chunks). With a GPU the same tests run compiled on CUDA tensors. Option combinat
 fixed sample that touches every option at least twice (not the cross product), each in
 float32, float16 and bfloat16.
 """
-import importlib.util
-import os
 
 import pytest
 import torch
@@ -15,26 +13,9 @@ import torch
 import fastcl
 from fastcl.ops.info_nce import naive
 
-from .compare import assert_close
+from .compare import DEVICE, ON_GPU, TRITON_MARKS, assert_close
 
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
-    # interpreter (numpy) warnings for values the kernels want: log(0) = -inf, exp overflow to inf
-    pytest.mark.filterwarnings("ignore:divide by zero encountered in log"),
-    pytest.mark.filterwarnings("ignore:overflow encountered in exp"),
-]
-
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def triton_mode():
-    """On a CPU machine tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported."""
-    if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no GPU and TRITON_INTERPRET is not 1 (it must be set before triton is imported; tests/conftest.py does)")
-    yield
+pytestmark = TRITON_MARKS + []
 
 
 # Relative error bounds, measured against the largest reference magnitude: (loss, gradients).

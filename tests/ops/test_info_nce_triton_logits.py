@@ -11,8 +11,6 @@ recompute that read the transposed product (keys . queries) was 3-8 % off at 2e6
 positives along their queries the loss is exactly 0 past 1e3: LSE_j - s_jj must take s_jj from
 the same tiles as LSE_j (it came out as -0.036 at 1e7 from another product).
 """
-import importlib.util
-import os
 
 import numpy as np
 import pytest
@@ -21,25 +19,9 @@ import torch
 import fastcl
 from fastcl.ops.info_nce import naive
 
-from .compare import assert_close
+from .compare import DEVICE, ON_GPU, TRITON_MARKS, assert_close
 
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
-    pytest.mark.filterwarnings("ignore:divide by zero encountered in log"),
-    pytest.mark.filterwarnings("ignore:overflow encountered in exp"),
-    pytest.mark.filterwarnings("ignore:underflow encountered"),
-]
-
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def triton_mode():
-    if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no GPU and TRITON_INTERPRET is not 1 (tests/conftest.py sets it before triton is imported)")
-    yield
+pytestmark = TRITON_MARKS + [pytest.mark.filterwarnings("ignore:underflow encountered")]
 
 
 @pytest.fixture(params=["products", "placed_products"])
