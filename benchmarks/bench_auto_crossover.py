@@ -13,10 +13,7 @@ where the native ``cpu`` kernels beat the plain loss, which ``auto``'s switch po
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
-import os
-import platform
 import statistics
 import time
 
@@ -25,6 +22,7 @@ import torch.nn.functional as F
 
 import fastcl
 from fastcl._native import cpu_capability
+from fastcl.bench.harness import device_name, write_rows
 
 SIZES = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
@@ -64,14 +62,8 @@ def main() -> None:
     dims = args.dims or ((128,) if args.quick else (128, 768))
     providers = ["naive", "torch", "cpu", "auto"] if fastcl.backends()["cpu"].available else ["naive", "torch", "auto"]
     rows, lines = [], []
-    machine = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            machine = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    header = (f"auto vs the fastest, fwd+bwd fp32, {machine}, {os.cpu_count()} cores, {torch.get_num_threads()} "
-              f"threads, torch {torch.__version__}, CPU kernels: {cpu_capability()}; median of {args.rounds} "
+    header = (f"auto vs the fastest, fwd+bwd fp32, {device_name('cpu')}, torch {torch.__version__}, "
+              f"CPU kernels: {cpu_capability()}; median of {args.rounds} "
               "interleaved rounds of n calls (n by size)")
     print(header)
     lines.append(header)
@@ -116,14 +108,7 @@ def main() -> None:
             print(text)
             lines.append(text)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "auto_crossover.csv"), "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        with open(os.path.join(args.out, "auto_crossover_summary.txt"), "w") as handle:
-            handle.write("\n".join(lines) + "\n")
-
+        write_rows(args.out, "auto_crossover", rows, "\n".join(lines))
 
 if __name__ == "__main__":
     main()

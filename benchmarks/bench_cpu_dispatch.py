@@ -14,9 +14,7 @@ ratio to the native build, and the first call in this process.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import platform
 import statistics
 import time
 
@@ -24,6 +22,7 @@ import torch
 
 import fastcl
 from fastcl import _native
+from fastcl.bench.harness import device_name, write_rows
 
 
 def _cases(quick: bool):
@@ -102,14 +101,7 @@ def main() -> None:
                 if round_index:
                     times[(name, variant)].append(elapsed)
     _swap(module, variants[module.cpu_capability])
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
-              f"{torch.get_num_threads()} threads"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            machine = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")) + \
-                      f" ({machine})"
-    except (OSError, StopIteration):
-        pass
+    machine = f"{device_name('cpu')}, torch {torch.__version__}"
     lines = [f"CPU dispatch vs -march=native, {machine}; median of {args.rounds} interleaved rounds, "
              f"fwd+bwd, ms; ratio = variant / {reference} (< 1 is faster)"]
     rows = []
@@ -129,14 +121,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "dispatch.csv"), "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        with open(os.path.join(args.out, "dispatch_summary.txt"), "w") as handle:
-            handle.write(text + "\n")
-
+        write_rows(args.out, "dispatch", rows, text)
 
 if __name__ == "__main__":
     main()

@@ -232,6 +232,18 @@ def write_csv(rows: List[Measurement], path: str, device: str, baselines: Dict[s
                              t_ratio, m_ratio, m.status, json.dumps(m.extra, sort_keys=True)])
 
 
+def write_rows(out_dir: str, name: str, rows: List[dict], summary: str) -> None:
+    """``<out_dir>/<name>.csv`` (one dict a row) and ``<out_dir>/<name>_summary.txt``: what the
+    one-process comparison scripts in benchmarks/ write."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.csv"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(out_dir, f"{name}_summary.txt"), "w") as handle:
+        handle.write(summary + "\n")
+
+
 def read_csv(path: str) -> List[Measurement]:
     """Measurements back from a CSV written by :func:`write_csv` (e.g. to plot them again)."""
     with open(path, newline="") as f:
