@@ -10,7 +10,6 @@ over row blocks and never do.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from typing import Optional
@@ -26,7 +25,7 @@ from ..._native import CUDA_INFO_NCE_NOTE, native_module, requested_backend, war
 from . import extras, naive
 from .dense import dense_info_nce
 from .op import info_nce_op
-from .options import check_embeddings, check_info_nce_args, check_same_device, check_scalar, input_dtypes
+from .options import autocast_disabled, check_embeddings, check_info_nce_args, check_same_device, check_scalar, input_dtypes
 
 _log = logging.getLogger("fastcl")
 
@@ -200,23 +199,19 @@ def _info_nce_loss(query, key, hard_negatives, temperature, positive, labels, ke
     hard = hard_negatives.shape[1] if hard_negatives is not None else 0
     chosen = resolve_backend(backend, query.device, logits=query.shape[0] * (key.shape[0] + hard),
                              normalized=options.normalize)
-    if chosen == "naive":
-        # the inputs are already in the autocast dtype: every path then computes the logits and
-        # the loss in float32 (float64 for float64 inputs), as the fused op does
-        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-            if backend != "naive":  # auto's small calls (and torch.func): materialize the logits
-                loss = dense_info_nce(query, key, positive, hard_negatives, temperature, labels, key_labels, options)
-            else:
-                loss = naive.info_nce_with_options(query, key, positive, hard_negatives, temperature, labels,
-                                                   key_labels, options)
-        if hard_negatives is not None and hard_negatives.shape[1] == 0 and hard_negatives.requires_grad:
-            loss = loss + hard_negatives.sum() * 0  # an empty hard-negative set gets an (empty) zero gradient, as on every path
-        return loss
     if chosen in EXTRA_BACKENDS:
         EXTRA_BACKENDS[chosen](query, options, labels)  # what this GPU backend refuses
-    if autocast:  # the inputs are already in the autocast dtype; the op accumulates in float32
-        with torch.autocast(device_type, enabled=False):
+    with autocast_disabled(device_type, autocast):
+        if chosen != "naive":
             return info_nce_op(query, key, hard_negatives, temperature, positive, labels, key_labels, options, chosen)
+        if backend != "naive":  # auto's small calls (and torch.func): materialize the logits
+            loss = dense_info_nce(query, key, positive, hard_negatives, temperature, labels, key_labels, options)
+        else:
+            loss = naive.info_nce_with_options(query, key, positive, hard_negatives, temperature, labels, key_labels,
+                                               options)
+    if hard_negatives is not None and hard_negatives.shape[1] == 0 and hard_negatives.requires_grad:
+        loss = loss + hard_negatives.sum() * 0  # an empty hard-negative set gets an (empty) zero gradient, as on every path
+    return loss
     return info_nce_op(query, key, hard_negatives, temperature, positive, labels, key_labels, options, chosen)
 
 

@@ -1,6 +1,8 @@
 """Argument checking shared by every InfoNCE backend: one place, one set of error messages."""
 from __future__ import annotations
 
+import contextlib
+
 import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -125,6 +127,12 @@ def input_dtypes(device_type: str, **tensors):
             common = torch.promote_types(common, dtype)
         present = {name: t.to(common) for name, t in present.items()}
     return {name: present.get(name, t) for name, t in tensors.items()}, autocast
+
+
+def autocast_disabled(device_type: str, autocast: bool):
+    """After :func:`input_dtypes` cast the inputs to the autocast dtype, every path of a loss runs
+    with autocast off: float32 logits and loss (float64 for float64 inputs), whichever runs."""
+    return torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext()
 
 
 def _check_index_vector(name: str, tensor, length: int, length_name: str) -> None:

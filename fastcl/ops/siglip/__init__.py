@@ -7,13 +7,12 @@ bias b; floats or scalar tensors (tensors get their gradients). Equals open_clip
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 
 from ..info_nce import resolve_backend
-from ..info_nce.options import (BACKENDS, check_embeddings, check_same_device, check_scalar, check_scalar_device,
-                                input_dtypes)
+from ..info_nce.options import (BACKENDS, autocast_disabled, check_embeddings, check_same_device, check_scalar,
+                                check_scalar_device, input_dtypes)
 from . import naive
 from .op import siglip_op
 
@@ -62,18 +61,12 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     chosen = resolve_backend(backend, image_features.device, EXTRA_BACKENDS, logits=batch * batch)
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
-    if chosen == "naive":
-        # the features are already in the autocast dtype: float32 logits and loss, as the fused op
-        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+    if chosen in EXTRA_BACKENDS:
+        EXTRA_BACKENDS[chosen](image_features)
+    with autocast_disabled(device_type, autocast):
+        if chosen == "naive":
             loss = naive.siglip_loss(image_features, text_features, logit_scale, logit_bias)
-    else:
-        if chosen in EXTRA_BACKENDS:
-            EXTRA_BACKENDS[chosen](image_features)
-        # every other backend runs in the fastcl::siglip_forward custom op
-        if autocast:  # the features are already in the autocast dtype; the op accumulates in float32
-            with torch.autocast(device_type, enabled=False):
-                loss = siglip_op(image_features, text_features, logit_scale, logit_bias, chosen)
-        else:
+        else:  # every other backend runs in the fastcl::siglip_forward custom op
             loss = siglip_op(image_features, text_features, logit_scale, logit_bias, chosen)
     if not return_stats:
         return loss
