@@ -162,11 +162,12 @@ def _library_path(name: str) -> Optional[str]:
     return spec.origin
 
 
-def _openmp_runtime() -> Optional[str]:
-    """Make the OpenMP runtime torch uses global, so the kernels' GOMP_* / omp_* symbols bind to
-    it; return its path (None: no runtime found, and the libraries will not load)."""
-    loaded, bundled = [], []
+def _openmp_candidates():
+    """(path, dlopen mode) of OpenMP runtimes, most likely first, each looked for only when the
+    ones before it did not load: the runtime already in this process (torch's), the one beside
+    torch, then the system's (``find_library`` runs ``ldconfig``: only as a last resort)."""
     prefixes = ("libgomp", "libiomp5", "libomp")
+    loaded = []
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
@@ -175,12 +176,21 @@ def _openmp_runtime() -> Optional[str]:
                     loaded.append(path)
     except OSError:
         pass
+    no_load = getattr(os, "RTLD_NOLOAD", 0)
+    yield from ((path, no_load) for path in loaded)
     torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
     for prefix in prefixes:
-        bundled += sorted(glob.glob(os.path.join(torch_lib, prefix + "*")))
-    system = [name for name in (ctypes.util.find_library("gomp"), ctypes.util.find_library("omp")) if name]
-    no_load = getattr(os, "RTLD_NOLOAD", 0)
-    for path, mode in [(p, no_load) for p in loaded] + [(p, 0) for p in bundled + system]:
+        yield from ((path, 0) for path in sorted(glob.glob(os.path.join(torch_lib, prefix + "*"))))
+    for name in ("gomp", "omp"):
+        found = ctypes.util.find_library(name)
+        if found:
+            yield found, 0
+
+
+def _openmp_runtime() -> Optional[str]:
+    """Make the OpenMP runtime torch uses global, so the kernels' GOMP_* / omp_* symbols bind to
+    it; return its path (None: no runtime found, and the libraries will not load)."""
+    for path, mode in _openmp_candidates():
         try:
             ctypes.CDLL(path, mode=os.RTLD_GLOBAL | mode)
             return path
@@ -202,8 +212,9 @@ def _requested_capability() -> Tuple[Optional[str], Optional[str]]:
 def _load() -> Tuple[Optional[NativeModule], Optional[str], List[str]]:
     """(module, why it did not load, notes)."""
     notes: List[str] = []
-    native_path = _library_path("native")
-    built = [name for name in CPU_CAPABILITIES if _library_path(name)]
+    paths = {name: _library_path(name) for name in (*CPU_CAPABILITIES, "native", "cuda")}
+    native_path = paths["native"]
+    built = [name for name in CPU_CAPABILITIES if paths[name]]
     if native_path is None and not built:
         return None, ("no native libraries in this install (fastcl/_kernels_*.so): it was installed without a "
                       "C++ compiler; see the README to rebuild"), notes
@@ -213,7 +224,7 @@ def _load() -> Tuple[Optional[NativeModule], Optional[str], List[str]]:
             cpu = NativeLibrary(native_path)
             built = supported = ["native"]
         else:
-            default = NativeLibrary(_library_path("default")) if "default" in built else None
+            default = NativeLibrary(paths["default"]) if "default" in built else None
             if default is None:
                 return None, "fastcl/_kernels_default.so is missing from this install", notes
             supported = [name for name in built if name == "default" or default.cpu_supports(name)]
@@ -228,7 +239,7 @@ def _load() -> Tuple[Optional[NativeModule], Optional[str], List[str]]:
                     break
                 if capability in supported:
                     try:
-                        cpu = NativeLibrary(_library_path(capability))
+                        cpu = NativeLibrary(paths[capability])
                         break
                     except OSError as error:
                         notes.append(f"{capability} kernels did not load ({error})")
@@ -240,10 +251,9 @@ def _load() -> Tuple[Optional[NativeModule], Optional[str], List[str]]:
     except Exception as error:  # a broken or foreign library: fall back, never break import
         return None, f"{type(error).__name__}: {error}", notes
     cuda, cuda_error = None, None
-    cuda_path = _library_path("cuda")
-    if cuda_path is not None:
+    if paths["cuda"] is not None:
         try:
-            cuda = NativeLibrary(cuda_path)
+            cuda = NativeLibrary(paths["cuda"])
         except Exception as error:
             cuda_error = f"{type(error).__name__}: {error}"
     return NativeModule(cpu, built, supported, openmp, cuda, cuda_error), None, notes
