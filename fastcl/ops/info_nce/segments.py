@@ -70,11 +70,13 @@ class SegmentOptions:
     guide_relative: bool = False
 
 
-def _similarity(anchors, candidates, kind, row0, row1, scale=None):
+def _similarity(anchors, candidates, kind, row0, row1, scale=None, differentiable=False):
     block = anchors[row0:row1]
     if kind == SHARED:
         raw = block @ candidates.T
-        return raw if scale is None else raw.mul_(scale[None, :])
+        if scale is None:
+            return raw
+        return raw * scale[None, :] if differentiable else raw.mul_(scale[None, :])
     if kind == PAIRED:
         return (block * candidates[row0:row1]).sum(1, keepdim=True)
     return torch.bmm(candidates[row0:row1], block[:, :, None])[:, :, 0]
@@ -222,14 +224,8 @@ def differentiable_loss(segments: Sequence[Segment], options: SegmentOptions, te
     state = {"margin": options.margin, "guide_margin": options.guide_margin, "guide_relative": options.guide_relative}
     parts, positive_raw = [], None
     for index, segment in enumerate(segments):
-        if segment.kind == SHARED:
-            raw = segment.anchors @ segment.candidates.T
-            if segment.candidate_scale is not None:
-                raw = raw * segment.candidate_scale[None, :]
-        elif segment.kind == PAIRED:
-            raw = (segment.anchors * segment.candidates).sum(1, keepdim=True)
-        else:
-            raw = torch.bmm(segment.candidates, segment.anchors[:, :, None])[:, :, 0]
+        raw = _similarity(segment.anchors, segment.candidates, segment.kind, 0, rows, segment.candidate_scale,
+                          differentiable=True)
         guide = None
         if segment.guide_anchors is not None:
             guide = _similarity(segment.guide_anchors, segment.guide_candidates, segment.kind, 0, rows)
