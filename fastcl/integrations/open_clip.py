@@ -77,12 +77,7 @@ class ClipLoss(nn.Module):
         """(logits_per_image, logits_per_text) as open_clip forms them (materialized: for logging
         or subclasses; the loss itself never builds them unless a subclass overrides this)."""
         if self.world_size > 1:
-            if self.gather_with_grad:
-                images = _fastcl_distributed.all_gather_rows(image_features)
-                texts = _fastcl_distributed.all_gather_rows(text_features)
-            else:
-                images = _gather_without_grad(image_features, self.rank, self.world_size, not self.local_loss)
-                texts = _gather_without_grad(text_features, self.rank, self.world_size, not self.local_loss)
+            images, texts = self._gather(image_features, text_features)
             if self.local_loss:
                 per_image = logit_scale * image_features @ texts.T
                 per_text = logit_scale * text_features @ images.T
@@ -95,6 +90,16 @@ class ClipLoss(nn.Module):
         if logit_bias is not None:
             per_image, per_text = per_image + logit_bias, per_text + logit_bias
         return per_image, per_text
+
+    def _gather(self, image_features, text_features):
+        """Every rank's features, as open_clip's gather_features gives them (with or without grad;
+        without, this rank's own rows keep theirs unless local_loss)."""
+        if self.gather_with_grad:
+            return (_fastcl_distributed.all_gather_rows(image_features),
+                    _fastcl_distributed.all_gather_rows(text_features))
+        keep_local = not self.local_loss
+        return (_gather_without_grad(image_features, self.rank, self.world_size, keep_local),
+                _gather_without_grad(text_features, self.rank, self.world_size, keep_local))
 
     def _overridden(self) -> bool:
         return type(self).get_logits is not ClipLoss.get_logits or \
@@ -122,14 +127,8 @@ class ClipLoss(nn.Module):
         if self.gather_with_grad and self.local_loss:
             log.debug("ClipLoss: fused path (fastcl.distributed.clip_loss, local loss)")
             return _fastcl_distributed.clip_loss(image_features, text_features, logit_scale)
-        if self.gather_with_grad:
-            log.debug("ClipLoss: fused path (gathered with grad, global loss)")
-            images = _fastcl_distributed.all_gather_rows(image_features)
-            texts = _fastcl_distributed.all_gather_rows(text_features)
-        else:
-            log.debug("ClipLoss: fused path (gathered without grad)")
-            images = _gather_without_grad(image_features, self.rank, self.world_size, not self.local_loss)
-            texts = _gather_without_grad(text_features, self.rank, self.world_size, not self.local_loss)
+        log.debug("ClipLoss: fused path (gathered %s grad)", "with" if self.gather_with_grad else "without")
+        images, texts = self._gather(image_features, text_features)
         if not self.local_loss:
             return clip_loss(images, texts, logit_scale)
         batch = image_features.shape[0]
