@@ -17,6 +17,7 @@ initialization) is trained in the same run (section ``lambda_0``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -27,16 +28,16 @@ from . import losses
 from .config import TrainConfig, option
 from .data import choose
 from .data import movielens
-from .engine import BatchOrder, Method, _lr_lambda, step_seed
+from .engine import BatchOrder, Method, Stage, fit, linear_schedule, step_seed, total_steps_of
 from .recommendation import ctr_metrics
 
 DEFAULT_STEPS = 400
 BENCH_ARGS = ["--data", "auto", "--steps", "20", "--ablation", "false"]
-BENCH_GRAD_CACHE = False  # no encoders: the embeddings are the parameters
 
 
 @dataclass
 class Config(TrainConfig):
+    grad_cache_supported: ClassVar[bool] = False  # no encoders: the embeddings are the parameters
     dim: int = option(32, "embedding dimension")
     hidden: int = option(128, "width of the MLP's first layer (the second is half)")
     contrastive_weight: float = option(0.5, "lambda: weight of the collaborative contrastive loss (0: the backbone alone)")
@@ -146,22 +147,23 @@ def evaluate_pages(model: CTRModel, pages: movielens.Pages, batch: int = 512):
 def train_ablation(config: Config, train_pages: movielens.Pages, test_pages: movielens.Pages, initial_state,
                    total_steps: int):
     """The lambda = 0 model: the engine's recipe (AdamW, linear decay, the same batch order and
-    initialization, per-step seeds) with BCE alone, on one process."""
+    initialization, per-step seeds, :func:`~.engine.fit`) with BCE alone, on one process."""
     model = CTRModel(train_pages.num_users, train_pages.num_items, config.dim, config.hidden)
     model.load_state_dict(initial_state)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.warmup_steps, total_steps))
     order = BatchOrder(len(train_pages), config.batch_size, config.seed)
     collate = collate_pages(train_pages)
-    state = torch.random.get_rng_state()
-    model.train()
-    for step in range(total_steps):
+
+    def compute_gradients(step: int) -> torch.Tensor:
         torch.manual_seed(step_seed(config.seed, step, 0))
         loss = page_loss(collate(order.indices(step)), model, config, 0.0, config.loss)
         loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    state = torch.random.get_rng_state()
+    model.train()
+    fit(range(total_steps), optimizer, compute_gradients,
+        scheduler=linear_schedule(optimizer, config.warmup_steps, total_steps))
     torch.random.set_rng_state(state)
     return evaluate_pages(model, test_pages)
 
@@ -175,15 +177,14 @@ def build(config: Config) -> Method:
     def baselines():
         if not config.ablation:
             return {}
-        from .engine import Stage, total_steps_of
-
         steps = total_steps_of(config, [Stage("train", range(len(train_pages)), collate)], DEFAULT_STEPS)
         return {"lambda_0": train_ablation(config, train_pages, test_pages, initial_state, steps)}
 
     return Method(model=model, train_data=range(len(train_pages)), collate=collate,
                   loss=lambda batch, model: page_loss(batch, model, config, config.contrastive_weight, config.loss),
                   evaluate=lambda model: evaluate_pages(model, test_pages), baselines=baselines, goal_metric="auc",
-                  data_source=source,
+                  data_source=f"{source}; {len(train_pages)} training pages ({int(train_pages.mask.sum())} impressions), "
+                              f"{len(test_pages)} test pages",
                   extra={"train_pages": len(train_pages), "test_pages": len(test_pages),
                          "train_impressions": int(train_pages.mask.sum()), "test_impressions": int(test_pages.mask.sum()),
                          "click_rate": float(train_pages.clicks[train_pages.mask].mean())})

@@ -31,10 +31,12 @@ from .data.captions import class_prompts, clip_captions, sample_caption_ids
 from .data.fashion_mnist import load_images
 from .engine import Method
 from .vision_evaluation import extract_features, zero_shot_accuracy
-from .vision_models import CaptionTower, ImageEncoder, SmallResNet, efficientnet_lite0
+from .vision_models import CaptionTower, ImageEncoder, SmallResNet, caption_encoder_kind, efficientnet_lite0
 
 DEFAULT_STEPS = 200
 BENCH_ARGS = ["--data", "auto", "--steps", "6", "--batch-size", "256", "--eval-test", "2000"]
+# other libraries run inside this trainer: label -> extra options (the bench suite runs them)
+BENCH_PEERS = {"open_clip ClipLoss": ["--peer", "open_clip"]}
 BENCH_BATCH_ARGS = ["--data", "auto", "--steps", "2", "--eval-test", "200"]
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -115,7 +117,7 @@ def build(config: Config) -> Method:
     captions, ids_per_class = clip_captions(data.class_names)
     prompts = class_prompts(data.class_names)
     prompt_ids = torch.arange(len(captions), len(captions) + len(prompts))
-    text_kind = config.text_encoder if config.text_encoder != "auto" else ("bow" if data.source == "synthetic" else "minilm")
+    text_kind = caption_encoder_kind(config.text_encoder, data.source != "synthetic")
     model = CLIPModel(image_tower(config, data.train_images.shape[1]),
                       CaptionTower(captions + prompts, config.embed_dim, kind=text_kind), config.init_temperature)
     first = {}
@@ -160,9 +162,3 @@ def build(config: Config) -> Method:
                               f"zero-shot on {len(data.test_images)} test images",
                   extra={"prompts": prompts, "captions": len(captions)})
 
-
-def bench_peers(argv, out_dir):
-    """The peer's row: this trainer with open_clip's ClipLoss."""
-    from .vision_bench import run_trainer
-
-    return {"open_clip ClipLoss": run_trainer("clip", list(argv) + ["--peer", "open_clip"], out_dir)}

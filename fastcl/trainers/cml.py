@@ -13,6 +13,7 @@ trained in the same run (sections ``popularity`` and ``bpr_mf``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -27,11 +28,11 @@ from .recommendation import popularity_scores, topn_metrics, train_bpr_mf
 
 DEFAULT_STEPS = 3000
 BENCH_ARGS = ["--data", "auto", "--steps", "20", "--negatives", "1024", "--bpr-epochs", "0"]  # W = 1024: the loss dominates
-BENCH_GRAD_CACHE = False  # no encoders: the embeddings are the parameters
 
 
 @dataclass
 class Config(TrainConfig):
+    grad_cache_supported: ClassVar[bool] = False  # no encoders: the embeddings are the parameters
     dim: int = option(64, "embedding dimension (the paper's 100 on MovieLens)")
     margin: float = option(0.5, "hinge margin m (the reference code's default 1.9 suits larger spaces)")
     negatives: int = option(64, "W: negatives sampled uniformly per training pair")
@@ -112,6 +113,8 @@ def build(config: Config) -> Method:
         return sections
 
     return Method(model=model, train_data=pairs, collate=collate, loss=loss, evaluate=evaluate, baselines=baselines,
-                  after_step=after_step, goal_metric="recall@50", data_source=source,
+                  after_step=after_step, goal_metric="recall@50",
+                  data_source=f"{source}; {split.num_users} users, {split.num_items} items, {len(split.train_user)} "
+                              f"training positives, {len(split.test_user)} held-out",
                   extra={"users": split.num_users, "items": split.num_items, "train_pairs": len(pairs),
                          "test_users": len(split.test_user)})

@@ -30,8 +30,10 @@ def option(default: Any, help: str, **metadata) -> Any:
 class TrainConfig:
     """Options shared by every method (the method's own ``Config`` adds its fields)."""
 
-    loss: Literal["fused", "naive"] = option(
-        "fused", "fused: fastcl's kernels (no BxN logits); naive: the plain PyTorch loss that materializes the logits")
+    loss: Literal["fused", "naive", "kernels"] = option(
+        "fused", "fused: fastcl's loss with backend auto (on the CPU, calls of at most 2^17-2^19 logits, e.g. "
+                 "batch <= 512, materialize them: faster there); kernels: fastcl's fused kernels at every size "
+                 "(no BxN logits); naive: the plain PyTorch loss that materializes the logits")
     data: Literal["real", "synthetic", "auto"] = option(
         "auto", "real: the offline data sets of `make data` (error when absent); synthetic: the small generator; "
                 "auto: real when installed, else synthetic")
@@ -45,9 +47,13 @@ class TrainConfig:
     seed: int = option(0, "seeds Python, NumPy, torch and the data order")
     precision: Literal["fp32", "bf16"] = option("fp32", "fp32, or bf16 mixed precision (autocast)")
     grad_cache: Optional[int] = option(None, "GradCache chunk size (rows per chunk): full-batch gradients with one chunk's activations")
-    out: Optional[str] = option(None, "output directory (log.jsonl, metrics.json, curves.png, checkpoints); default runs/METHOD")
-    resume: Optional[str] = option(None, "checkpoint directory to resume from, or a run directory (its latest checkpoint)")
-    save_every: int = option(0, "save a checkpoint every N steps (0: only at the end)")
+    out: Optional[str] = option(None, "the run's directory (config.json, log.jsonl, metrics.json, curves.png, checkpoints/); "
+                                      "default: a fresh runs/METHOD/DATE-TIME, or the --resume run's directory. A directory "
+                                      "that holds another run is refused unless --overwrite")
+    overwrite: bool = option(False, "start afresh in an --out that holds a run (removes that run's files)")
+    resume: Optional[str] = option(None, "a run directory (its latest checkpoint) or a checkpoint directory to continue; "
+                                         "the run continues in that directory unless --out names another")
+    save_every: int = option(0, "save a checkpoint every N steps (0: only at the end, and on SIGINT / SIGTERM)")
     stop_after: Optional[int] = option(None, "stop (with a checkpoint) after this step, as an interrupted run would; --resume continues it")
     eval_every: int = option(0, "evaluate every N steps for the curves (0: before and after training only)")
     skip_eval: bool = option(False, "no evaluation before or after training (timing runs of the benchmark)")
@@ -57,10 +63,13 @@ class TrainConfig:
 
     # the smallest batch that trains: 2 where the only negatives are the batch's other rows
     min_batch_size: ClassVar[int] = 1
+    # False where the method has no encoders for GradCache to cache (the embeddings are the parameters)
+    grad_cache_supported: ClassVar[bool] = True
 
     def __post_init__(self):
         smallest = type(self).min_batch_size
         checks = [
+            ("seed", 0 <= self.seed < 2**32, "an integer in [0, 2^32)"),
             ("steps", self.steps is None or self.steps >= 1, "a positive integer"),
             ("epochs", self.epochs is None or self.epochs > 0, "a positive number"),
             ("batch_size", self.batch_size >= smallest,
@@ -75,10 +84,12 @@ class TrainConfig:
             ("eval_every", self.eval_every >= 0, "a non-negative integer"),
             ("synthetic_size", self.synthetic_size >= 0, "a non-negative integer"),
         ]
+        if self.grad_cache is not None and not type(self).grad_cache_supported:
+            raise ValueError("--grad-cache: this method has no encoders to cache (its embeddings are the parameters)")
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {getattr(self, name)!r}")
-        for name, allowed in (("loss", ("fused", "naive")), ("data", ("real", "synthetic", "auto")),
+        for name, allowed in (("loss", ("fused", "naive", "kernels")), ("data", ("real", "synthetic", "auto")),
                               ("precision", ("fp32", "bf16"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -110,11 +121,27 @@ def load_config_file(path: str) -> Dict[str, Any]:
     return {key.replace("-", "_"): value for key, value in values.items()}
 
 
-def build_parser(config_class: Type[TrainConfig], prog: str, description: str = ""):
+def build_parser(config_class: Type[TrainConfig], prog: str, description: str = "", default_steps: Optional[int] = None):
+    import argparse
+
     from transformers import HfArgumentParser
 
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+        def _get_help_string(self, action):  # an option that states its own default
+            return action.help if getattr(action, "states_default", False) else super()._get_help_string(action)
+
     # no abbreviations: argparse would take --conf for --config, which the file loader never sees
-    return HfArgumentParser(config_class, prog=prog, description=description, allow_abbrev=False)
+    parser = HfArgumentParser(config_class, prog=prog, description=description, allow_abbrev=False,
+                              formatter_class=Formatter)
+    for action in parser._actions:
+        if action.dest == "steps" and default_steps is not None:
+            # not "(default: None)": an unset --steps means the method's own number
+            action.states_default = True
+            action.help = (f"optimizer steps (default: {default_steps}, this method's; "
+                           "--epochs instead counts passes over the data)")
+        if action.dest == "grad_cache" and not config_class.grad_cache_supported:
+            action.help = argparse.SUPPRESS
+    return parser
 
 
 def _value_problem(kind, value) -> Optional[str]:
@@ -154,10 +181,10 @@ def check_config_values(config_class: Type[TrainConfig], values: Dict[str, Any])
 
 
 def parse_config(config_class: Type[C], argv: Optional[Sequence[str]] = None, prog: str = "fastcl.trainers",
-                 description: str = "") -> C:
+                 description: str = "", default_steps: Optional[int] = None) -> C:
     """Parse command-line options (and ``--config FILE``) into ``config_class``; exits with a usage
     message naming the option on a bad value, like any argparse program."""
-    parser = build_parser(config_class, prog, description)
+    parser = build_parser(config_class, prog, description, default_steps)
     argv = list(argv) if argv is not None else []
     pre, _ = _config_file_argument(argv)
     if pre is not None:

@@ -29,7 +29,7 @@ from .config import option
 from .data import choose, faq, synthetic
 from .engine import Method
 from .evaluation import retrieval_metrics
-from .text import TextConfig, TextEncoder, embed, load_encoder, tokenize
+from .text import TextConfig, TextEncoder, embed, load_encoder, needs_text_model, tokenize
 
 DEFAULT_STEPS = 40
 
@@ -122,7 +122,7 @@ class DualEncoder(nn.Module):
 
 
 def build(config: Config) -> Method:
-    pairs, real, source = choose(config.data, faq.question_passages, lambda: synthetic.question_passages(config.synthetic_size or 300, seed=7),
+    pairs, real, source = choose(config.data, needs_text_model(faq.question_passages, config.model), lambda: synthetic.question_passages(config.synthetic_size or 300, seed=7),
                                  "Python FAQ + Debian FAQ question/passage pairs")
     train, test = faq.split(pairs, config.train_fraction, config.split_seed)
     rows = training_rows(pairs, train, config.hard_negatives)

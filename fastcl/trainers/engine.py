@@ -1,12 +1,13 @@
-"""The one training loop every method shares, on Hugging Face Accelerate.
+"""The one training loop every method shares, on Hugging Face Accelerate, as a few named steps.
 
 A method (``fastcl/trainers/<name>.py``) builds a :class:`Method`: its model, its data, its loss
 and its evaluation. This module does everything else: devices and mixed precision (Accelerate),
 DDP under ``torchrun`` / ``accelerate launch`` (each process takes its slice of the global
 batch; the losses gather every rank's negatives through ``fastcl.distributed``), GradCache as an
-option of the loop, checkpoints (Accelerate's ``save_state`` / ``load_state``, weights in
-safetensors, written under a temporary name and renamed), exact resume, the progress bar, the
-per-step log, the final metrics and the curves.
+option of the loop, the run directory and checkpoints (:mod:`.runs`), exact resume, SIGINT /
+SIGTERM (finish the step, checkpoint, exit non-zero), the progress bar, the per-step log, the
+final metrics and the curves. :func:`fit` is the one optimization loop of ``fastcl/trainers``:
+the engine, the methods' baselines (CCN's ablation, BPR-MF) all step through it.
 
 Determinism: the data order is a pure function of (seed, step) and the torch generator is
 re-seeded from (seed, step, rank) before every step, so ``--loss fused`` and ``--loss naive``
@@ -15,14 +16,13 @@ as the uninterrupted run.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import re
-import shutil
+import signal
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,20 +33,13 @@ from torch import nn
 
 from ..grad_cache import call_encoder
 from .config import TrainConfig, config_to_dict
+from .runs import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, STATE_FILE, CheckpointError, DataUnavailable, RunDirectory,
+                   load_checkpoint, read_checkpoint_state, resolve_checkpoint, save_checkpoint, write_json)
 
-__all__ = ["Method", "Stage", "train", "DataUnavailable", "CheckpointError", "CHECKPOINT_FORMAT"]
+__all__ = ["Method", "Stage", "train", "fit", "linear_schedule", "DataUnavailable", "CheckpointError",
+           "TrainingInterrupted", "TrainingDiverged", "CHECKPOINT_FORMAT", "STATE_FILE"]
 
-CHECKPOINT_FORMAT = "fastcl-trainer-checkpoint"
-CHECKPOINT_VERSION = 1
-STATE_FILE = "trainer_state.json"
-
-
-class DataUnavailable(FileNotFoundError):
-    """``--data real`` but the data set is not installed (the message says how to get it)."""
-
-
-class CheckpointError(RuntimeError):
-    """``--resume`` of something that is not a readable checkpoint of this method and run."""
+_write_json = write_json  # the name st_peer imports
 
 
 @dataclass
@@ -199,102 +192,6 @@ class PeakMemory:
         return None if peak is None or self.base is None else max(0, peak - self.base) / 2**20
 
 
-# -- checkpoints -----------------------------------------------------------------------------------
-def _write_json(path: str, value) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(temporary, path)
-
-
-_CHECKPOINT_NAME = re.compile(r"step-\d{8}")
-
-
-def _latest_name(root: str) -> Optional[str]:
-    """The checkpoint name ``root/latest`` holds, if it is one this writer makes (``step-NNNNNNNN``):
-    never a path, so a crafted file cannot point a resume or a deletion outside ``root``."""
-    latest = os.path.join(root, "latest")
-    if not os.path.isfile(latest):
-        return None
-    with open(latest) as f:
-        name = f.read().strip()
-    return name if _CHECKPOINT_NAME.fullmatch(name) else None
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint directory, or a run directory's latest checkpoint."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"--resume {path!r}: no such file or directory")
-    if os.path.isfile(os.path.join(path, STATE_FILE)):
-        return path
-    name = _latest_name(os.path.join(path, "checkpoints"))
-    if name is not None:
-        candidate = os.path.join(path, "checkpoints", name)
-        if os.path.isfile(os.path.join(candidate, STATE_FILE)):
-            return candidate
-    raise CheckpointError(f"--resume {path!r}: not a fastcl trainer checkpoint (no {STATE_FILE}) "
-                          "nor a run directory with checkpoints/latest")
-
-
-def read_checkpoint_state(directory: str, method_name: str, config: TrainConfig) -> Dict[str, Any]:
-    try:
-        with open(os.path.join(directory, STATE_FILE)) as f:
-            state = json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"--resume {directory!r}: unreadable {STATE_FILE} ({error})") from error
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"--resume {directory!r}: not a fastcl trainer checkpoint (format {state.get('format') if isinstance(state, dict) else None!r})")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"--resume {directory!r}: checkpoint version {state.get('version')!r}, this fastcl reads {CHECKPOINT_VERSION}")
-    if state.get("method") != method_name:
-        raise CheckpointError(f"--resume {directory!r}: a checkpoint of method {state.get('method')!r}, not {method_name!r}")
-    for name in ("batch_size", "seed"):
-        if state.get(name) != getattr(config, name):
-            raise CheckpointError(f"--resume {directory!r}: saved with --{name.replace('_', '-')} {state.get(name)!r}, "
-                                  f"this run has {getattr(config, name)!r} (an exact resume needs the same)")
-    if not os.path.isfile(os.path.join(directory, "model.safetensors")):
-        raise CheckpointError(f"--resume {directory!r}: model.safetensors is missing")
-    return state
-
-
-def save_checkpoint(accelerator, run_dir: str, state: Dict[str, Any]) -> str:
-    """``accelerator.save_state`` into a temporary directory, then rename: a crash mid-save
-    leaves the previous checkpoint intact. Keeps the newest checkpoint only."""
-    root = os.path.join(run_dir, "checkpoints")
-    name = f"step-{state['step']:08d}"
-    final = os.path.join(root, name)
-    temporary = os.path.join(root, f".{name}.tmp")
-    if accelerator.is_main_process:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(temporary, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(temporary, safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _write_json(os.path.join(temporary, STATE_FILE), state)
-        latest = os.path.join(root, "latest")
-        previous = _latest_name(root)  # only a name of this writer's pattern is ever deleted
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.rename(temporary, final)
-        temporary_latest = f"{latest}.tmp-{os.getpid()}"
-        with open(temporary_latest, "w") as f:
-            f.write(name)
-        os.replace(temporary_latest, latest)
-        if previous and previous != name:
-            shutil.rmtree(os.path.join(root, previous), ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def load_checkpoint(accelerator, directory: str) -> None:
-    try:
-        accelerator.load_state(directory)
-    except Exception as error:  # a foreign or corrupt file: say which, never continue half-loaded
-        raise CheckpointError(f"--resume {directory!r}: could not load the checkpoint "
-                              f"({type(error).__name__}: {str(error)[:300]})") from error
-
-
 # -- reporting -------------------------------------------------------------------------------------
 def _floats(metrics: Dict[str, Any]) -> Dict[str, Any]:
     """Metric values as floats; a nested mapping is a section (e.g. an ablation's metrics)."""
@@ -378,29 +275,256 @@ def _lr_lambda(warmup: int, total: int):
     return factor
 
 
-def train(method_name: str, build: Callable[[TrainConfig], Method], config: TrainConfig,
-          default_steps: int = 100) -> Dict[str, Any]:
-    """Build the method, train it, evaluate it; returns what metrics.json holds."""
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int):
+    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at step ``total``."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, total))
+
+
+def fit(steps: Iterable[int], optimizer: torch.optim.Optimizer, compute_gradients: Callable[[int], torch.Tensor], *,
+        scheduler=None, before_update: Optional[Callable[[int, torch.Tensor], None]] = None,
+        after_update: Optional[Callable[[int, torch.Tensor], None]] = None) -> None:
+    """The optimization loop of every trainer in ``fastcl/trainers``. For each step,
+    ``compute_gradients(step)`` returns the loss with its gradients accumulated;
+    ``before_update(step, loss)`` may refuse the update by raising (a non-finite loss); then the
+    optimizer and the scheduler step, the gradients are cleared, and ``after_update(step, loss)``
+    runs (logging, evaluation, checkpoints, stop requests)."""
+    for step in steps:
+        loss = compute_gradients(step)
+        if before_update is not None:
+            before_update(step, loss)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if after_update is not None:
+            after_update(step, loss)
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after a step; its checkpoint is saved."""
+
+    def __init__(self, signum: int, step: int, out: str, method_name: str):
+        self.signum, self.step, self.out = signum, step, out
+        self.exit_code = 128 + signum  # the shell's convention for a process ended by a signal
+        super().__init__(f"{signal.Signals(signum).name}: stopped after step {step} with a checkpoint; continue with "
+                         f"python -m fastcl.trainers {method_name} --resume {out}")
+
+
+class TrainingDiverged(FloatingPointError):
+    """A non-finite loss: the update is refused and the last good state saved."""
+
+
+class StopSignals:
+    """While active, the first SIGINT / SIGTERM asks the loop to stop after the current step (it
+    writes a checkpoint and exits non-zero); a second one ends the process at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:  # the second signal: no more waiting
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = signum
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+                    "(send it again to exit at once)\n".encode())
+
+    def requested(self, accelerator) -> Optional[int]:
+        """The signal any process received (every rank stops at the same step), or None."""
+        received = self.received or 0
+        if accelerator.num_processes > 1:
+            flag = torch.tensor([received], dtype=torch.int64, device=accelerator.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            received = int(flag.item())
+        return received or None
+
+
+@dataclass
+class History:
+    """What a run has accumulated and a resume continues: evaluations, baselines, step times."""
+
+    before: Dict[str, Any] = field(default_factory=dict)
+    baselines: Dict[str, Any] = field(default_factory=dict)
+    evals: List[Dict[str, Any]] = field(default_factory=list)
+    step_times: List[List[float]] = field(default_factory=list)  # one list per session (resume)
+    peaks_mb: List[Optional[float]] = field(default_factory=list)
+
+    @classmethod
+    def from_state(cls, state: Dict[str, Any]) -> "History":
+        timing = state.get("timing") or {}
+        return cls(state.get("before", {}), state.get("baselines", {}), state.get("evals", []),
+                   [list(map(float, t)) for t in timing.get("step_times", [])], list(timing.get("peaks_mb", [])))
+
+    def state(self) -> Dict[str, Any]:
+        return {"before": self.before, "baselines": self.baselines, "evals": self.evals,
+                "timing": {"step_times": self.step_times, "peaks_mb": self.peaks_mb}}
+
+    def timing(self) -> Dict[str, Any]:
+        """Median time of the steps after each session's first (all of them when none is later),
+        the largest steady-state peak, the steps run: over every session of the run."""
+        steady = [t for times in self.step_times for t in times[1:]] or [t for times in self.step_times for t in times]
+        peaks = [p for p in self.peaks_mb if p is not None]
+        return {"time_per_step_s": statistics.median(steady) if steady else None,
+                "peak_memory_mb": max(peaks) if peaks else None,
+                "steps_run": sum(len(times) for times in self.step_times)}
+
+
+class _Loop:
+    """The step, the checkpoint and the log of one session of a run (the callbacks of :func:`fit`)."""
+
+    def __init__(self, accelerator, name: str, method: Method, config: TrainConfig, plan, orders, run: RunDirectory,
+                 model, optimizer, scheduler, history: History, losses, evaluate, start: int, end: int, total: int):
+        self.accelerator, self.name, self.method, self.config = accelerator, name, method, config
+        self.plan, self.orders, self.run, self.model = plan, orders, run, model
+        self.optimizer, self.scheduler, self.history, self.losses = optimizer, scheduler, history, losses
+        self.evaluate, self.start, self.end, self.total = evaluate, start, end, total
+        self.main = accelerator.is_main_process
+        self.rank, self.local = accelerator.process_index, config.batch_size // accelerator.num_processes
+        self.cache = None
+        if config.grad_cache is not None:
+            from fastcl import GradCache
+
+            self.cache = GradCache(model, chunk_size=config.grad_cache, loss_fn=method.representation_loss)
+        self.times: List[float] = []
+        history.step_times.append(self.times)
+        history.peaks_mb.append(None)
+        self.memory = PeakMemory(accelerator.device)
+        self.signals: Optional[StopSignals] = None
+
+    def run_steps(self) -> None:
+        bar = _progress(self.total, self.start, self.main)
+        log = open(os.path.join(self.run.path, "log.jsonl"), "a") if self.main else None
+        self.bar, self.log = bar, log
+        try:
+            with StopSignals() as self.signals:
+                self.model.train()
+                fit(range(self.start, self.end), self.optimizer, self.compute_gradients, scheduler=self.scheduler,
+                    before_update=self.before_update, after_update=self.after_update)
+        finally:
+            if bar is not None:
+                bar.close()
+            if log is not None:
+                log.close()
+
+    def compute_gradients(self, step: int) -> torch.Tensor:
+        stage_index = max(i for i, (_, first, _) in enumerate(self.plan) if step >= first or i == 0)
+        stage, first, _ = self.plan[stage_index]
+        self.stage = stage
+        indices = self.orders[stage_index].indices(step - first)[self.rank * self.local:(self.rank + 1) * self.local]
+        batch = to_device(stage.collate([stage.data[i] for i in indices]), self.accelerator.device)
+        torch.manual_seed(step_seed(self.config.seed, step, self.rank))
+        self.began = time.perf_counter()
+        if self.cache is not None:
+            inputs, loss_kwargs = self.method.encode_inputs(batch)
+            with self.accelerator.autocast():
+                return self.cache.step(*inputs, **loss_kwargs)
+        with self.accelerator.autocast():
+            loss = self.method.compute_loss(batch, self.model)
+        self.accelerator.backward(loss)
+        return loss
+
+    def before_update(self, step: int, loss: torch.Tensor) -> None:
+        self.learning_rate = self.scheduler.get_last_lr()[0]  # the rate this step trains at
+        self.loss_value = float(self.accelerator.reduce(loss.detach().float().reshape(1), reduction="mean").item())
+        if not math.isfinite(self.loss_value):  # no update from it: the weights stay the last good ones
+            kept = f"; the state after step {step} is saved: continue it with --resume {self.run.path} (e.g. with a lower --lr)"
+            if step > self.start:
+                self.checkpoint(step)
+            elif step == 0:
+                kept = ""
+            raise TrainingDiverged(f"step {step + 1}: the loss is {self.loss_value}{kept}")
+
+    def after_update(self, step: int, loss: torch.Tensor) -> None:
+        if self.method.after_step is not None:
+            self.method.after_step(self.accelerator.unwrap_model(self.model))
+        elapsed = time.perf_counter() - self.began
+        self.times.append(elapsed)
+        if len(self.times) == 1 and self.end - self.start > 1:
+            # steady state: the peak of the later steps above what the first one left allocated
+            # (optimizer state, lazy initialization, warmed-up caches)
+            self.memory = PeakMemory(self.accelerator.device)
+        else:  # the peak of the steps themselves, before this step's evaluation or checkpoint
+            self.history.peaks_mb[-1] = self.memory.peak_mb()
+        done, config = step + 1, self.config
+        record = {"step": done, "loss": self.loss_value, "lr": self.learning_rate, "stage": self.stage.name,
+                  "time_s": round(elapsed, 5), "samples_per_s": round(config.batch_size / elapsed, 2)}
+        if config.eval_every and done % config.eval_every == 0 and done < self.total:
+            metrics = self.evaluate()
+            self.history.evals.append({"step": done, "metrics": metrics})
+            record["eval"] = metrics
+        if self.main:
+            self.log.write(json.dumps(record) + "\n")
+            self.log.flush()
+            self.losses.append((done, self.loss_value))
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{self.loss_value:.4f}", samples_s=f"{record['samples_per_s']:.1f}",
+                                 **({"stage": self.stage.name} if len(self.plan) > 1 else {}))
+            self.bar.update(1)
+        due = (config.save_every and done % config.save_every == 0) or (done == self.end and not (config.skip_save and self.end == self.total))
+        if due:
+            self.checkpoint(done)
+        received = self.signals.requested(self.accelerator)
+        if received:
+            if not due:
+                self.checkpoint(done)
+            raise TrainingInterrupted(received, done, self.run.path, self.name)
+
+    def checkpoint(self, step: int) -> None:
+        state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "method": self.name, "step": step,
+                 "total_steps": self.total, "batch_size": self.config.batch_size, "seed": self.config.seed,
+                 **self.history.state()}
+        save_checkpoint(self.accelerator, self.run.path, state)
+
+
+# -- the named steps of a run ----------------------------------------------------------------------
+def _accelerator(config: TrainConfig):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
 
     AcceleratorState._reset_state()  # each run its own precision (repeated in-process runs, tests)
     accelerator = Accelerator(mixed_precision="bf16" if config.precision == "bf16" else "no",
                               step_scheduler_with_optimizer=False,
                               cpu=not torch.cuda.is_available())  # Accelerate needs cpu=True to run gloo DDP
-    main = accelerator.is_main_process
-    world, rank = accelerator.num_processes, accelerator.process_index
-    say = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
-    out = config.out or os.path.join("runs", method_name)
-    if config.batch_size % world:
-        raise ValueError(f"--batch-size {config.batch_size} must be divisible by the number of processes ({world})")
+    if config.batch_size % accelerator.num_processes:
+        raise ValueError(f"--batch-size {config.batch_size} must be divisible by the number of processes "
+                         f"({accelerator.num_processes})")
+    return accelerator
+
+
+def _broadcaster(accelerator) -> Callable[[Any], Any]:
+    def broadcast(value):
+        if accelerator.num_processes == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value])[0]
+
+    return broadcast
+
+
+def _build(name: str, build: Callable[[TrainConfig], Method], config: TrainConfig, default_steps: int):
+    """The method, its stage plan and batch orders, and the number of steps; checks them."""
+    from accelerate.utils import set_seed
+
     set_seed(config.seed)
     torch.manual_seed(step_seed(config.seed, -1, 0))  # the model's initialization: the same on every rank
-
     method = build(config)
     if config.grad_cache is not None and not method.supports_grad_cache:
-        raise ValueError(f"--grad-cache: method {method_name!r} does not give encoders and a representation loss")
+        raise ValueError(f"--grad-cache: method {name!r} does not give encoders and a representation loss")
     stages = method.stages()
     for stage in stages:
         if len(stage.data) < config.batch_size:
@@ -409,163 +533,78 @@ def train(method_name: str, build: Callable[[TrainConfig], Method], config: Trai
     total = total_steps_of(config, stages, default_steps)
     plan = stage_plan(stages, total)
     orders = [BatchOrder(len(stage.data), config.batch_size, config.seed + number) for number, (stage, _, _) in enumerate(plan)]
+    return method, plan, orders, total
 
-    # the resume state is checked before anything is written: a refused resume leaves no trace
-    directory, state = None, None
-    if config.resume:
-        directory = resolve_checkpoint(config.resume)
-        state = read_checkpoint_state(directory, method_name, config)
-        if state.get("total_steps") != total:
-            raise CheckpointError(f"--resume {directory!r}: the run had {state.get('total_steps')} steps, this one {total} "
-                                  "(the learning-rate schedule would differ); pass the same --steps")
 
-    if main:
-        os.makedirs(out, exist_ok=True)
-        _write_json(os.path.join(out, "config.json"), {"method": method_name, **config_to_dict(config)})
-    say(f"fastcl.trainers {method_name}: data {method.data_source or '?'}")
-    say(f"  seed {config.seed}, {total} steps, global batch {config.batch_size} on {world} process(es), "
-        f"device {accelerator.device}, precision {config.precision}, loss {config.loss}"
-        + (f", GradCache chunk {config.grad_cache}" if config.grad_cache else "") + f", output {out}/")
+def _resume_state(run: RunDirectory, name: str, config: TrainConfig, total: int) -> Optional[Dict[str, Any]]:
+    if run.checkpoint is None:
+        return None
+    state = read_checkpoint_state(run.checkpoint, name, config)
+    if state.get("total_steps") != total:
+        raise CheckpointError(f"--resume {run.checkpoint!r}: the run had {state.get('total_steps')} steps, this one {total} "
+                              "(the learning-rate schedule would differ); pass the same --steps")
+    return state
 
-    model = method.model
-    optimizer = torch.optim.AdamW(method.parameters if method.parameters is not None else model.parameters(),
+
+def _prepare(accelerator, method: Method, config: TrainConfig, total: int):
+    optimizer = torch.optim.AdamW(method.parameters if method.parameters is not None else method.model.parameters(),
                                   lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.warmup_steps, total))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    unwrapped = accelerator.unwrap_model(model)
+    return accelerator.prepare(method.model, optimizer, linear_schedule(optimizer, config.warmup_steps, total))
 
-    start = 0
-    if state is not None:
-        load_checkpoint(accelerator, directory)
-        start = int(state["step"])
-        say(f"  resumed from {directory} at step {start}")
 
+def _evaluator(accelerator, method: Method, config: TrainConfig) -> Callable[[], Dict[str, float]]:
     def evaluate() -> Dict[str, float]:
         metrics = {}
-        if main and not config.skip_eval:
-            unwrapped.eval()
+        if accelerator.is_main_process and not config.skip_eval:
+            model = accelerator.unwrap_model(method.model)
+            model.eval()
             with torch.no_grad(), accelerator.autocast():
-                metrics = _floats(method.evaluate(unwrapped))
-            unwrapped.train()
+                metrics = _floats(method.evaluate(model))
+            model.train()
         accelerator.wait_for_everyone()
         return metrics
 
+    return evaluate
+
+
+def _history(state, evaluate, method: Method, config: TrainConfig, main: bool) -> History:
     if state is not None:
-        before, baselines, evals = state.get("before", {}), state.get("baselines", {}), state.get("evals", [])
-    elif config.skip_before:
-        before, baselines, evals = {}, {}, []
-    else:
-        before = evaluate()
-        baselines = (method.baselines() if method.baselines is not None and not config.skip_eval else {}) if main else {}
-        evals = [{"step": 0, "metrics": before}]
+        return History.from_state(state)
+    if config.skip_before:
+        return History()
+    before = evaluate()
+    baselines = (method.baselines() if method.baselines is not None and not config.skip_eval else {}) if main else {}
+    return History(before, baselines, [{"step": 0, "metrics": before}])
 
-    log_path = os.path.join(out, "log.jsonl")
-    losses: List[Tuple[int, float]] = []
-    if main:
-        kept = []
-        if start and os.path.isfile(log_path):
-            with open(log_path) as f:
-                for line in f:
-                    record = json.loads(line)
-                    if record.get("step", 0) <= start:
-                        kept.append(line)
-                        losses.append((record["step"], record["loss"]))
-        with open(log_path, "w") as f:
-            f.writelines(kept)
 
-    cache = None
-    if config.grad_cache is not None:
-        from fastcl import GradCache
+def _announce(say, name: str, method: Method, config: TrainConfig, accelerator, total: int, out: str) -> None:
+    say(f"fastcl.trainers {name}: data {method.data_source or '?'}")
+    say(f"  seed {config.seed}, {total} steps, global batch {config.batch_size} on {accelerator.num_processes} process(es), "
+        f"device {accelerator.device}, precision {config.precision}, loss {config.loss}"
+        + (f", GradCache chunk {config.grad_cache}" if config.grad_cache else "") + f", output {out}/")
 
-        cache = GradCache(model, chunk_size=config.grad_cache, loss_fn=method.representation_loss)
 
-    def snapshot(step: int) -> Dict[str, Any]:
-        return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "method": method_name, "step": step,
-                "total_steps": total, "batch_size": config.batch_size, "seed": config.seed,
-                "before": before, "baselines": baselines, "evals": evals}
-
-    local = config.batch_size // world
-    end = min(total, config.stop_after) if config.stop_after else total
-    bar = _progress(total, start, main)
-    step_times: List[float] = []
-    memory = PeakMemory(accelerator.device)
-    model.train()
-    log_file = open(log_path, "a") if main else None
-    try:
-        for step in range(start, end):
-            stage_index = max(i for i, (_, first, _) in enumerate(plan) if step >= first or i == 0)
-            stage, first, _ = plan[stage_index]
-            indices = orders[stage_index].indices(step - first)[rank * local:(rank + 1) * local]
-            batch = to_device(stage.collate([stage.data[i] for i in indices]), accelerator.device)
-            torch.manual_seed(step_seed(config.seed, step, rank))
-            began = time.perf_counter()
-            if cache is not None:
-                inputs, loss_kwargs = method.encode_inputs(batch)
-                with accelerator.autocast():
-                    loss = cache.step(*inputs, **loss_kwargs)
-            else:
-                with accelerator.autocast():
-                    loss = method.compute_loss(batch, model)
-                accelerator.backward(loss)
-            learning_rate = scheduler.get_last_lr()[0]  # the rate this step trains at (read before the scheduler moves)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if method.after_step is not None:
-                method.after_step(unwrapped)
-            loss_value = float(accelerator.reduce(loss.detach().float().reshape(1), reduction="mean").item())
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"step {step + 1}: the loss is {loss_value}")
-            elapsed = time.perf_counter() - began
-            step_times.append(elapsed)
-            if len(step_times) == 1 and end - start > 1:
-                # steady state: the peak of the later steps above what the first one left allocated
-                # (optimizer state, lazy initialization, warmed-up caches)
-                memory = PeakMemory(accelerator.device)
-            done = step + 1
-            record = {"step": done, "loss": loss_value, "lr": learning_rate, "stage": stage.name,
-                      "time_s": round(elapsed, 5), "samples_per_s": round(config.batch_size / elapsed, 2)}
-            if config.eval_every and done % config.eval_every == 0 and done < total:
-                metrics = evaluate()
-                evals.append({"step": done, "metrics": metrics})
-                record["eval"] = metrics
-            if main:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                losses.append((done, loss_value))
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{record['samples_per_s']:.1f}",
-                                **({"stage": stage.name} if len(plan) > 1 else {}))
-                bar.update(1)
-            if (config.save_every and done % config.save_every == 0) or (done == end and not (config.skip_save and end == total)):
-                save_checkpoint(accelerator, out, snapshot(done))
-    finally:
-        if bar is not None:
-            bar.close()
-        if log_file is not None:
-            log_file.close()
-    peak = memory.peak_mb()
-    timing = {"time_per_step_s": statistics.median(step_times[1:] if len(step_times) > 1 else step_times) if step_times else None,
-              "peak_memory_mb": peak, "steps_run": len(step_times)}
-    if end < total:
-        say(f"stopped after step {end} of {total} (--stop-after); continue with --resume {out}")
-        return {"stopped_at": end, "train": timing}
-
+def _results(say, name: str, method: Method, config: TrainConfig, accelerator, history: History, losses, evaluate,
+             total: int, out: str) -> Dict[str, Any]:
     final = evaluate()
-    evals.append({"step": total, "metrics": final})
-    result = {"method": method_name, "data": method.data_source, "seed": config.seed, "steps": total,
-              "batch_size": config.batch_size, "loss": config.loss, "grad_cache": config.grad_cache,
-              "precision": config.precision, "processes": world, **final, "before": before, **baselines,
-              "train": timing, "goal_metric": method.goal_metric, **({"extra": method.extra} if method.extra else {})}
-    if main:
-        _write_json(os.path.join(out, "metrics.json"), result)
-        note = plot_curves(os.path.join(out, "curves.png"), losses, evals, method.goal_metric,
-                           f"{method_name} ({config.loss}; {method.data_source.split(';')[0]})")
-        say("")
+    history.evals.append({"step": total, "metrics": final})
+    timing = history.timing()
+    result = {"method": name, "data": method.data_source, "seed": config.seed, "steps": total,
+              "batch_size": config.batch_size, "loss_implementation": config.loss,
+              "final_train_loss": losses[-1][1] if losses else None, "grad_cache": config.grad_cache,
+              "precision": config.precision, "processes": accelerator.num_processes, **final, "before": history.before,
+              **history.baselines, "train": timing, "goal_metric": method.goal_metric,
+              **({"extra": method.extra} if method.extra else {})}
+    if accelerator.is_main_process:
+        write_json(os.path.join(out, "metrics.json"), result)
+        note = plot_curves(os.path.join(out, "curves.png"), losses, history.evals, method.goal_metric,
+                           f"{name} ({config.loss}; {method.data_source.split(';')[0]})")
         final_flat, final_sections = _split_sections(final)
-        before_flat, before_sections = _split_sections(before)
-        columns = {**final_sections, "before": before_flat, **{f"{k} before": v for k, v in before_sections.items()}, **baselines}
-        say(format_metrics_table(final_flat, columns))
+        before_flat, before_sections = _split_sections(history.before)
+        columns = {**final_sections, "before": before_flat, **{f"{k} before": v for k, v in before_sections.items()},
+                   **history.baselines}
+        say("\n" + format_metrics_table(final_flat, columns))
+        peak = timing["peak_memory_mb"]
         say(f"time/step {timing['time_per_step_s'] or float('nan'):.3f} s, peak memory of the steps "
             f"{(peak if peak is not None else float('nan')):.0f} MB; wrote {out}/metrics.json, log.jsonl"
             + ("" if note else ", curves.png"))
@@ -573,3 +612,39 @@ def train(method_name: str, build: Callable[[TrainConfig], Method], config: Trai
             say(note)
     accelerator.wait_for_everyone()
     return result
+
+
+def train(method_name: str, build: Callable[[TrainConfig], Method], config: TrainConfig,
+          default_steps: int = 100) -> Dict[str, Any]:
+    """Build the method, train it, evaluate it; returns what metrics.json holds.
+
+    Every check (options, the run directory, the resume state) runs before anything is written.
+    Raises TrainingInterrupted after a SIGINT / SIGTERM (its checkpoint saved), TrainingDiverged
+    on a non-finite loss, ValueError / CheckpointError / DataUnavailable on a refused run."""
+    accelerator = _accelerator(config)
+    main = accelerator.is_main_process
+    say = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
+    run = RunDirectory.choose(config.out, config.resume, config.overwrite, method_name, _broadcaster(accelerator))
+    method, plan, orders, total = _build(method_name, build, config, default_steps)
+    state = _resume_state(run, method_name, config, total)
+    if main:
+        run.create({"method": method_name, **config_to_dict(config)})
+    _announce(say, method_name, method, config, accelerator, total, run.path)
+    model, optimizer, scheduler = _prepare(accelerator, method, config, total)
+    start = 0
+    if state is not None:
+        load_checkpoint(accelerator, run.checkpoint)
+        start = int(state["step"])
+        say(f"  resumed from {run.checkpoint} at step {start}")
+    evaluate = _evaluator(accelerator, method, config)
+    history = _history(state, evaluate, method, config, main)
+    losses = run.start_log(start) if main else []
+    end = min(total, config.stop_after) if config.stop_after else total
+    loop = _Loop(accelerator, method_name, method, config, plan, orders, run, model, optimizer, scheduler, history,
+                 losses, evaluate, min(start, end), end, total)
+    loop.run_steps()
+    if end < total:
+        say(f"stopped after step {end} of {total} (--stop-after); continue with "
+            f"python -m fastcl.trainers {method_name} --resume {run.path}")
+        return {"stopped_at": end, "train": history.timing()}
+    return _results(say, method_name, method, config, accelerator, history, losses, evaluate, total, run.path)

@@ -9,6 +9,15 @@ import numpy as np
 import torch
 
 
+def progress(iterable, description: str, total=None):
+    """``iterable`` with a progress bar on stderr (tqdm, when installed) for long evaluations."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, desc=description, total=total, leave=False, dynamic_ncols=True, unit="batch")
+
+
 def spearman(predicted: Sequence[float], gold: Sequence[float]) -> float:
     """Spearman rank correlation (scipy's, ties averaged)."""
     from scipy.stats import spearmanr

@@ -33,7 +33,7 @@ from .data import choose, faq, lee, synthetic
 from .dpr import BM25, training_rows
 from .engine import DataUnavailable, Method, Stage
 from .evaluation import retrieval_metrics, spearman
-from .text import TextConfig, load_encoder, mean_pool
+from .text import TextConfig, load_encoder, mean_pool, needs_text_model
 
 DEFAULT_STEPS = 40
 RETRIEVAL_TASK = "Given a question, retrieve passages that answer it"
@@ -115,7 +115,7 @@ def build(config: Config) -> Method:
     def fake():
         return synthetic.question_passages(config.synthetic_size or 300, seed=7), synthetic.similarity_pairs(40, seed=3)
 
-    (pairs, (documents, rated)), is_real, source = choose(config.data, real, fake,
+    (pairs, (documents, rated)), is_real, source = choose(config.data, needs_text_model(real, config.model), fake,
                                                           "FAQ question/passage pairs + Lee rated pairs")
     train, test = faq.split(pairs, config.train_fraction, config.split_seed)
     retrieval = [(RETRIEVAL_TASK,) + row for row in training_rows(pairs, train, 1)]

@@ -44,12 +44,15 @@ from .data.canvases import CanvasDataset, box_mask, box_overlap, patch_boxes, se
 from .data.captions import all_region_captions
 from .data.fashion_mnist import load_images
 from .engine import Method
+from .evaluation import progress
 from .vision_evaluation import box_recall, peak_memory, retrieval_accuracy
-from .vision_models import CaptionTower
+from .vision_models import CaptionTower, caption_encoder_kind
 
 DEFAULT_STEPS = 200
 BENCH_ARGS = ["--data", "auto", "--steps", "6", "--batch-size", "16", "--eval-canvases", "8"]
-# PS3's memory axis is the canvas side (vision_bench.largest_canvas), not the batch
+# other libraries run inside this trainer: label -> extra options (the bench suite runs them)
+BENCH_PEERS = {"full high-res ViT": ["--encoder", "full"]}
+# PS3's memory axis is the canvas side (bench_canvas_step), not the batch
 BENCH_BATCH_ARGS = ["--data", "auto", "--steps", "2", "--eval-canvases", "2"]
 
 
@@ -189,7 +192,7 @@ class PS3Model(nn.Module):
 def siglip(image_features, text_features, scale, bias, loss: str):
     if losses.distributed_active():
         return fastcl.distributed.siglip_loss(image_features, text_features, scale, bias)
-    return fastcl.siglip_loss(image_features, text_features, scale, bias, backend=losses.backend_for(loss))
+    return fastcl.siglip_loss(image_features, text_features, scale, bias, backend=losses.backend_for(loss, image_features.device))
 
 
 def evaluation_pairs(dataset: CanvasDataset):
@@ -207,7 +210,7 @@ def evaluation_pairs(dataset: CanvasDataset):
 def build(config: Config) -> Method:
     data = load_images(config.data, train_limit=config.source_limit, seed=config.seed)
     captions = all_region_captions(data.class_names)
-    text_kind = config.text_encoder if config.text_encoder != "auto" else ("bow" if data.source == "synthetic" else "minilm")
+    text_kind = caption_encoder_kind(config.text_encoder, data.source != "synthetic")
     model = PS3Model(config, captions, text_kind, data.train_images.shape[1])
     items = (config.items_min, config.items_max)
     train = CanvasDataset(data.train_images, data.train_labels, config.train_canvases, config.canvas_side,
@@ -232,7 +235,7 @@ def build(config: Config) -> Method:
         device = trained.logit_scale.device
         selective, low_only, full, recalls = [], [], [], []
         chunk = 16
-        for start in range(0, len(pair_canvas), chunk):
+        for start in progress(range(0, len(pair_canvas), chunk), "evaluating held-out canvases"):
             canvas = images[pair_canvas[start:start + chunk]].to(device)
             boxes = pair_boxes[start:start + chunk].to(device)
             caption = pair_captions[start:start + chunk].to(device)
@@ -285,17 +288,15 @@ def build(config: Config) -> Method:
                          "low_res_tokens": (config.low_res // config.patch_size) ** 2})
 
 
-def bench_peers(argv, out_dir):
-    """The peer's row: the full high-res ViT (every patch of the largest scale) trained the same way."""
-    from .vision_bench import run_trainer
 
-    return {"full high-res ViT": run_trainer("ps3", list(argv) + ["--encoder", "full"], out_dir)}
-
-
-def bench_search():
-    """The largest canvas side whose one-canvas step fits the benchmark's memory cap, for the
-    selective encoder and, beside it, the full high-res one."""
-    from .vision_bench import largest_canvas
-
-    found = {encoder: largest_canvas(encoder)["largest_side"] for encoder in ("selective", "full")}
-    return f"side {found['selective']} (full: {found['full']})"
+def bench_canvas_step(side: int, encoder: str):
+    """One forward + backward of one ``side`` x ``side`` canvas through PS3's model with the
+    ``encoder`` ("selective" or "full"), as a callable: the bench suite's largest-canvas search
+    (``fastcl.bench.suites.trainers``) grows the side while its peak memory fits the cap."""
+    low_res = max(14, (side // 4) // 14 * 14)
+    config = Config(data="synthetic", canvas_side=side, low_res=low_res, encoder=encoder)
+    model = PS3Model(config, all_region_captions([str(i) for i in range(10)]), "bow", 1)
+    images = torch.rand(1, 1, side, side)
+    boxes = torch.tensor([[side // 4, side // 4, side // 2, side // 2]])
+    ids = torch.tensor([0])
+    return lambda: model(images=images, caption_ids=ids, boxes=boxes).sum().backward()

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.movielens import ImplicitSplit
+from .engine import fit
 from .evaluation import auc, retrieval_metrics
 
 
@@ -60,19 +61,25 @@ def train_bpr_mf(split: ImplicitSplit, dim: int = 64, epochs: int = 30, batch_si
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     users = torch.as_tensor(split.train_user)
     items = torch.as_tensor(split.train_item)
-    for _ in range(epochs):
-        order = torch.randperm(len(users), generator=generator)
-        for start in range(0, len(users), batch_size):
-            index = order[start:start + batch_size]
-            u, i = users[index], items[index]
-            j = torch.randint(0, split.num_items, (len(index),), generator=generator)
-            eu, ei, ej = model.users(u), model.items(i), model.items(j)
-            difference = (eu * (ei - ej)).sum(-1) + (model.item_bias(i) - model.item_bias(j)).squeeze(-1)
-            loss = -F.logsigmoid(difference).mean()
-            loss = loss + weight_decay * (eu.square().sum() + ei.square().sum() + ej.square().sum()) / len(index)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    per_epoch = math.ceil(len(users) / batch_size)
+    order = torch.empty(0, dtype=torch.long)
+
+    def compute_gradients(step: int) -> torch.Tensor:
+        nonlocal order
+        position = step % per_epoch
+        if position == 0:
+            order = torch.randperm(len(users), generator=generator)
+        index = order[position * batch_size:(position + 1) * batch_size]
+        u, i = users[index], items[index]
+        j = torch.randint(0, split.num_items, (len(index),), generator=generator)
+        eu, ei, ej = model.users(u), model.items(i), model.items(j)
+        difference = (eu * (ei - ej)).sum(-1) + (model.item_bias(i) - model.item_bias(j)).squeeze(-1)
+        loss = -F.logsigmoid(difference).mean()
+        loss = loss + weight_decay * (eu.square().sum() + ei.square().sum() + ej.square().sum()) / len(index)
+        loss.backward()
+        return loss
+
+    fit(range(epochs * per_epoch), optimizer, compute_gradients)
     return model
 
 

@@ -35,6 +35,8 @@ DEFAULT_STEPS = 300
 # The benchmark's run (python -m fastcl.bench trainers adds --loss / --grad-cache) and its
 # largest-batch search (the batch doubles until a run needs more than the memory cap).
 BENCH_ARGS = ["--data", "auto", "--steps", "6", "--batch-size", "256", "--eval-train", "2000", "--eval-test", "1000"]
+# other libraries run inside this trainer: label -> extra options (the bench suite runs them)
+BENCH_PEERS = {peer: ["--peer", peer] for peer in ("pytorch-metric-learning", "lightly")}
 BENCH_BATCH_ARGS = ["--data", "auto", "--steps", "2", "--eval-train", "200", "--eval-test", "200"]
 
 
@@ -89,7 +91,7 @@ class SimCLRModel(nn.Module):
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, loss: str) -> torch.Tensor:
     """NT-Xent of the 2B views: :func:`fastcl.nt_xent`, or with every rank's views as negatives."""
     if not losses.distributed_active():
-        return fastcl.nt_xent(z1, z2, temperature=temperature, backend=losses.backend_for(loss))
+        return fastcl.nt_xent(z1, z2, temperature=temperature, backend=losses.backend_for(loss, z1.device))
     batch = z1.shape[0]
     views = torch.cat([z1, z2])
     index = torch.arange(batch, device=z1.device)
@@ -161,12 +163,4 @@ def build(config: Config) -> Method:
                               f"{len(evaluation.train_images)} train / {len(evaluation.test_images)} test",
                   extra={"evaluation": f"{data.source} test split", "encoder_parameters":
                          sum(p.numel() for p in model.encoder.parameters())})
-
-
-def bench_peers(argv, out_dir):
-    """The peers' rows: this trainer with pytorch-metric-learning's and lightly's NTXentLoss."""
-    from .vision_bench import run_trainer
-
-    return {peer: run_trainer("simclr", list(argv) + ["--peer", peer], f"{out_dir}/{peer}")
-            for peer in ("pytorch-metric-learning", "lightly")}
 

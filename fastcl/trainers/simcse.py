@@ -27,7 +27,7 @@ from .data import choose, lee, synthetic
 from .engine import Method
 from .evaluation import spearman
 from .config import option
-from .text import TextConfig, TextEncoder, embed, load_encoder, tokenize
+from .text import TextConfig, TextEncoder, embed, load_encoder, needs_text_model, tokenize
 
 DEFAULT_STEPS = 100
 
@@ -52,16 +52,16 @@ class Config(TextConfig):
 
 def _training_texts(config: Config):
     if config.mode == "unsup":
-        return choose(config.data, lambda: [(s,) for s in lee.background_sentences()],
+        return choose(config.data, needs_text_model(lambda: [(s,) for s in lee.background_sentences()], config.model),
                       lambda: [(s,) for s, _ in synthetic.sentences(config.synthetic_size or 512, seed=config.seed)],
                       "Lee background sentences (gensim)")
     if config.triples == "lee":
-        return choose(config.data, lambda: lee.document_triples(config.seed),
+        return choose(config.data, needs_text_model(lambda: lee.document_triples(config.seed), config.model),
                       lambda: synthetic_triples(config.seed, config.synthetic_size or 256),
                       "Lee background triples (sentence, next sentence of its document, sentence of another document)")
     from .data import faq
 
-    return choose(config.data, faq.simcse_triples, lambda: synthetic_triples(config.seed, config.synthetic_size or 256),
+    return choose(config.data, needs_text_model(faq.simcse_triples, config.model), lambda: synthetic_triples(config.seed, config.synthetic_size or 256),
                   "FAQ triples (question, its answer, another answer of the same FAQ)")
 
 

