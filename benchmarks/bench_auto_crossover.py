@@ -1,7 +1,7 @@
 """``auto`` against the fastest of {naive, torch, cpu} at every batch size, in one process.
 
 For B in {64, ..., 8192}, normalized and unnormalized inputs, tau in {0.01, 0.05, 1} and D in
-{128, 768} (issue 21's grid), every provider runs fwd+bwd on the same inputs, rounds
+{128, 768} (the goal grid), every provider runs fwd+bwd on the same inputs, rounds
 interleaved (so machine noise hits all alike), and the median of each is compared:
 ``auto / naive`` and ``auto / fastest``. ``naive`` is the plain PyTorch loss users write
 (``F.cross_entropy`` on the materialized logits). Also reports the crossover: the smallest B

@@ -15,7 +15,7 @@ Cases (bf16 inputs, L2-normalized, forward + backward of the scalar loss):
   is installed), one timed step each (the tile choice comes from the B = 65536 run: tuning
   happens on a capped size and is cached, so the 1M step is not also a warm-up).
 * a CUDA-graph capture of a CLIP training step (learnable temperature on the GPU): captured,
-  replayed, compared bit for bit with the eager step (issue 15: no host sync in the hot path).
+  replayed, compared bit for bit with the eager step (no host sync in the hot path).
 
 ``--dry-run`` runs everything on CPU tensors (Triton interpreter) at tiny sizes, to exercise the
 script and its summary without a GPU (the graph check is reported as not run).

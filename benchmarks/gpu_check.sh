@@ -13,7 +13,7 @@
 # 3. runs the `cuda` tests AND the Triton parity tests (`-m "cuda or triton"`: on a GPU the
 #    Triton tests run compiled on CUDA tensors) with one pinned tile configuration (correctness;
 #    each autotuning candidate would be one more compile per option set): first the cuda tests,
-#    issue 15's defect tests and the patch / latent-attention ones, then (after the benchmark)
+#    the GPU-path tests and the patch / latent-attention ones, then (after the benchmark)
 #    the InfoNCE / SigLIP parity tests in bf16, then in fp32 / fp16 with the time left;
 # 4. the InfoNCE / CLIP benchmark (benchmarks/bench_info_nce_gpu.py): B = 65536 and B = 1M CLIP
 #    rows against Inf-CL and naive, achieved TFLOP/s, the autotuned (not pinned) kernels'
@@ -40,7 +40,7 @@ share() { local s=$(( $(left) - $1 )); [ "$s" -lt "$2" ] && s=$2; echo "$s"; }  
 cap() { local s; s=$(share "$2" "$3"); [ "$s" -gt "$1" ] && s=$1; echo "$s"; }  # cap MAX RESERVE MINIMUM
 log() { echo "[gpu_check +$(elapsed)s] $*" | tee -a "$out/gpu_check.log"; }
 declare -A step_status
-steps="install compile_check tests_cuda_and_defects info_nce_gpu tests_triton_bf16 suites tests_triton_other"
+steps="install compile_check tests_cuda_and_gpu_paths info_nce_gpu tests_triton_bf16 suites tests_triton_other"
 for step in $steps; do step_status[$step]="not run"; done
 export FASTCL_TUNE_CACHE="$out/triton_tiles.json"
 
@@ -90,7 +90,7 @@ else compile_args=(--all-configs --arch "$arch"); fi
 compile_pid=$!
 
 # The tests, most telling first (each option set and dtype is one more compile on the device):
-# the cuda-marked tests and issue 15's defect tests, then the Triton parity tests in bf16, and
+# the cuda-marked tests and the GPU-path tests, then the Triton parity tests in bf16, and
 # (after the benchmarks, with the time left) their fp32 / fp16 cases. One pinned tile
 # configuration: the tests check correctness; the benchmark checks the autotuned kernels.
 run_tests() {  # STEP SECONDS PYTEST-ARGS...
@@ -102,10 +102,10 @@ run_tests() {  # STEP SECONDS PYTEST-ARGS...
   tail -8 "$out/$step.log"
 }
 if [ "$dry_run" = 1 ]; then
-  run_tests tests_cuda_and_defects "$(cap 120 150 30)" -m "cuda or triton" tests/ops/test_gpu_defects.py -k "d2 or d9"
+  run_tests tests_cuda_and_gpu_paths "$(cap 120 150 30)" -m "cuda or triton" tests/ops/test_gpu_paths.py -k "softplus or cuda_kernels"
 else
-  run_tests tests_cuda_and_defects "$(cap 90 150 30)" -m "cuda or triton" tests/ops/test_info_nce_cuda.py \
-    tests/ops/test_gpu_defects.py tests/ops/test_patches.py tests/ops/test_latent_attention.py tests/test_ps3.py
+  run_tests tests_cuda_and_gpu_paths "$(cap 90 150 30)" -m "cuda or triton" tests/ops/test_info_nce_cuda.py \
+    tests/ops/test_gpu_paths.py tests/ops/test_patches.py tests/ops/test_latent_attention.py tests/test_ps3.py
 fi
 
 log "InfoNCE / CLIP benchmark"
@@ -158,7 +158,7 @@ summary_file="$out/summary.md"
   echo "- torch $($python -c 'import torch; print(torch.__version__)'), triton $($python -c 'import triton; print(triton.__version__)' 2>&1 | tail -1), fastcl commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   echo "- total time: $(elapsed) s of a ${budget} s budget (exit status 124 = stopped by the time budget)"
   for step in $steps; do echo "- $step: exit status ${step_status[$step]}"; done
-  for step in tests_cuda_and_defects tests_triton_bf16 tests_triton_other; do
+  for step in tests_cuda_and_gpu_paths tests_triton_bf16 tests_triton_other; do
     [ -f "$out/$step.log" ] && echo "- $step: $(grep -E '(passed|failed|error|skipped)' "$out/$step.log" | tail -1)"
     grep -E '^(FAILED|ERROR) ' "$out/$step.log" 2>/dev/null | head -10 | sed 's/^/  - /'
   done
@@ -176,5 +176,5 @@ summary_file="$out/summary.md"
 log "done: $summary_file"
 cat "$summary_file"
 failed=0
-for step in tests_cuda_and_defects info_nce_gpu compile_check; do [ "${step_status[$step]}" = 0 ] || failed=1; done
+for step in tests_cuda_and_gpu_paths info_nce_gpu compile_check; do [ "${step_status[$step]}" = 0 ] || failed=1; done
 exit $failed

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the patch ops (issue 6) on the device machine, < 5 minutes: build with CUDA,
+# GPU check of the patch ops on the device machine, < 5 minutes: build with CUDA,
 # run the cuda/triton tests of the patch ops and the encoder, then the patches bench suite
 # (issue shapes). Usage: benchmarks/gpu_check_patches.sh [PYTHON]
 set -euo pipefail

@@ -6,7 +6,7 @@
 The interpreter tests check the kernels' maths but not that they compile: this runs Triton's
 real pipeline (Triton IR -> GPU IR -> PTX -> cubin with the bundled ptxas) for every
 ``@triton.jit`` kernel in fastcl (InfoNCE, SigLIP, latent attention, patch gather; the helpers
-of fastcl/ops/triton_common.py are compiled inside the kernels that call them), for a sample of
+of fastcl/ops/common/triton_runtime.py are compiled inside the kernels that call them), for a sample of
 option sets and dtypes that together reach every branch, and prints shared memory, registers
 per thread and spilled bytes (ptxas's own report) for each. A kernel found in those modules
 but missing from the plan fails the run, so a new kernel cannot go unchecked.
@@ -52,7 +52,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from fastcl.ops import triton_common  # noqa: E402
+from fastcl.ops.common import triton_runtime as triton_common  # noqa: E402
 from fastcl.ops.info_nce import triton as info_nce_kernels  # noqa: E402
 from fastcl.ops.latent_attention import triton as latent_attention_kernels  # noqa: E402
 from fastcl.ops.patches import triton as patches_kernels  # noqa: E402

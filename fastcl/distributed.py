@@ -37,8 +37,10 @@ from torch.utils.checkpoint import checkpoint
 
 from .ops.info_nce import info_nce as _info_nce
 from .ops.info_nce import _inverse_scale
-from .ops.info_nce.chunked import block_rows_for, count_positives
-from .ops.info_nce.options import MASK, PAIRWISE, REDUCTIONS, SUPCON, check_embeddings, check_same_device
+from .ops.common.blocks import block_rows_for
+from .ops.common.checks import REDUCTIONS, check_choice, check_embeddings, check_same_device
+from .ops.info_nce.chunked import count_positives
+from .ops.info_nce.options import MASK, PAIRWISE, SUPCON
 
 __all__ = ["info_nce", "clip_loss", "siglip_loss", "all_gather_rows"]
 
@@ -182,8 +184,7 @@ def info_nce(
     check_embeddings("key", key, "(N, D)", 2)
     check_same_device(query=query, key=key, hard_negatives=hard_negatives, positive=positive,
                       labels=labels, key_labels=key_labels)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_choice("reduction", reduction, REDUCTIONS)
     batch, num_keys = query.shape[0], key.shape[0]
     if positive is not None and isinstance(positive, torch.Tensor) and positive.numel() > 0:
         low, high = int(positive.min()), int(positive.max())

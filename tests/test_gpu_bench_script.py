@@ -76,7 +76,7 @@ def test_gpu_check_dry_run_writes_the_summary(tmp_path):
                             env=environment, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     summary = (tmp_path / "summary.md").read_text()
-    for line in ("# GPU check", "- compile_check: exit status 0", "- tests_cuda_and_defects: exit status 0",
+    for line in ("# GPU check", "- compile_check: exit status 0", "- tests_cuda_and_gpu_paths: exit status 0",
                  "- info_nce_gpu: exit status 0", "| clip | triton |", "| clip_1m | triton |",
                  "CUDA-graph capture of a CLIP step: not run", "autotuned triton vs naive"):
         assert line in summary, line

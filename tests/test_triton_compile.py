@@ -1,4 +1,4 @@
-"""Every Triton kernel of fastcl compiles to an sm_90 cubin without a GPU (issue 15).
+"""Every Triton kernel of fastcl compiles to an sm_90 cubin without a GPU.
 
 benchmarks/triton_compile_check.py runs Triton's real pipeline in a fresh process (the
 interpreter cannot lower kernels); ``--quick`` compiles each kernel with the option sets that

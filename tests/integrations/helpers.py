@@ -1,4 +1,4 @@
-"""Shared helpers of the adapter tests: gradients of a loss, the tolerance of issue 11."""
+"""Shared helpers of the adapter tests: gradients of a loss, the adapters' tolerance."""
 import torch
 
 LOSS_RTOL = 1e-5

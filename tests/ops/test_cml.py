@@ -109,9 +109,9 @@ def test_cml_scan_runs_without_big_tensors(monkeypatch):
     """The cpu backend takes the native scan, once, with the table read in place."""
     if "cpu" not in BACKENDS:
         pytest.skip("native CPU backend not built")
-    from fastcl.ops.cml import chunked
+    from fastcl.ops.cml import native
 
-    calls = record_calls(monkeypatch, chunked, "native_scan", "item_table")
+    calls = record_calls(monkeypatch, native, "native_scan", "item_table")
     users, positives, table, indices = _inputs(8, 6, 5, 10, torch.float32)
     fastcl.cml_loss(users, positives, negative_indices=indices, item_table=table, backend="cpu")
     assert len(calls) == 1 and calls[0].shape == (10, 5)

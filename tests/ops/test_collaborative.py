@@ -157,9 +157,9 @@ def test_collaborative_gradcheck_opcheck_compile_and_module(monkeypatch):
     for a, b in zip(torch.autograd.grad(compiled_value, leaves), torch.autograd.grad(eager_value, leaves)):
         torch.testing.assert_close(a, b)
     if "cpu" in BACKENDS:
-        from fastcl.ops.collaborative import chunked
+        from fastcl.ops.collaborative import native
 
-        calls = record_calls(monkeypatch, chunked, "native_pages", "compute_grads")
+        calls = record_calls(monkeypatch, native, "native_pages", "compute_grads")
         criterion = fastcl.CollaborativeContrastiveLoss(temperature=0.3)
         value = criterion(*leaves[:1], clicks, mask, trigger=leaves[1])
         value.backward()

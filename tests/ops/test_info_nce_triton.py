@@ -12,6 +12,7 @@ import torch
 
 import fastcl
 from fastcl.ops.info_nce import naive
+from fastcl.ops.siglip import naive as siglip_naive
 
 from .compare import DEVICE, ON_GPU, TRITON_MARKS, assert_close
 
@@ -187,11 +188,11 @@ def test_float64_runs_on_the_chunked_path():
     image, text = tensors["query"], tensors["key"][:9]
     siglip = fastcl.siglip_loss(image, text, 5.0, -1.0, backend="triton")
     assert siglip.dtype == torch.float64
-    assert_close(siglip, naive.siglip_loss(image, text, 5.0, -1.0), 1e-12, "siglip loss")
+    assert_close(siglip, siglip_naive.siglip_loss(image, text, 5.0, -1.0), 1e-12, "siglip loss")
 
 
 # The tile selection (pinned configurations, the tuner's key, file cache and ranks) is tested in
-# tests/ops/test_gpu_defects.py (issue 15, defects 3 and 4).
+# tests/ops/test_gpu_paths.py.
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
@@ -207,7 +208,7 @@ def test_siglip_matches_naive(dtype):
         if backend == "triton":
             loss = fastcl.siglip_loss(x, y, scale, bias, backend="triton")
         else:
-            loss = naive.siglip_loss(x, y, scale, bias)
+            loss = siglip_naive.siglip_loss(x, y, scale, bias)
         grads = torch.autograd.grad(loss, [x, y, scale, bias], torch.tensor(1.5, device=DEVICE))
         results.append((loss, grads))
     (loss, grads), (expected, expected_grads) = results

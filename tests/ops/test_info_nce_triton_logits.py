@@ -1,5 +1,5 @@
 """The Triton symmetric (CLIP) loss at large unnormalized logits, 1e2 to 1e7, against the float64
-reference (issue 18, item 1).
+reference.
 
 The key->query direction rides along the row pass (column sums shifted by a bound, added with
 atomics); the columns whose shifted sum underflowed get their LSE from a filtered recompute, and
@@ -72,7 +72,7 @@ def _embeddings(batch, num_keys, dim, layout, largest_logit, temperature, seed):
 
 
 # (batch, keys, dim, temperature, layout) per largest logit: odd shapes (7 rows in a 32-row tile,
-# 13 dims in a 32-wide chunk, keys beyond the batch), the unnormalized CLIP loss of issue 18
+# 13 dims in a 32-wide chunk, keys beyond the batch), the unnormalized CLIP loss
 CASES = [
     (1e2, (20, 20, 24, 0.05, "random")), (1e2, (7, 9, 13, 0.2, "opposed")),
     (1e3, (20, 20, 24, 0.01, "opposed")), (1e3, (7, 13, 13, 0.05, "aligned")),

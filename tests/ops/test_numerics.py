@@ -1,4 +1,4 @@
-"""The numerics contract of the CPU paths (issue 10, items 1-3), against the naive references.
+"""The numerics contract of the CPU paths, against the naive references.
 
 * exp of any argument <= 0 is accurate or exactly 0: no subnormal reaches a gradient product;
 * huge gaps (temperature 1e-9, logits 1e30, gates 3e4) are exact;
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import fastcl
 from fastcl._native import backends, typed_kernel
 from fastcl.ops.info_nce import naive
+from fastcl.ops.siglip import naive as siglip_naive
 from fastcl.ops.info_nce.chunked import Direction, torch_row_kernel
 from fastcl.ops.info_nce.options import InfoNCEOptions
 
@@ -171,7 +172,7 @@ def run_siglip(backend, x, y, scale, bias):
     leaves = [x.clone().requires_grad_(), y.clone().requires_grad_(), torch.tensor(scale, dtype=torch.float64,
               requires_grad=True), torch.tensor(bias, dtype=torch.float64, requires_grad=True)]
     if backend == "naive":
-        loss = naive.siglip_loss(*leaves)
+        loss = siglip_naive.siglip_loss(*leaves)
     else:
         loss = fastcl.siglip_loss(*leaves, backend=backend)
     return (loss, *torch.autograd.grad(loss * 0.7, leaves))
@@ -283,7 +284,8 @@ def test_siglip_nonfinite_like_naive(backend, case):
 # ---------------------------------------------------------------- auto: per call, by size
 
 def test_auto_materializes_small_calls_on_the_cpu(monkeypatch):
-    from fastcl.ops.info_nce import MATERIALIZE_LOGITS, resolve_backend
+    from fastcl.ops.common.backends import MATERIALIZE_LOGITS
+    from fastcl.ops.info_nce import resolve_backend
 
     fused = "cpu" if backends()["cpu"].available else "torch"
     cpu = torch.device("cpu")

@@ -1,4 +1,4 @@
-"""The goal grid of issue 10 (``--full`` only): fwd+bwd time and peak extra memory of ``auto``
+"""The goal grid of InfoNCE on every input kind (``--full`` only): fwd+bwd time and peak extra memory of ``auto``
 and ``cpu`` against the plain PyTorch loss in the same run, each case in a fresh process, for
 B in {256, 1024, 4096, 8192}, normalized and unnormalized (randn) inputs, tau in {0.01, 0.05, 1},
 D in {256, 768}, float32.

@@ -1,8 +1,8 @@
-"""InfoNCE on the inputs users feed it (issue 10): unnormalized embeddings (raw dot products,
+"""InfoNCE on the inputs users feed it: unnormalized embeddings (raw dot products,
 DPR style) at tau = 0.05 and 1, small batches, and the first call in a fresh process.
 
 The baseline is the plain PyTorch loss (cross-entropy on the materialized logits) in the same
-run. ``--full`` adds the larger unnormalized sizes; the goal grid of issue 10 is the separate
+run. ``--full`` adds the larger unnormalized sizes; the goal grid is the separate
 suite ``info_nce_goals`` (``--full`` only).
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ def cases(device: str, full: bool):
                   "dtype": "float32", "group": group}
         out.append(Case(SUITE, provider, MODULE, "make_step", params, x=batch, **kw))
 
-    # unnormalized: the subnormal / huge-gap inputs of issue 10, items 1-2
+    # unnormalized: the subnormal / huge-gap inputs
     for temperature in (0.05, 1.0):
         for dim in (256, 768):
             for batch in ([2048, 4096, 8192] if full else [2048]):

@@ -10,75 +10,18 @@ pass over the sampled negatives keeping O(B) statistics (:mod:`.chunked`, csrc/c
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..info_nce import resolve_backend
-from ..info_nce.options import BACKENDS, REDUCTIONS, _checking_values, check_embeddings, check_same_device
-from ..info_nce.gpu import check_triton_device, triton_installed
+from ..common.backends import resolve_backend
+from ..common.checks import check_embeddings, checking_values
 from . import naive
+from .options import EXTRA_BACKENDS, check_cml_args
 from .op import cml_row_losses
 
 __all__ = ["cml_loss", "CMLLoss", "covariance_loss", "clip_norm_"]
-
-EXTRA_BACKENDS = {"triton": check_triton_device} if triton_installed() else {}
-CML_BACKENDS = tuple(b for b in BACKENDS if b != "cuda")
-
-
-def _check_cml_args(users, positives, negatives, negative_indices, item_table, margin, num_items, reduction, backend):
-    check_embeddings("users", users, "(B, D)", 2)
-    check_embeddings("positives", positives, "(B, D)", 2)
-    if positives.shape != users.shape:
-        raise ValueError(f"positives must have the shape of users {tuple(users.shape)}, got {tuple(positives.shape)}")
-    batch, dim = users.shape
-    if (negatives is None) == (negative_indices is None):
-        raise ValueError("give either negatives (B, W, D) or negative_indices (B, W) with item_table (J, D), not both")
-    if negatives is not None:
-        if item_table is not None:
-            raise ValueError("item_table is only used with negative_indices")
-        check_embeddings("negatives", negatives, "(B, W, D)", 3)
-        if negatives.shape[0] != batch or negatives.shape[2] != dim:
-            raise ValueError(f"negatives must have shape (B={batch}, W, D={dim}), got {tuple(negatives.shape)}")
-        window = negatives.shape[1]
-        tensors = dict(users=users, positives=positives, negatives=negatives)
-    else:
-        if item_table is None:
-            raise ValueError("negative_indices needs item_table (J, D)")
-        check_embeddings("item_table", item_table, "(J, D)", 2)
-        if item_table.shape[1] != dim:
-            raise ValueError(f"item_table must have shape (J, D={dim}), got {tuple(item_table.shape)}")
-        if not isinstance(negative_indices, torch.Tensor) or negative_indices.dtype != torch.int64:
-            raise TypeError(f"negative_indices must be an int64 tensor of shape (B, W), got "
-                            f"{getattr(negative_indices, 'dtype', type(negative_indices).__name__)}")
-        if negative_indices.dim() != 2 or negative_indices.shape[0] != batch:
-            raise ValueError(f"negative_indices must have shape (B={batch}, W), got {tuple(negative_indices.shape)}")
-        window = negative_indices.shape[1]
-        tensors = dict(users=users, positives=positives, negative_indices=negative_indices, item_table=item_table)
-        if window > 0 and _checking_values():
-            low, high = int(negative_indices.min()), int(negative_indices.max())
-            if low < 0 or high >= item_table.shape[0]:
-                raise ValueError(f"negative_indices must lie in [0, J={item_table.shape[0]}), got values in [{low}, {high}]")
-    if window == 0:
-        raise ValueError("cml_loss needs at least one sampled negative per row (W >= 1), got W = 0")
-    check_same_device(**tensors)
-    dtypes = {t.dtype for name, t in tensors.items() if name != "negative_indices"}
-    if len(dtypes) > 1:
-        raise TypeError(f"users, positives and the negatives must share one dtype, got {sorted(map(str, dtypes))}")
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-        raise ValueError(f"margin must be a finite float, got {margin!r}")
-    if num_items is None:
-        num_items = item_table.shape[0] if item_table is not None else window
-    if isinstance(num_items, bool) or not isinstance(num_items, int) or num_items < 1:
-        raise ValueError(f"num_items must be a positive int (J, the number of items negatives are drawn from), got {num_items!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if backend not in CML_BACKENDS:
-        raise ValueError(f"backend must be one of {CML_BACKENDS}, got {backend!r}")
-    return num_items
-
 
 def cml_loss(users: torch.Tensor, positives: torch.Tensor, negatives: Optional[torch.Tensor] = None, *,
              negative_indices: Optional[torch.Tensor] = None, item_table: Optional[torch.Tensor] = None,
@@ -106,7 +49,7 @@ def cml_loss(users: torch.Tensor, positives: torch.Tensor, negatives: Optional[t
         >>> idx = torch.randint(0, items.weight.shape[0], (B, 256))
         >>> loss = fastcl.cml_loss(users(u), items(i), negative_indices=idx, item_table=items.weight)
     """
-    num_items = _check_cml_args(users, positives, negatives, negative_indices, item_table, margin, num_items,
+    num_items = check_cml_args(users, positives, negatives, negative_indices, item_table, margin, num_items,
                                 reduction, backend)
     device = users.device
     chosen = resolve_backend(backend, device, EXTRA_BACKENDS)
@@ -116,7 +59,7 @@ def cml_loss(users: torch.Tensor, positives: torch.Tensor, negatives: Optional[t
     if chosen in EXTRA_BACKENDS:
         EXTRA_BACKENDS[chosen](users)
     losses = cml_row_losses(users, positives, negatives, negative_indices, item_table, float(margin), num_items,
-                            rank_weight, chosen, _checking_values())
+                            rank_weight, chosen, checking_values())
     if reduction == "none":
         return losses
     return losses.sum() if reduction == "sum" else losses.mean()

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..info_nce.function import compute_dtype
+from ..common.gradients import compute_dtype
 from . import chunked
 
 
@@ -26,7 +26,7 @@ def cml_scan(users: Tensor, positives: Tensor, negatives: Optional[Tensor], nega
     if backend == "triton" and users.dtype != torch.float64:
         from .triton import triton_scan as scan
     elif backend == "cpu":
-        scan = chunked.native_scan
+        from .native import native_scan as scan
     else:  # "torch", and float64 on the GPU backend
         scan = chunked.torch_scan
     statistics = scan(users, positives, negatives, negative_indices, item_table, margin)

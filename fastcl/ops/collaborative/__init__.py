@@ -14,56 +14,18 @@ one page on chip (csrc/cpu/collaborative.cpp, :mod:`.triton`).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..info_nce import resolve_backend
-from ..info_nce.gpu import check_triton_device, triton_installed
-from ..info_nce.options import BACKENDS, REDUCTIONS, _checking_values, check_embeddings, check_float_tensor, check_same_device
+from ..common.backends import resolve_backend
 from . import naive
 from .chunked import contributing_anchors
 from .op import collaborative_op
+from .options import EXTRA_BACKENDS, check_collaborative_args
 
 __all__ = ["collaborative_contrastive_loss", "CollaborativeContrastiveLoss"]
-
-EXTRA_BACKENDS = {"triton": check_triton_device} if triton_installed() else {}
-COLLABORATIVE_BACKENDS = tuple(b for b in BACKENDS if b != "cuda")
-
-
-def _check_args(items, clicks, mask, trigger, temperature, reduction, backend):
-    check_embeddings("items", items, "(P, L, D)", 3)
-    pages, length, dim = items.shape
-    if length == 0:
-        raise ValueError(f"items has no context positions (shape {tuple(items.shape)}): pages need L >= 1")
-    if not isinstance(clicks, torch.Tensor) or clicks.shape != (pages, length):
-        raise ValueError(f"clicks must be a (P={pages}, L={length}) tensor of click flags, got "
-                         f"{tuple(clicks.shape) if isinstance(clicks, torch.Tensor) else type(clicks).__name__}")
-    if clicks.is_floating_point() or clicks.is_complex():
-        raise TypeError(f"clicks must be bool or integer (the click outcome), got {clicks.dtype}")
-    if mask is None:
-        mask = torch.ones(pages, length, dtype=torch.bool, device=items.device)
-    elif not isinstance(mask, torch.Tensor) or mask.shape != (pages, length) or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool (P={pages}, L={length}) tensor (True = a real item, False = padding), got "
-                         f"{(tuple(mask.shape), mask.dtype) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
-    if trigger is not None:
-        check_float_tensor("trigger", trigger, "(P, D)", 2)
-        if trigger.shape != (pages, dim):
-            raise ValueError(f"trigger must have shape (P={pages}, D={dim}), got {tuple(trigger.shape)}")
-        if trigger.dtype != items.dtype:
-            raise TypeError(f"trigger must have the dtype of items ({items.dtype}), got {trigger.dtype}")
-    check_same_device(items=items, clicks=clicks, mask=mask, trigger=trigger)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-            temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if backend not in COLLABORATIVE_BACKENDS:
-        raise ValueError(f"backend must be one of {COLLABORATIVE_BACKENDS}, got {backend!r}")
-    return mask
-
 
 def collaborative_contrastive_loss(items: torch.Tensor, clicks: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
                                    trigger: Optional[torch.Tensor] = None, temperature: float = 0.1,
@@ -90,7 +52,7 @@ def collaborative_contrastive_loss(items: torch.Tensor, clicks: torch.Tensor, ma
 
         >>> loss = bce + lam * fastcl.collaborative_contrastive_loss(item_emb, clicked, mask, trigger=trigger_emb)
     """
-    mask = _check_args(items, clicks, mask, trigger, temperature, reduction, backend)
+    mask = check_collaborative_args(items, clicks, mask, trigger, temperature, reduction, backend)
     chosen = resolve_backend(backend, items.device, EXTRA_BACKENDS)
     if chosen == "naive":
         return naive.collaborative_contrastive_loss(items, clicks, mask, trigger=trigger, temperature=float(temperature),

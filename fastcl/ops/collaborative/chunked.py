@@ -1,5 +1,5 @@
-"""The collaborative contrastive loss over blocks of pages: in PyTorch (the (pages, L, L) logits of
-one block at a time, gradients written out by hand) and through the native CPU kernel (csrc/cpu/collaborative.cpp: one page at a time).
+"""The collaborative contrastive loss over blocks of pages in PyTorch (the (pages, L, L) logits of
+one block at a time, gradients written out by hand); the native CPU kernel is :mod:`.native`.
 
 Every implementation here has the contract of the ``fastcl::collaborative_forward`` body:
 ``(losses (P, L), d_items or None, d_trigger or None)`` where the gradients are those of
@@ -11,10 +11,9 @@ from typing import Optional
 
 import torch
 
-from ..._native import typed_kernel
-from ..info_nce.chunked import block_rows_for
-from ..info_nce.function import compute_dtype
-from ..info_nce.options import _checking_values
+from ..common.blocks import block_rows_for
+from ..common.gradients import compute_dtype
+from ..common.checks import checking_values
 from .naive import NORM_EPS, page_logsumexp
 
 # bytes of (pages, L, L) logits one PyTorch block may hold (the reference maths keeps a few)
@@ -28,7 +27,7 @@ def contributing_anchors(clicks: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     labels = clicks.to(torch.int64)
     if clicks.dtype == torch.bool:
         num_labels = 2
-    elif _checking_values() and labels.numel() and int(labels.min()) >= 0 and int(labels.max()) < 64:
+    elif checking_values() and labels.numel() and int(labels.min()) >= 0 and int(labels.max()) < 64:
         num_labels = int(labels.max()) + 1
     else:  # other labels, or under torch.compile (no data-dependent sizes)
         num_labels = None
@@ -89,29 +88,4 @@ def torch_pages(items, clicks, mask, trigger: Optional[torch.Tensor], weights, t
             d_items[page0:page1] = block_d_items
             if trigger is not None:
                 d_trigger[page0:page1] = block_d_trigger
-    return losses, d_items, d_trigger
-
-
-def native_pages(items, clicks, mask, trigger: Optional[torch.Tensor], weights, temperature: float, normalize: bool,
-                 compute_grads: bool):
-    dtype = compute_dtype(items)
-    pages, length, dim = items.shape
-    e = items.detach().to(dtype).contiguous()
-    t = trigger.detach().to(dtype).contiguous() if trigger is not None else None
-    labels = clicks.to(torch.int64).contiguous()
-    valid = mask.to(torch.uint8).contiguous()
-    w = weights.to(dtype).contiguous()
-    losses = torch.empty(pages, length, dtype=dtype)
-    d_items = torch.zeros(pages, length, dim, dtype=dtype) if compute_grads else None
-    d_trigger = torch.empty(pages, dim, dtype=dtype) if compute_grads and t is not None else None
-    kernel = typed_kernel("collaborative_pages", dtype)
-    kernel(items=e.data_ptr(), clicks=labels.data_ptr(), mask=valid.data_ptr(), trigger=t.data_ptr() if t is not None else 0,
-           weights=w.data_ptr(), pages=pages, length=length, dim=dim, temperature=temperature, normalize=normalize,
-           eps=NORM_EPS, with_grad=compute_grads, losses_out=losses.data_ptr(),
-           d_items_out=d_items.data_ptr() if d_items is not None else 0,
-           d_trigger_out=d_trigger.data_ptr() if d_trigger is not None else 0, num_threads=torch.get_num_threads())
-    if d_items is not None:
-        d_items = d_items.to(items.dtype)
-    if d_trigger is not None:
-        d_trigger = d_trigger.to(trigger.dtype)
     return losses, d_items, d_trigger

@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..info_nce.function import compute_dtype, no_tensor
+from ..common.gradients import compute_dtype, no_tensor
 from . import chunked
 
 
@@ -24,7 +24,9 @@ def _implementation(backend: str, items: Tensor):
 
         return triton_pages
     if backend == "cpu":
-        return chunked.native_pages
+        from .native import native_pages
+
+        return native_pages
     return chunked.torch_pages
 
 

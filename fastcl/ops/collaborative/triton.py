@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..info_nce.function import compute_dtype
+from ..common.gradients import compute_dtype
 from .naive import NORM_EPS
 
 

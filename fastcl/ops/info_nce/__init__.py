@@ -10,26 +10,23 @@ over row blocks and never do.
 """
 from __future__ import annotations
 
+import logging
 import math
-import os
 from typing import Optional
 
 import torch
 
-from ..._native import backends as _backends
-import logging
-
-from ..._tracing import functorch_active
 from ...validation import checks_values
-from ..._native import CUDA_INFO_NCE_NOTE, native_module, requested_backend, warn_once
+from ..common.backends import resolve_backend as _resolve_backend
 from . import extras, naive
 from .dense import dense_info_nce
 from .op import info_nce_op
-from .options import autocast_disabled, check_embeddings, check_info_nce_args, check_same_device, check_scalar, input_dtypes
+from ..common.checks import autocast_disabled, check_embeddings, check_same_device, check_scalar, input_dtypes
+from .options import check_info_nce_args
 
 _log = logging.getLogger("fastcl")
 
-__all__ = ["info_nce", "clip_loss", "nt_xent", "resolve_backend"]
+__all__ = ["info_nce", "clip_loss", "nt_xent", "resolve_backend", "pair_statistics"]
 
 # GPU backends implemented for this op (beyond naive / torch / cpu); gpu.py adds them here:
 # name -> check(query, options, labels) raising ValueError for what that backend refuses.
@@ -39,61 +36,21 @@ from .gpu import register_gpu_backends  # noqa: E402  (needs EXTRA_BACKENDS defi
 register_gpu_backends(EXTRA_BACKENDS)
 
 
-# ``auto`` on the CPU materializes the logits (the naive path) when a call has at most this many
-# (B x (N + H)): below it the fused path's fixed costs (custom op, block driver, native calls)
-# lose to PyTorch's own ops. Measured crossover (benchmarks/bench_auto_crossover.py, interleaved
-# in one process, the same within noise for the default, avx2 and avx512 kernels): the native
-# kernels win from B = 512 (2^18 logits) with normalize=True, where the plain loss also pays the
-# normalization, and from B = 1024 (2^20) on raw dot products. Keyed by ``normalize``.
-MATERIALIZE_LOGITS = {True: 2**17, False: 2**19}
-
-
-def materialize_logits(normalized: bool = True) -> int:
-    """The threshold above, or the ``FASTCL_MATERIALIZE_LOGITS`` override (benchmarks use 0 to
-    time the fused path at every size)."""
-    override = os.environ.get("FASTCL_MATERIALIZE_LOGITS")
-    return int(override) if override else MATERIALIZE_LOGITS[bool(normalized)]
-
-
 def resolve_backend(backend: str, device: torch.device, extra_backends=None, logits: Optional[int] = None,
                     normalized: bool = True) -> str:
-    """The backend that will run: ``auto`` picks the fastest exact path for ``device`` and size.
+    """The backend an InfoNCE call takes (:func:`fastcl.ops.common.backends.resolve_backend` with
+    InfoNCE's GPU table, or ``extra_backends``)."""
+    return _resolve_backend(backend, device, EXTRA_BACKENDS if extra_backends is None else extra_backends, logits,
+                            normalized)
 
-    ``extra_backends``: the op's GPU implementations (defaults to InfoNCE's). ``logits``: how
-    many logits the call has (B x (N + H)); on the CPU, ``auto`` takes the materializing
-    ``naive`` path when they are at most :func:`materialize_logits`. Without it, the size is
-    not considered.
-    """
-    extra = EXTRA_BACKENDS if extra_backends is None else extra_backends
-    if backend != "naive" and functorch_active():
-        # torch.func (grad, vmap, jacrev): the fused kernels' autograd does not compose with the
-        # transforms, so every backend computes with plain differentiable PyTorch here (the
-        # same values; the logits are materialized)
-        _log.debug("fastcl: inside a torch.func transform: backend=%r runs the reference", backend)
-        return "naive"
-    if backend == "auto":
-        if device.type == "cpu":  # the hot path of small calls: no backends() table
-            native = native_module() is not None
-            if not native:
-                warn_once("cpu-fallback", f"fastcl: native CPU kernels unavailable ({_backends()['cpu'].reason}); "
-                                          "using the chunked PyTorch path")
-            if logits is not None and logits <= materialize_logits(normalized):
-                return "naive"
-            return "cpu" if native else "torch"
-        available = _backends()
-        if device.type == "cuda":
-            if "triton" in extra and available["triton"].available:
-                return "triton"
-            if "cuda" in extra and available["cuda"].available:
-                # the native CUDA kernels are slower than the chunked path on tensor cores
-                warn_once("cuda-not-auto", f"fastcl: Triton unavailable ({available['triton'].reason}); "
-                          f"using the chunked torch path. {CUDA_INFO_NCE_NOTE}")
-            return "torch"
-        return "torch"
-    requested_backend(backend, device)
-    if backend in ("triton", "cuda") and backend not in extra:
-        raise RuntimeError(f"backend={backend!r} has no kernels for this op in this build")
-    return backend
+
+def pair_statistics(query: torch.Tensor, key: torch.Tensor, temperature) -> dict:
+    """Row and column statistics of the paired logits ``q_i . k_j / temperature`` (pair i's
+    positive on the diagonal), as ``return_stats`` reports them, without a B x N tensor: for
+    the ops built on the same similarities (SigLIP adds its bias)."""
+    from .options import InfoNCEOptions
+
+    return extras.statistics(query, key, None, temperature, None, None, None, InfoNCEOptions(symmetric=True))
 
 
 def info_nce(

@@ -18,29 +18,13 @@ products as the naive path, with no B x N tensor) and ``backward`` only scales t
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 import torch
 
+from ..common.blocks import flush_tiny, similarity_blocks
 from .options import MASK, PAIRWISE, SUPCON, InfoNCEOptions
-
-NORM_EPS = 1e-12
-DEFAULT_BLOCK_BYTES = 8 * 2**20
-# exp(x - max) below these is flushed to 0, as the native kernels do (csrc/cpu/fast_math.h:
-# 2^-64 in float32, 2^-93 in float64, far below what can change a result at that precision),
-# so no subnormal (or normal but tiny value whose products are subnormal) enters a gradient product.
-EXP_FLUSH = {torch.float32: 2.0**-64, torch.float64: 2.0**-93}
-
-
-def flush_tiny(probabilities: torch.Tensor) -> torch.Tensor:
-    """Sets entries below the flush threshold to exactly 0, in place (NaN stays NaN)."""
-    threshold = EXP_FLUSH.get(probabilities.dtype)
-    if threshold is not None:
-        probabilities.masked_fill_(probabilities < threshold, 0.0)
-    return probabilities
-
 
 @dataclass
 class Direction:
@@ -62,29 +46,6 @@ class Direction:
 
 
 RowKernel = Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-def block_rows_for(num_columns: int, bytes_per_element: int, budget: int = DEFAULT_BLOCK_BYTES) -> int:
-    """Rows per block so that one block of similarities fits ``budget`` bytes."""
-    override = os.environ.get("FASTCL_BLOCK_ROWS")
-    if override:
-        return max(1, int(override))
-    return max(1, budget // max(1, num_columns * bytes_per_element))
-
-
-def similarity_blocks(anchors: torch.Tensor, candidates: torch.Tensor):
-    """Yields (row0, row1, block): block = anchors[row0:row1] @ candidates.T, for consecutive row
-    blocks sized by :func:`block_rows_for`, each computed into the same reused buffer (a block
-    is overwritten by the next one, so it is used, or changed in place, before the loop goes on)."""
-    rows, cols = anchors.shape[0], candidates.shape[0]
-    step = min(rows, block_rows_for(cols, anchors.element_size()))
-    buffer = torch.empty(step, cols, dtype=anchors.dtype, device=anchors.device)
-    candidates_t = candidates.T
-    for row0 in range(0, rows, step):
-        row1 = min(rows, row0 + step)
-        block = buffer[: row1 - row0]
-        torch.mm(anchors[row0:row1], candidates_t, out=block)
-        yield row0, row1, block
 
 
 def count_positives(anchor_labels: torch.Tensor, candidate_labels: torch.Tensor, self_excluded: bool) -> torch.Tensor:

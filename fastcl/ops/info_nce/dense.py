@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from . import naive
-from .options import MASK, InfoNCEOptions, _checking_values
+from ..common.checks import checking_values as _checking_values
+from .options import MASK, InfoNCEOptions
 
 
 def _finite(loss: torch.Tensor) -> bool:

@@ -10,36 +10,13 @@ a differentiable graph of the logits is what a second derivative needs.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List
 
 import torch
 
+from ..common.gradients import reference_gradients
 from . import naive
 from .options import InfoNCEOptions
-
-
-def reference_gradients(loss_of, inputs: Sequence[Optional[torch.Tensor]], grad_loss: torch.Tensor) -> List:
-    """d(grad_loss . loss_of(*inputs))/d(input) for each input that requires grad, with a graph.
-
-    Each input is replaced by a fresh alias first, so an input passed twice (``nt_xent`` gives
-    the same views as query and key) gets its two partial gradients, not its total twice.
-    """
-    wanted = [t is not None and t.requires_grad for t in inputs]
-    aliases = [t.view_as(t) if w else t for t, w in zip(inputs, wanted)]
-    targets = [a for a, w in zip(aliases, wanted) if w]
-    if not targets:
-        return [None] * len(inputs)
-    with torch.enable_grad():
-        loss = loss_of(*aliases)
-        grads = iter(torch.autograd.grad(loss, targets, grad_loss, create_graph=True, allow_unused=True))
-    result = []
-    for alias, w in zip(aliases, wanted):
-        if not w:
-            result.append(None)
-            continue
-        g = next(grads)
-        result.append(torch.zeros_like(alias) if g is None else g)
-    return result
 
 
 def differentiable_gradients(inputs, positive, labels, key_labels, grad_loss: torch.Tensor,

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .options import MASK, check_embeddings, check_float_tensor
+from ..common.checks import check_choice, check_embeddings, check_float_tensor
+from .options import MASK
 from .segments import PRIVATE, SHARED, Segment, SegmentOptions, run_segments, segmented_loss
 
 GUIDE_STRATEGIES = ("absolute", "relative")
@@ -61,8 +62,7 @@ def check_extras(query, key, options, memory_bank, sample_index, guide, guide_ma
                              f"{tuple(guide_query.shape)} and {tuple(guide_key.shape)}")
         if memory_bank is not None or (hard_negatives is not None and hard_negatives.shape[1] > 0):
             raise ValueError("guide covers the keys only: it cannot be combined with memory_bank or hard_negatives")
-    if guide_margin_strategy not in GUIDE_STRATEGIES:
-        raise ValueError(f"guide_margin_strategy must be one of {GUIDE_STRATEGIES}, got {guide_margin_strategy!r}")
+    check_choice("guide_margin_strategy", guide_margin_strategy, GUIDE_STRATEGIES)
     if isinstance(guide_margin, bool) or not isinstance(guide_margin, (int, float)):
         raise TypeError(f"guide_margin must be a float, got {type(guide_margin).__name__}")
     if not isinstance(return_stats, bool):

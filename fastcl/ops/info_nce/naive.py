@@ -12,11 +12,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..common.gradients import compute_dtype
+
 NEG_INF = float("-inf")
-
-
-def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 def _direction(
@@ -119,7 +117,7 @@ def info_nce(
     reduction: str = "mean",
 ) -> torch.Tensor:
     """InfoNCE over materialized logits. Same arguments and meaning as :func:`fastcl.info_nce`."""
-    dtype = _compute_dtype(query)
+    dtype = compute_dtype(query)
     q = query.to(dtype)
     k = key.to(dtype)
     h = hard_negatives.to(dtype) if hard_negatives is not None else None
@@ -158,23 +156,13 @@ def info_nce(
     return 0.5 * (_reduce(loss, divisor, reduction) + _reduce(column_loss, column_divisor, reduction))
 
 
-def siglip_loss(image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
-    """SigLIP: -(1/B) sum_ij log sigmoid(y_ij (t x_i.y_j + b)), y = +1 on the diagonal, -1 elsewhere."""
-    dtype = _compute_dtype(image_features)
-    x = image_features.to(dtype)
-    y = text_features.to(dtype)
-    logits = logit_scale * (x @ y.T) + logit_bias
-    signs = 2 * torch.eye(x.shape[0], dtype=dtype, device=x.device) - 1
-    return -F.logsigmoid(signs * logits).sum() / x.shape[0]
-
-
 def info_nce_extras(query, key, *, positive=None, hard_negatives=None, temperature=0.07, normalize=False,
                     exclude_self=False, labels=None, key_labels=None, false_negative_margin=None,
                     memory_bank=None, bank_labels=None, bank_indices=None, sample_index=None, guide=None,
                     guide_margin=0.0, guide_margin_strategy="absolute", reduction="mean", symmetric=False):
     """Reference for ``info_nce``'s memory_bank / guide / return_stats: every logit materialized
     (keys, hard negatives and bank concatenated). Returns (loss, stats)."""
-    dtype = _compute_dtype(query)
+    dtype = compute_dtype(query)
 
     def prep(x):
         x = x.to(dtype)

@@ -8,7 +8,7 @@ inputs (float64 goes to the chunked PyTorch path). ``labels``, ``false_negative_
 ``label_smoothing`` and ``multi_positive="supcon"|"pairwise"`` raise ``ValueError``: use
 ``backend="triton"``, which covers every option.
 
-A documented portable fallback, never chosen by ``backend="auto"`` (issue 15): the kernels run
+A documented portable fallback, never chosen by ``backend="auto"``: the kernels run
 on CUDA cores in fp32, add d(key) with atomics (not bit-reproducible) and re-read / re-write
 d(query) in global memory every tile: seconds per step at B = 65536, minutes at 1M, where the
 Triton kernels (tensor cores, row-owned backward, no atomics) take milliseconds. Under
@@ -30,8 +30,9 @@ from typing import Optional
 import torch
 
 from ..._native import native_module
-from .chunked import NORM_EPS
-from .function import _normalize_backward, inverse_temperature, scale_gradients, temperature_meta
+from ..common.blocks import NORM_EPS
+from ..common.gradients import scale_gradients
+from .function import _normalize_backward, inverse_temperature, temperature_meta
 from .options import MASK, InfoNCEOptions
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

@@ -19,8 +19,9 @@ from torch import Tensor
 from ..._tracing import lazy_dynamo_disable, plain_eager
 from .chunked import torch_row_kernel
 from .double_backward import differentiable_gradients
-from .function import (chunked_backward, chunked_forward, compute_dtype, keep_fused_gradients, no_tensor,
-                       scalar_tensor, scale_gradients, take_fused_gradients)
+from ..common.gradients import (compute_dtype, keep_fused_gradients, no_tensor, scalar_tensor, scale_gradients,
+                                take_fused_gradients)
+from .function import chunked_backward, chunked_forward
 from .options import InfoNCEOptions
 
 

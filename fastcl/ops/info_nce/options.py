@@ -1,7 +1,5 @@
-"""Argument checking shared by every InfoNCE backend: one place, one set of error messages."""
+"""InfoNCE's options and argument checks (the checks every op shares are in :mod:`..common.checks`)."""
 from __future__ import annotations
-
-import contextlib
 
 import math
 from dataclasses import dataclass
@@ -9,15 +7,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from ...validation import checks_values
+from ..common.checks import (BACKENDS, REDUCTIONS, check_choice, check_embeddings, check_same_device, check_scalar,
+                             check_scalar_device)
+from ..common.checks import checking_values as _checking_values
 
 MASK, SUPCON, PAIRWISE = "mask", "supcon", "pairwise"
 MULTI_POSITIVE_MODES = (MASK, SUPCON, PAIRWISE)
-REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "naive", "torch", "cpu", "triton", "cuda")
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 @dataclass(frozen=True)
 class InfoNCEOptions:
     """The static (non-tensor) options of one InfoNCE call."""
@@ -29,62 +24,6 @@ class InfoNCEOptions:
     margin: Optional[float] = None
     label_smoothing: float = 0.0
     reduction: str = "mean"
-
-
-def _checking_values(*tensors) -> bool:
-    """Data-dependent checks need the values on the host: CPU tensors always, GPU tensors in
-    validation mode only (:mod:`fastcl.validation`), never on meta tensors or while
-    torch.compile traces."""
-    return checks_values(*tensors)
-
-
-def check_scalar_device(name: str, value, like: torch.Tensor) -> None:
-    """A scalar tensor (temperature, logit_scale, logit_bias) lives on ``like``'s device, or is a
-    CPU scalar; with meta inputs it must be meta too (a CPU value would need real data)."""
-    if not isinstance(value, torch.Tensor) or value.device == like.device:
-        return
-    if value.device.type == "cpu" and like.device.type != "meta":
-        return
-    if like.device.type == "meta":
-        raise ValueError(f"{name} must be a float or a tensor on the meta device like the inputs, got {value.device}")
-    raise ValueError(f"{name} must be on the inputs' device {like.device} or be a CPU scalar, got {value.device}")
-
-
-def check_float_tensor(name: str, tensor, expected: str, ndim: int) -> None:
-    """A floating-point tensor with ``ndim`` dimensions (``expected`` spells the shape)."""
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {expected}, got {type(tensor).__name__}")
-    if tensor.dim() != ndim:
-        raise ValueError(f"{name} must have shape {expected}, got {tuple(tensor.shape)}")
-    if tensor.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
-
-
-def check_embeddings(name: str, tensor, expected: str, ndim: int) -> None:
-    check_float_tensor(name, tensor, expected, ndim)
-    if tensor.shape[0] == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(tensor.shape)}): the batch needs at least one row")
-
-
-def check_same_device(**tensors) -> None:
-    present = {name: t for name, t in tensors.items() if isinstance(t, torch.Tensor)}
-    devices = {t.device for t in present.values()}
-    if len(devices) > 1:
-        listing = ", ".join(f"{name} on {t.device}" for name, t in present.items())
-        raise ValueError(f"all inputs must be on the same device, got {listing}")
-
-
-def check_scalar(name: str, value):
-    """A Python number (returned as float) or a one-element floating tensor (returned as is)."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a float or a scalar tensor, got a tensor of shape {tuple(value.shape)}")
-        if not value.is_floating_point():
-            raise TypeError(f"{name} tensor must be floating point, got {value.dtype}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float or a scalar tensor, got {type(value).__name__}")
-    return float(value)
 
 
 def check_temperature(temperature, name: str = "temperature"):
@@ -99,40 +38,6 @@ def check_temperature(temperature, name: str = "temperature"):
     if not (temperature > 0) or math.isinf(temperature):
         raise ValueError(f"{name} must be a finite value > 0, got {temperature}")
     return temperature
-
-
-def input_dtypes(device_type: str, **tensors):
-    """The floating inputs as the loss computes them: under ``torch.autocast`` cast as autocast
-    would cast a matmul's operands (float32/16 to the autocast dtype; float64 stays), then all
-    promoted to one dtype as ``torch.promote_types`` would (bf16 query + fp32 key -> fp32).
-
-    The casts are differentiable, so each gradient comes back in its input's own dtype. Returns
-    (tensors as a dict in the same order, whether autocast was on). Non-tensors and non-floating
-    tensors pass through for the argument checks to report.
-    """
-    autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
-    if not autocast:  # the common call: nothing to cast when every floating input shares one dtype
-        dtypes = {t.dtype for t in tensors.values() if isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES}
-        if len(dtypes) <= 1:
-            return tensors, False
-    present = {name: t for name, t in tensors.items()
-               if isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES}
-    if autocast:
-        low = torch.get_autocast_dtype(device_type)
-        present = {name: t if t.dtype == torch.float64 else t.to(low) for name, t in present.items()}
-    if present:
-        dtypes = [t.dtype for t in present.values()]
-        common = dtypes[0]
-        for dtype in dtypes[1:]:
-            common = torch.promote_types(common, dtype)
-        present = {name: t.to(common) for name, t in present.items()}
-    return {name: present.get(name, t) for name, t in tensors.items()}, autocast
-
-
-def autocast_disabled(device_type: str, autocast: bool):
-    """After :func:`input_dtypes` cast the inputs to the autocast dtype, every path of a loss runs
-    with autocast off: float32 logits and loss (float64 for float64 inputs), whichever runs."""
-    return torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext()
 
 
 def _check_index_vector(name: str, tensor, length: int, length_name: str) -> None:
@@ -171,12 +76,9 @@ def check_info_nce_args(
     check_scalar_device("temperature", temperature, query)
     temperature = check_temperature(temperature)
 
-    if multi_positive not in MULTI_POSITIVE_MODES:
-        raise ValueError(f"multi_positive must be one of {MULTI_POSITIVE_MODES}, got {multi_positive!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice("multi_positive", multi_positive, MULTI_POSITIVE_MODES)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("backend", backend, BACKENDS)
 
     if (labels is None) != (key_labels is None):
         raise ValueError("labels (B,) and key_labels (N,) must be given together (keys sharing a query's label are not its negatives)")

@@ -33,7 +33,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .chunked import block_rows_for
+from ..common.blocks import block_rows_for
 
 SHARED, PAIRED, PRIVATE = "shared", "paired", "private"
 
@@ -303,7 +303,7 @@ class _SegmentedLoss(torch.autograd.Function):
 
 
 def _differentiable_gradients(ctx, grad_output):
-    from .double_backward import reference_gradients
+    from ..common.gradients import reference_gradients
 
     segments, options, reduction, divisor = ctx.spec[:4]
     temperature, *tensors = ctx.saved_tensors

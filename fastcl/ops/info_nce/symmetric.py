@@ -24,7 +24,8 @@ from typing import Optional, Tuple
 import torch
 
 from ..._native import typed_kernel
-from .chunked import Direction, run_direction, similarity_blocks
+from ..common.blocks import similarity_blocks
+from .chunked import Direction, run_direction
 from .native import native_row_kernel
 from .options import MASK, InfoNCEOptions
 

@@ -49,10 +49,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import triton_common
-from ..triton_common import dot_operand, dot_settings, load_operand, softplus, tile_kernel, tile_similarity
-from .chunked import NORM_EPS, count_positives
-from .function import _normalize_backward, scale_gradients, temperature_meta
+from ..common import triton_runtime as triton_common
+from ..common.triton_runtime import dot_operand, dot_settings, load_operand, softplus, tile_kernel, tile_similarity
+from ..common.blocks import NORM_EPS
+from .chunked import count_positives
+from ..common.gradients import scale_gradients
+from .function import _normalize_backward, temperature_meta
 from .options import MASK, PAIRWISE, SUPCON, InfoNCEOptions
 
 MODES = {MASK: 0, SUPCON: 1, PAIRWISE: 2}

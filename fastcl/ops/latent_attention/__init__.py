@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..._native import warn_once
-from ..info_nce import resolve_backend as _resolve_backend
+from ..common.backends import resolve_backend as _resolve_backend
 from . import naive
 from .chunked import ElementwiseKernels, LatentAttentionFunction
 from .naive import LatentAttentionParameters, NaiveLatentAttentionPooling

@@ -5,7 +5,7 @@ import torch
 
 from ...validation import checks_values
 
-from ..info_nce.options import FLOAT_DTYPES, check_float_tensor
+from ..common.checks import FLOAT_DTYPES, check_choice, check_float_tensor
 
 BACKENDS = ("auto", "naive", "torch", "cpu", "triton")
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64) + FLOAT_DTYPES
@@ -29,7 +29,7 @@ PARAMETER_SHAPES = (
 )
 
 
-def _checking_values(*tensors) -> bool:
+def checking_values(*tensors) -> bool:
     """Data-dependent checks need the values on the host: CPU tensors always, GPU tensors in
     validation mode only (:mod:`fastcl.validation`), nothing while torch.compile traces."""
     return checks_values(*tensors)
@@ -51,8 +51,7 @@ def check_latent_attention_args(hidden_states, pool_mask, params, num_heads, eps
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
         raise ValueError(f"eps must be a float > 0, got {eps!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
     if len(params) != len(PARAMETER_SHAPES):
         raise TypeError(f"expected {len(PARAMETER_SHAPES)} parameter tensors "
                         f"({', '.join(n for n, _, _ in PARAMETER_SHAPES)}), got {len(params)}")
@@ -79,7 +78,7 @@ def check_latent_attention_args(hidden_states, pool_mask, params, num_heads, eps
             raise ValueError(f"{name} is on {tensor.device} but hidden_states is on {hidden_states.device}")
     if pool_mask.device != hidden_states.device:
         raise ValueError(f"pool_mask is on {pool_mask.device} but hidden_states is on {hidden_states.device}")
-    if _checking_values(pool_mask):
+    if checking_values(pool_mask):
         weights = pool_mask.float()
         if bool((weights < 0).any()):
             raise ValueError("pool_mask must be non-negative (0/1 weights)")

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import triton_common
+from ..common import triton_runtime as triton_common
 from .chunked import ElementwiseKernels
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)

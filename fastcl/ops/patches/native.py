@@ -1,4 +1,4 @@
-"""Glue to the native gather kernels: csrc/cpu/gather_patches.cpp and csrc/cuda/gather_patches.cu.
+"""Glue to the native gather kernels: csrc/cpu/patches.cpp and csrc/cuda/patches.cu.
 
 The kernels take data pointers; this module allocates the outputs, makes the tap tables and
 index contiguous, and passes ``torch.get_num_threads()`` (CPU) or the current stream (CUDA).

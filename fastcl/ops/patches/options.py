@@ -6,7 +6,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from ...validation import checks_values as checking_values
-from ..info_nce.options import check_float_tensor
+from ..common.checks import check_choice, check_float_tensor
 
 BACKENDS = ("auto", "naive", "torch", "cpu", "triton", "cuda")
 
@@ -59,8 +59,7 @@ def check_gather_args(images, index, patch_size, size, backend) -> Tuple[Tuple[i
                 f"index must hold flat patch indices in [0, {grid[0] * grid[1]}) for the {grid[0]}x{grid[1]} grid "
                 f"of size {size} with patch_size {patch_size}, got values in [{low}, {high}]"
             )
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
     return size, grid
 
 

@@ -7,23 +7,16 @@ bias b; floats or scalar tensors (tensors get their gradients). Equals open_clip
 """
 from __future__ import annotations
 
-
 import torch
 
-from ..info_nce import resolve_backend
-from ..info_nce.options import (BACKENDS, autocast_disabled, check_embeddings, check_same_device, check_scalar,
-                                check_scalar_device, input_dtypes)
+from ..common.backends import resolve_backend
+from ..common.checks import autocast_disabled, input_dtypes
 from . import naive
 from .op import siglip_op
+from .options import EXTRA_BACKENDS, check_siglip_args
 
 __all__ = ["siglip_loss"]
 
-# GPU backends implemented for this op; gpu.py adds them here: name -> check(image, ...)
-# raising ValueError for what that backend refuses.
-EXTRA_BACKENDS = {}
-from .gpu import register_gpu_backends  # noqa: E402  (needs EXTRA_BACKENDS defined)
-
-register_gpu_backends(EXTRA_BACKENDS)
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias, *,
@@ -42,21 +35,7 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     device_type = image_features.device.type if isinstance(image_features, torch.Tensor) else "cpu"
     cast, autocast = input_dtypes(device_type, image_features=image_features, text_features=text_features)
     image_features, text_features = cast["image_features"], cast["text_features"]
-    check_embeddings("image_features", image_features, "(B, D)", 2)
-    check_embeddings("text_features", text_features, "(B, D)", 2)
-    if image_features.shape != text_features.shape:
-        raise ValueError(
-            f"image_features and text_features must have the same shape (B, D), got {tuple(image_features.shape)} and {tuple(text_features.shape)}"
-        )
-    if image_features.dtype != text_features.dtype:
-        raise TypeError(f"image_features and text_features must have the same dtype, got {image_features.dtype} and {text_features.dtype}")
-    check_same_device(image_features=image_features, text_features=text_features)
-    logit_scale = check_scalar("logit_scale", logit_scale)
-    logit_bias = check_scalar("logit_bias", logit_bias)
-    check_scalar_device("logit_scale", logit_scale, image_features)
-    check_scalar_device("logit_bias", logit_bias, image_features)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    logit_scale, logit_bias = check_siglip_args(image_features, text_features, logit_scale, logit_bias, backend)
     batch = image_features.shape[0]
     chosen = resolve_backend(backend, image_features.device, EXTRA_BACKENDS, logits=batch * batch)
     if not isinstance(return_stats, bool):
@@ -74,13 +53,11 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
 
 
 def _statistics(image_features, text_features, logit_scale, logit_bias) -> dict:
-    from ..info_nce.extras import statistics
-    from ..info_nce.options import InfoNCEOptions
+    from ..info_nce import pair_statistics
 
     scale = float(logit_scale.detach().reshape(())) if isinstance(logit_scale, torch.Tensor) else float(logit_scale)
     bias = float(logit_bias.detach().reshape(())) if isinstance(logit_bias, torch.Tensor) else float(logit_bias)
-    stats = statistics(image_features, text_features, None, 1.0 / scale, None, None, None,
-                       InfoNCEOptions(symmetric=True))
+    stats = pair_statistics(image_features, text_features, 1.0 / scale)
     for name in ("lse", "positive_logit", "column_lse", "column_positive_logit"):
         stats[name] = stats[name] + bias
     return stats

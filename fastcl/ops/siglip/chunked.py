@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ..._native import typed_kernel
-from ..info_nce.chunked import flush_tiny, similarity_blocks
-from ..info_nce.function import compute_dtype
+from ..common.blocks import flush_tiny, similarity_blocks
+from ..common.gradients import compute_dtype
 
 
 def torch_siglip_rows(raw: torch.Tensor, row0: int, scale: float, bias: float, factor: float, with_grad: bool):

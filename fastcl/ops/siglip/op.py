@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from ..._tracing import lazy_dynamo_disable, plain_eager
-from ..info_nce.double_backward import reference_gradients
-from ..info_nce.function import (compute_dtype, keep_fused_gradients, no_tensor, scalar_tensor, scale_gradients,
+from ..common.gradients import reference_gradients
+from ..common.gradients import (compute_dtype, keep_fused_gradients, no_tensor, scalar_tensor, scale_gradients,
                                  take_fused_gradients)
 from . import chunked, naive
 from .chunked import chunked_siglip

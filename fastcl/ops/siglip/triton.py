@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import triton_common
-from ..triton_common import (device_scalars, dot_operand, dot_settings, load_operand, softplus, tile_kernel,
+from ..common import triton_runtime as triton_common
+from ..common.triton_runtime import (device_scalars, dot_operand, dot_settings, load_operand, softplus, tile_kernel,
                              tile_similarity)
 
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._native import triton_interpreting
+from ..._native import triton_interpreting
 
 CONFIG_ENV = "FASTCL_TRITON_CONFIG"
 INTERPRETER_CONFIG = (32, 32, 32, 4, 1)

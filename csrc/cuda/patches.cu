@@ -1,4 +1,4 @@
-// Patch gather for CUDA GPUs: the same maths as csrc/cpu/gather_patches.cpp (per-axis
+// Patch gather for CUDA GPUs: the same maths as csrc/cpu/patches.cpp (per-axis
 // bilinear tap tables, PyTorch's order of operations, fp32 accumulation for half types).
 // Forward: one block per (patch, chunk of its C*P*P pixels), one thread per pixel.
 // Backward: the same layout, atomicAdd into an fp32/fp64 image gradient, because
@@ -13,7 +13,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "gather_patches_cuda.h"
+#include "patches_cuda.h"
 
 namespace fastcl {
 namespace {

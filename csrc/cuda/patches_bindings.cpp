@@ -1,7 +1,7 @@
-// C exports of the CUDA patch gather (csrc/cuda/gather_patches.cu). Same argument
+// C exports of the CUDA patch gather (csrc/cuda/patches.cu). Same argument
 // lists as the CPU functions, with the CUDA stream (an integer) in place of num_threads.
 #include "../registry.h"
-#include "gather_patches_cuda.h"
+#include "patches_cuda.h"
 
 namespace fastcl {
 namespace {

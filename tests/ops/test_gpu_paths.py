@@ -1,8 +1,9 @@
-"""Issue 15: the GPU-path defects found by reading, each checked on CPU (Triton interpreter,
+"""The GPU paths' properties found by reading the kernels, each checked on CPU (Triton interpreter,
 emulated launches on meta tensors, monkeypatched device queries). With a GPU the interpreter
 tests run compiled on CUDA tensors.
 
-One test (or a few) per defect, named ``test_d<N>_...`` after the issue's numbering.
+One test (or a few) per property: device guards, softplus tails, tile budgets and the tuning
+cache, host syncs, float16 gradients, deterministic mode, which backend ``auto`` picks.
 """
 import contextlib
 
@@ -11,6 +12,7 @@ import torch
 
 import fastcl
 from fastcl.ops.info_nce import naive
+from fastcl.ops.siglip import naive as siglip_naive
 
 from .compare import DEVICE, TRITON_MARKS, assert_close
 
@@ -80,8 +82,8 @@ def spy_launches(monkeypatch, stub=False):
 # 1. every Triton launch runs under a guard for the tensors' device
 
 
-def test_d1_every_triton_launch_is_guarded_by_the_tensors_device(monkeypatch):
-    from fastcl.ops import triton_common
+def test_every_triton_launch_is_guarded_by_the_tensors_device(monkeypatch):
+    from fastcl.ops.common import triton_runtime as triton_common
 
     state = {"depth": 0, "devices": []}
 
@@ -126,9 +128,9 @@ def test_d1_every_triton_launch_is_guarded_by_the_tensors_device(monkeypatch):
     assert set(state["devices"]) == {torch.device(DEVICE) if DEVICE == "cpu" else q.device}
 
 
-def test_d1_device_guard_selects_the_tensors_gpu(monkeypatch):
+def test_device_guard_selects_the_tensors_gpu(monkeypatch):
     """For a CUDA tensor the guard is torch.cuda.device(that tensor's device), whatever the current one."""
-    from fastcl.ops import triton_common
+    from fastcl.ops.common import triton_runtime as triton_common
 
     entered = []
 
@@ -154,20 +156,20 @@ def test_d1_device_guard_selects_the_tensors_gpu(monkeypatch):
 # 2. SigLIP's loss keeps the softplus tail
 
 
-def test_d2_siglip_loss_keeps_terms_beyond_the_softplus_cutoff():
+def test_siglip_loss_keeps_terms_beyond_the_softplus_cutoff():
     """Every |z| = 20: each term is softplus(-20) = 2.06e-9, which log(1 + exp(-|x|)) in fp32 drops."""
     batch = 8
     image = torch.eye(batch, 16).to(DEVICE)
     text = torch.eye(batch, 16).to(DEVICE)
     loss = fastcl.siglip_loss(image, text, 40.0, -20.0, backend="triton")
-    expected = naive.siglip_loss(image.double(), text.double(), 40.0, -20.0)
+    expected = siglip_naive.siglip_loss(image.double(), text.double(), 40.0, -20.0)
     assert float(expected) > 0
     assert abs(float(loss) - float(expected)) <= 1e-3 * float(expected), (float(loss), float(expected))
 
 
-def test_d2_pairwise_infonce_softplus_tail():
+def test_pairwise_infonce_softplus_tail():
     """The same helper serves pairwise InfoNCE: gaps of -20 must still count."""
-    from fastcl.ops import triton_common  # noqa: F401  (the interpreter's softplus is the one under test)
+    from fastcl.ops.common import triton_runtime as triton_common  # noqa: F401  (the interpreter's softplus is the one under test)
 
     batch = 6
     query = torch.eye(batch, 8).to(DEVICE)
@@ -196,26 +198,28 @@ def _pretend_backends(monkeypatch, triton_available):
         found["cuda"] = _native.Backend("cuda", True, "pretend")
         return found
 
-    monkeypatch.setattr(info_nce_module, "_backends", fake)
+    from fastcl.ops.common import backends as backend_resolution
+
+    monkeypatch.setattr(backend_resolution, "_backends", fake)
     monkeypatch.setitem(info_nce_module.EXTRA_BACKENDS, "cuda", lambda *args: None)
     monkeypatch.setitem(info_nce_module.EXTRA_BACKENDS, "triton", lambda *args: None)
     monkeypatch.setattr(_native, "_WARNED", set())
     return info_nce_module
 
 
-def test_d9_auto_prefers_triton_over_the_native_cuda_kernels(monkeypatch):
+def test_auto_prefers_triton_over_the_native_cuda_kernels(monkeypatch):
     module = _pretend_backends(monkeypatch, triton_available=True)
     assert module.resolve_backend("auto", torch.device("cuda")) == "triton"
 
 
-def test_d9_auto_never_picks_the_native_cuda_kernels_and_says_why(monkeypatch):
+def test_auto_never_picks_the_native_cuda_kernels_and_says_why(monkeypatch):
     module = _pretend_backends(monkeypatch, triton_available=False)
     with pytest.warns(RuntimeWarning, match="backend='cuda'"):
         chosen = module.resolve_backend("auto", torch.device("cuda"))
     assert chosen == "torch"
 
 
-def test_d9_backends_reason_says_the_cuda_kernels_are_a_fallback():
+def test_backends_reason_says_the_cuda_kernels_are_a_fallback():
     from fastcl import _native
 
     assert "fallback" in _native.CUDA_INFO_NCE_NOTE and "auto" in _native.CUDA_INFO_NCE_NOTE
@@ -237,7 +241,7 @@ def _column_case(normalize, scale, seed=3):
     (True, 1.0, 0.004, True),  # logit scale 250: some columns' largest score is 150 below the bound
     (False, 30.0, 0.01, True),  # |q| |k| / tau ~ 2e5: the bound is far above every score
 ], ids=["normalized_overflow", "normalized_tiny_temperature", "unnormalized_large_bound"])
-def test_d7_column_sums_never_take_the_host_fallback(monkeypatch, normalize, scale, temperature, underflows):
+def test_column_sums_never_take_the_host_fallback(monkeypatch, normalize, scale, temperature, underflows):
     """Columns whose diagonal shift would overflow fp32 (s_ij - s_jj > 88): the loss and its
     gradients are right, the forward pass is one fused launch per call, and what is recomputed
     (columns whose bounded shift underflowed) is chosen on the device by a filtered launch that
@@ -299,7 +303,7 @@ INFO_NCE_HOST_CASES = [
 
 
 @pytest.mark.parametrize("case", INFO_NCE_HOST_CASES, ids=[c[0] for c in INFO_NCE_HOST_CASES])
-def test_d8_info_nce_host_path_never_syncs(monkeypatch, sync_counter, case):
+def test_info_nce_host_path_never_syncs(monkeypatch, sync_counter, case):
     """The Triton host helpers on meta tensors (a stand-in for CUDA tensors whose values the host
     cannot read) with the launches stubbed: a learnable temperature on the device, every option."""
     from fastcl.ops.info_nce.options import InfoNCEOptions
@@ -322,7 +326,7 @@ def test_d8_info_nce_host_path_never_syncs(monkeypatch, sync_counter, case):
     assert not sync_counter, f"host syncs in the Triton InfoNCE path: {sync_counter}"
 
 
-def test_d8_siglip_host_path_never_syncs(monkeypatch, sync_counter):
+def test_siglip_host_path_never_syncs(monkeypatch, sync_counter):
     from fastcl.ops.siglip.triton import triton_siglip
 
     launches = spy_launches(monkeypatch, stub=True)
@@ -332,7 +336,7 @@ def test_d8_siglip_host_path_never_syncs(monkeypatch, sync_counter):
     assert not sync_counter, f"host syncs in the Triton SigLIP path: {sync_counter}"
 
 
-def test_d8_argument_checks_skip_data_checks_on_device_tensors(sync_counter):
+def test_argument_checks_skip_data_checks_on_device_tensors(sync_counter):
     """Value checks (positive in range, exclude_self vs positive, temperature > 0) need the data on
     the host: skipped for device tensors unless validation is on; CPU tensors keep them."""
     from fastcl.ops.info_nce.options import check_info_nce_args
@@ -345,7 +349,7 @@ def test_d8_argument_checks_skip_data_checks_on_device_tensors(sync_counter):
     assert not sync_counter, f"host syncs in the argument checks: {sync_counter}"
 
 
-def test_d8_validation_mode_runs_the_data_checks(monkeypatch):
+def test_validation_mode_runs_the_data_checks(monkeypatch):
     from fastcl import validation
 
     class OnGpu(torch.Tensor):  # a tensor that reports a GPU device, with values to read
@@ -373,7 +377,7 @@ def test_d8_validation_mode_runs_the_data_checks(monkeypatch):
 # 6. float16 gradient tiles keep probabilities below float16's 6e-8
 
 
-def test_d6_float16_gradients_keep_tiny_probabilities():
+def test_float16_gradients_keep_tiny_probabilities():
     """48 queries q_i = u + e_i / 2 and 16 extra keys u + f_j / 2 at a temperature where every
     off-diagonal probability is about 1.5e-8 (below float16's smallest subnormal, 6e-8): each
     extra key's gradient, sum_i p_ij q_i / tau ~ 5e-5, comes only from those probabilities."""
@@ -419,7 +423,7 @@ def _atomic_kernels(launches):
     return found
 
 
-def test_d10_kernel_sources_atomics_are_where_documented():
+def test_kernel_sources_atomics_are_where_documented():
     """The only float atomics of the Triton InfoNCE / SigLIP kernels are the fused column sums;
     the patch kernels' atomics are in the (non-deterministic) backward kernel only."""
     import inspect
@@ -434,7 +438,7 @@ def test_d10_kernel_sources_atomics_are_where_documented():
     assert "atomic" not in inspect.getsource(patch_kernels.gather_patches_fwd_kernel.fn)
 
 
-def test_d10_deterministic_clip_uses_no_atomics_and_repeats_bit_for_bit(monkeypatch, deterministic):
+def test_deterministic_clip_uses_no_atomics_and_repeats_bit_for_bit(monkeypatch, deterministic):
     launches = spy_launches(monkeypatch)
     generator = torch.Generator().manual_seed(5)
     query = torch.randn(37, 40, generator=generator).to(DEVICE)
@@ -464,7 +468,7 @@ def _patch_case(dtype=torch.float32):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"], ids=["triton_backend", "native_backend"])
-def test_d10_deterministic_patch_gather_backward(monkeypatch, deterministic, backend):
+def test_deterministic_patch_gather_backward(monkeypatch, deterministic, backend):
     """The patch gradient under deterministic mode: no atomic scatter kernel (Triton's
     gather_patches_bwd_kernel, the native CUDA one), the same bits twice, and the naive gradient."""
     import fastcl.ops.patches.op as patch_op
@@ -504,7 +508,7 @@ def test_d10_deterministic_patch_gather_backward(monkeypatch, deterministic, bac
     assert_close(grads[0], expected_grad, 1e-5, "d(images)")
 
 
-def test_d10_cuda_infonce_backend_refuses_deterministic_mode(deterministic):
+def test_cuda_infonce_backend_refuses_deterministic_mode(deterministic):
     from fastcl.ops.info_nce.native_cuda import check_cuda_options
     from fastcl.ops.info_nce.options import InfoNCEOptions
 
@@ -519,13 +523,13 @@ def test_d10_cuda_infonce_backend_refuses_deterministic_mode(deterministic):
 @pytest.fixture
 def compiled_mode(monkeypatch):
     """Tile selection as on a GPU (not the interpreter's fixed tile)."""
-    from fastcl.ops import triton_common
+    from fastcl.ops.common import triton_runtime as triton_common
 
     monkeypatch.setattr(triton_common, "interpreting", lambda: False)
     return triton_common
 
 
-def test_d3_one_pinned_configuration_fits_every_kernel(monkeypatch, compiled_mode):
+def test_one_pinned_configuration_fits_every_kernel(monkeypatch, compiled_mode):
     """FASTCL_TRITON_CONFIG=128,128,64,8,3 at D = 512: the forward keeps it, each backward kernel
     gets the widest ACC_D within the register and shared-memory budget (never 128 x 512 fp32)."""
     common = compiled_mode
@@ -539,7 +543,7 @@ def test_d3_one_pinned_configuration_fits_every_kernel(monkeypatch, compiled_mod
         assert config.kwargs["ACC_D"] < 512 and config.kwargs["BLOCK_M"] == 128
 
 
-def test_d3_per_kernel_pins_are_checked_with_a_clear_error(monkeypatch, compiled_mode):
+def test_per_kernel_pins_are_checked_with_a_clear_error(monkeypatch, compiled_mode):
     common = compiled_mode
     monkeypatch.setenv(common.CONFIG_ENV, "forward=64,64,32,4,2;rows=128,64,64,512,8,2")
     assert common.tile_candidates("forward", 512, torch.bfloat16, 90)[0].num_warps == 4
@@ -556,7 +560,7 @@ def test_d3_per_kernel_pins_are_checked_with_a_clear_error(monkeypatch, compiled
             common.tile_candidates("rows", 64, torch.float32, 90)
 
 
-def test_d3_shipped_lists_fit_their_budget(compiled_mode):
+def test_shipped_lists_fit_their_budget(compiled_mode):
     common = compiled_mode
     for kind, listing in (("forward", common.FORWARD_CONFIGS), ("rows", common.BACKWARD_ROWS_CONFIGS),
                           ("columns", common.BACKWARD_COLUMNS_CONFIGS)):
@@ -571,7 +575,7 @@ def test_d3_shipped_lists_fit_their_budget(compiled_mode):
 def tuning(monkeypatch, tmp_path):
     """The GPU's tuning path on CPU: timings replaced by a stand-in that prefers the smallest
     ACC_D (then the smallest BLOCK_M), every timed launch recorded with its size arguments."""
-    from fastcl.ops import triton_common as common
+    from fastcl.ops.common import triton_runtime as common
 
     monkeypatch.setattr(common, "_tuning_enabled", lambda device: True)
     monkeypatch.setattr(common, "interpreting", lambda: False)
@@ -606,13 +610,13 @@ def tuning(monkeypatch, tmp_path):
 
 
 def _tile_kernels():
-    from fastcl.ops import triton_common as common
+    from fastcl.ops.common import triton_runtime as common
 
     return [value for module in _kernel_modules()[:2] for value in vars(module).values()
             if isinstance(value, common.TileKernel)]
 
 
-def test_d4_key_holds_every_constexpr(tuning):
+def test_key_holds_every_constexpr(tuning):
     """Two calls differing only in NORMALIZE (not in the old key) are tuned separately."""
     common, timed, _ = tuning
     query, key = torch.randn(20, 40).to(DEVICE), torch.randn(20, 40).to(DEVICE)
@@ -633,7 +637,7 @@ def test_d4_key_holds_every_constexpr(tuning):
     assert all(f"{name}={index}" in text for name, index in flags.items())
 
 
-def test_d4_tuning_runs_on_a_capped_size(tuning):
+def test_tuning_runs_on_a_capped_size(tuning):
     common, timed, launched = tuning
     query, key = torch.randn(40, 24).to(DEVICE), torch.randn(50, 24).to(DEVICE)
     with torch.no_grad():
@@ -644,7 +648,7 @@ def test_d4_tuning_runs_on_a_capped_size(tuning):
     assert (real["num_rows"], real["num_candidates"]) == (40, 50)
 
 
-def test_d4_choice_is_cached_across_processes(tuning, monkeypatch):
+def test_choice_is_cached_across_processes(tuning, monkeypatch):
     common, timed, _ = tuning
     query, key = torch.randn(20, 40).to(DEVICE), torch.randn(20, 40).to(DEVICE)
     with torch.no_grad():
@@ -662,7 +666,7 @@ def test_d4_choice_is_cached_across_processes(tuning, monkeypatch):
     assert not timed
 
 
-def test_d4_rank_zero_decides_for_every_rank(tuning, monkeypatch):
+def test_rank_zero_decides_for_every_rank(tuning, monkeypatch):
     common, timed, launched = tuning
     rank_zero_choice = [{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64}, 8, 3]  # not the stand-in's favourite
     monkeypatch.setattr(common, "_distributed_world", lambda: (1, 2))
@@ -690,7 +694,7 @@ def test_d4_rank_zero_decides_for_every_rank(tuning, monkeypatch):
 # 5. latent attention: scores and their gradients in fp32 out of bf16 products
 
 
-def test_d5_latent_attention_keeps_scores_and_their_gradients_in_fp32(monkeypatch):
+def test_latent_attention_keeps_scores_and_their_gradients_in_fp32(monkeypatch):
     """The CUDA bf16 path emulated on CPU (bf16 operands for the products): what the softmax
     kernels read and write (S, P, dP, dS) is fp32, and the result still matches the reference."""
     from fastcl.ops.latent_attention import chunked
@@ -728,7 +732,7 @@ def test_d5_latent_attention_keeps_scores_and_their_gradients_in_fp32(monkeypatc
     assert_close(grad, expected_grad, 5e-2, "d(hidden)")
 
 
-def test_d6_siglip_float16_gradients_keep_tiny_pair_gradients():
+def test_siglip_float16_gradients_keep_tiny_pair_gradients():
     """x_i = y_i = u + e_i / 2 with t = 144, b = -162: every pair's gradient is +-sigmoid(-18) =
     1.5e-8 (below float16's 6e-8); the shared direction u of d(text) sums them to ~2e-6."""
     batch, dim = 64, 72
@@ -740,7 +744,7 @@ def test_d6_siglip_float16_gradients_keep_tiny_pair_gradients():
     loss = fastcl.siglip_loss(image, text, 144.0, -162.0, backend="triton")
     (grad_text,) = torch.autograd.grad(loss, text)
     text64 = features.double().requires_grad_()
-    (expected,) = torch.autograd.grad(naive.siglip_loss(features.double(), text64, 144.0, -162.0), text64)
+    (expected,) = torch.autograd.grad(siglip_naive.siglip_loss(features.double(), text64, 144.0, -162.0), text64)
     shared, expected_shared = grad_text[:, 0].double().cpu(), expected[:, 0]
     assert float(expected_shared.abs().min()) > 1e-6
     error = float((shared - expected_shared).abs().max() / expected_shared.abs().max())

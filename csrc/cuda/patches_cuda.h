@@ -1,4 +1,4 @@
-// Launchers of csrc/cuda/gather_patches.cu, declared for their C exports (plain C++).
+// Launchers of csrc/cuda/patches.cu, declared for their C exports (plain C++).
 #pragma once
 
 #include <cstdint>
