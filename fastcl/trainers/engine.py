@@ -453,16 +453,21 @@ class _Loop:
             self.method.after_step(self.accelerator.unwrap_model(self.model))
         elapsed = time.perf_counter() - self.began
         self.times.append(elapsed)
+        done, config = step + 1, self.config
+        evaluate = bool(config.eval_every and done % config.eval_every == 0 and done < self.total)
+        save = bool((config.save_every and done % config.save_every == 0)
+                    or (done == self.end and not (config.skip_save and self.end == self.total)))
+        received = self.signals.requested(self.accelerator)  # every rank asks at every step: same collectives
         if len(self.times) == 1 and self.end - self.start > 1:
             # steady state: the peak of the later steps above what the first one left allocated
             # (optimizer state, lazy initialization, warmed-up caches)
             self.memory = PeakMemory(self.accelerator.device)
-        else:  # the peak of the steps themselves, before this step's evaluation or checkpoint
+        elif evaluate or save or received or done == self.end:
+            # the peak of the steps so far, read before this step's evaluation or checkpoint
             self.history.peaks_mb[-1] = self.memory.peak_mb()
-        done, config = step + 1, self.config
         record = {"step": done, "loss": self.loss_value, "lr": self.learning_rate, "stage": self.stage.name,
                   "time_s": round(elapsed, 5), "samples_per_s": round(config.batch_size / elapsed, 2)}
-        if config.eval_every and done % config.eval_every == 0 and done < self.total:
+        if evaluate:
             metrics = self.evaluate()
             self.history.evals.append({"step": done, "metrics": metrics})
             record["eval"] = metrics
@@ -474,13 +479,9 @@ class _Loop:
             self.bar.set_postfix(loss=f"{self.loss_value:.4f}", samples_s=f"{record['samples_per_s']:.1f}",
                                  **({"stage": self.stage.name} if len(self.plan) > 1 else {}))
             self.bar.update(1)
-        due = (config.save_every and done % config.save_every == 0) or (done == self.end and not (config.skip_save and self.end == self.total))
-        if due:
+        if save or received:
             self.checkpoint(done)
-        received = self.signals.requested(self.accelerator)
         if received:
-            if not due:
-                self.checkpoint(done)
             raise TrainingInterrupted(received, done, self.run.path, self.name)
 
     def checkpoint(self, step: int) -> None:
