@@ -9,6 +9,7 @@ from .ops.info_nce import clip_loss, info_nce, nt_xent
 from .ops.siglip import siglip_loss
 from .ops.cml import CMLLoss, cml_loss
 from .ops.collaborative import CollaborativeContrastiveLoss, collaborative_contrastive_loss
+from .ops.triplet import TripletMarginLoss, triplet_margin_loss
 from .modules import InfoNCELoss, SigLipLoss
 from .ops.patches import budget_split, gather_patches, patch_saliency, select_patches
 from .ops.latent_attention import LatentAttentionPooling, latent_attention_pool
@@ -34,3 +35,4 @@ __all__ += ["GradCache", "distributed"]
 __all__ += ["set_validation", "validation_enabled"]
 __all__ += ["cml_loss", "CMLLoss", "collaborative_contrastive_loss", "CollaborativeContrastiveLoss"]
 __all__ += ["MemoryBank"]
+__all__ += ["triplet_margin_loss", "TripletMarginLoss"]

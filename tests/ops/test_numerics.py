@@ -91,7 +91,7 @@ def test_gradient_block_has_no_subnormal(kernel, dtype):
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_symmetric_and_siglip_gradient_blocks_have_no_subnormal(dtype):
-    from fastcl.ops.siglip.chunked import native_siglip_rows
+    from fastcl.ops.siglip.native import native_siglip_rows
 
     q, k = torch.randn(48, 128, dtype=dtype), torch.randn(48, 128, dtype=dtype)
     block = q @ k.T

@@ -104,9 +104,9 @@ needs_native = pytest.mark.skipif(not fastcl.backends()["cpu"].available, reason
 @pytest.fixture
 def native_calls(monkeypatch):
     """Per call of the native SigLIP block kernel (the op looks it up when it runs): with_grad."""
-    from fastcl.ops.siglip import chunked
+    from fastcl.ops.siglip import native
 
-    return record_calls(monkeypatch, chunked, "native_siglip_rows", "with_grad")
+    return record_calls(monkeypatch, native, "native_siglip_rows", "with_grad")
 
 
 @needs_native

@@ -27,7 +27,9 @@ def siglip_forward(image_features: Tensor, text_features: Tensor, logit_scale: T
     if backend == "triton" and image_features.dtype != torch.float64:
         from .triton import triton_siglip as implementation
     elif backend == "cpu":  # the chunked driver with the native block kernel
-        implementation = functools.partial(chunked_siglip, block_kernel=chunked.native_siglip_rows)
+        from .native import native_siglip_rows
+
+        implementation = functools.partial(chunked_siglip, block_kernel=native_siglip_rows)
     else:  # "torch", and float64 on the GPU backends
         implementation = chunked_siglip
     loss, grads = implementation(image_features, text_features, logit_scale, logit_bias, compute_grads)
