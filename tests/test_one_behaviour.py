@@ -22,6 +22,8 @@ def _losses(batch):
     windows = _unit(batch, 4, DIM, seed=3)
     pages = _unit(max(2, batch // 16), 16, DIM, seed=4)
     clicks = torch.randint(0, 3, pages.shape[:2], generator=torch.Generator().manual_seed(5))
+    bank = _unit(32, DIM, seed=6)
+    guide = (_unit(batch, 8, seed=7), _unit(batch, 8, seed=8))
     return {
         "info_nce": (lambda a, b: fastcl.info_nce(a, b, temperature=0.1), (q, k)),
         "info_nce_raw_dot": (lambda a, b: fastcl.info_nce(a, b, normalize=False), (3 * q, 3 * k)),
@@ -30,6 +32,10 @@ def _losses(batch):
         "siglip_loss": (lambda a, b: fastcl.siglip_loss(a, b, 10.0, -10.0), (q, k)),
         "cml_loss": (lambda a, b, w: fastcl.cml_loss(a, b, w, num_items=100), (q, k, windows)),
         "collaborative": (lambda items: fastcl.collaborative_contrastive_loss(items, clicks), (pages,)),
+        # the segment driver (memory bank, guide): its own autograd.Function
+        "info_nce_memory_bank": (lambda a, b: fastcl.info_nce(a, b, temperature=0.1, memory_bank=bank), (q, k)),
+        "info_nce_guide": (lambda a, b: fastcl.info_nce(a, b, temperature=0.1, guide=guide), (q, k)),
+        "triplet": (lambda a, b: fastcl.triplet_margin_loss(a, b), (q, k)),
     }
 
 
@@ -92,3 +98,10 @@ def test_empty_hard_negatives_get_an_empty_zero_gradient(batch):
     assert d_hard is not None and d_hard.shape == hard.shape
     reference = q.clone().requires_grad_()
     torch.testing.assert_close(d_query, torch.autograd.grad(fastcl.info_nce(reference, k), [reference])[0])
+
+
+def test_statistics_inside_torch_func_are_a_clear_error():
+    q, k = _unit(8, DIM, seed=1), _unit(8, DIM, seed=2)
+    bank = _unit(16, DIM, seed=3)
+    with pytest.raises(NotImplementedError, match="return_stats=True is not available inside torch.func"):
+        torch.func.grad(lambda a: fastcl.info_nce(a, k, memory_bank=bank, return_stats=True)[0])(q)

@@ -33,6 +33,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ..._tracing import functorch_active
 from ..common.blocks import block_rows_for
 
 SHARED, PAIRED, PRIVATE = "shared", "paired", "private"
@@ -325,6 +326,13 @@ def segmented_loss(segments: Sequence[Segment], options: SegmentOptions, tempera
 
     Returns the loss, or (loss, stats) with ``return_stats``. ``mean`` divides by the rows."""
     rows = segments[0].anchors.shape[0]
+    if functorch_active():
+        # torch.func (grad, vmap, jacrev): the driver's autograd.Function does not compose with the
+        # transforms; the same loss in plain differentiable PyTorch does (the logits materialized)
+        if return_stats:
+            raise NotImplementedError("return_stats=True is not available inside torch.func transforms "
+                                      "(grad, vmap, jacrev): call info_nce outside the transform for the statistics")
+        return differentiable_loss(list(segments), options, temperature, reduction, float(rows))
     holder = {}
     spec = (list(segments), options, reduction, float(rows), return_stats, holder)
     tensors = [t for s in segments for t in (s.anchors, s.candidates)]
