@@ -118,6 +118,46 @@ def test_grad_cache_under_trainer_equals_plain_without_dropout(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_grad_cache_under_trainer_trains_a_loss_modules_temperature(tmp_path, accumulation):
+    """GradCache's deferred mode in the Trainer's loop with InfoNCELoss(learnable_temperature=True)
+    inside the model: the temperature gets its gradient (it learns), and every weight equals a
+    compute_loss override with the plain loss, with and without gradient accumulation."""
+
+    class WithCriterion(TwoTower):
+        def __init__(self):
+            super().__init__()
+            self.project[0].p = 0.0
+            self.criterion = fastcl.InfoNCELoss(temperature=0.1, normalize=True, learnable_temperature=True)
+
+    holder = {}
+
+    class Cached(transformers.Trainer):
+        compute_loss = grad_cache_compute_loss(lambda inputs: ({"ids": inputs["query"]}, {"ids": inputs["passage"]}),
+                                               chunk_size=5, loss_fn=lambda q, p: holder["model"].criterion(q, p))
+
+    class Plain(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            q, p = model(**inputs)
+            return model.criterion(q, p)
+
+    def run(trainer_cls):
+        model = holder["model"] = WithCriterion()
+        start = float(model.criterion.logit_scale)
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2,
+                                              per_device_train_batch_size=12 // accumulation,
+                                              gradient_accumulation_steps=accumulation, learning_rate=0.1,
+                                              optim="sgd", lr_scheduler_type="constant", report_to=[],
+                                              save_strategy="no", remove_unused_columns=False, use_cpu=True, seed=5)
+        trainer_cls(model=model, args=args, train_dataset=_dataset(), data_collator=_collate).train()
+        assert float(model.criterion.logit_scale) != start  # the temperature learned
+        return [p.detach().clone() for p in model.parameters()]
+
+    cached, plain = run(Cached), run(Plain)
+    for a, b in zip(cached, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def _train_logged(tmp_path, trainer_cls, accumulation, with_labels, **trainer_kwargs):
     """Weights and logged losses after 2 optimizer steps of 12 rows, in `accumulation` micro-batches."""
     model = TwoTower()
