@@ -15,6 +15,7 @@ import math
 from typing import Optional
 
 import torch
+from torch import nn
 
 from ...validation import checks_values
 from ..common.backends import resolve_backend as _resolve_backend
@@ -22,11 +23,11 @@ from . import extras, naive
 from .dense import dense_info_nce
 from .op import info_nce_op
 from ..common.checks import autocast_disabled, check_embeddings, check_same_device, check_scalar, input_dtypes
-from .options import check_info_nce_args
+from .options import check_info_nce_args, check_temperature
 
 _log = logging.getLogger("fastcl")
 
-__all__ = ["info_nce", "clip_loss", "nt_xent", "resolve_backend", "pair_statistics"]
+__all__ = ["info_nce", "clip_loss", "nt_xent", "resolve_backend", "pair_statistics", "InfoNCELoss"]
 
 # GPU backends implemented for this op (beyond naive / torch / cpu); gpu.py adds them here:
 # name -> check(query, options, labels) raising ValueError for what that backend refuses.
@@ -234,3 +235,61 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature=0.5, *, normalize: b
     positive = torch.cat([index + batch, index])
     return info_nce(views, views, positive=positive, temperature=temperature, normalize=normalize,
                     exclude_self=True, backend=backend)
+
+
+class InfoNCELoss(nn.Module):
+    r"""InfoNCE as a module; the options of :func:`fastcl.info_nce` are fixed at construction.
+
+    With ``learnable_temperature=True`` the module owns ``logit_scale`` = log(1/temperature)
+    (CLIP's parametrization, initialised from ``temperature``); the scale used is
+    ``min(exp(logit_scale), max_scale)`` so it never exceeds 100 by default, and the parameter
+    gets its gradient from the fused op.
+
+    Example::
+
+        >>> criterion = fastcl.InfoNCELoss(temperature=0.07, normalize=True, learnable_temperature=True)
+        >>> loss = criterion(query_embeddings, key_embeddings)
+    """
+
+    def __init__(self, temperature: float = 0.07, *, learnable_temperature: bool = False, max_scale: float = 100.0,
+                 normalize: bool = False, symmetric: bool = False, exclude_self: bool = False,
+                 multi_positive: str = "mask", false_negative_margin: Optional[float] = None,
+                 label_smoothing: float = 0.0, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        temperature = check_temperature(temperature)
+        if not max_scale > 0:
+            raise ValueError(f"max_scale must be > 0, got {max_scale}")
+        self.learnable_temperature = learnable_temperature
+        self.max_scale = float(max_scale)
+        if learnable_temperature and 1.0 / temperature > max_scale:
+            raise ValueError(
+                f"temperature={temperature} with learnable_temperature=True starts at scale 1/temperature = "
+                f"{1.0 / temperature:g} > max_scale={max_scale:g}: the clamp would give the scale zero gradient and it "
+                f"would never learn; pass temperature >= 1/max_scale = {1.0 / max_scale:g} or a larger max_scale"
+            )
+        if learnable_temperature:
+            logit_scale = torch.tensor(math.log(1.0 / temperature))
+            if logit_scale.exp() > self.max_scale:  # float32 rounding at temperature = 1/max_scale
+                logit_scale = torch.nextafter(logit_scale, torch.tensor(-math.inf))
+            self.logit_scale = nn.Parameter(logit_scale)
+        else:
+            self.temperature = temperature
+        self.options = dict(normalize=normalize, symmetric=symmetric, exclude_self=exclude_self,
+                            multi_positive=multi_positive, false_negative_margin=false_negative_margin,
+                            label_smoothing=label_smoothing, reduction=reduction, backend=backend)
+
+    def current_temperature(self):
+        if self.learnable_temperature:
+            return 1.0 / self.logit_scale.exp().clamp(max=self.max_scale)
+        return self.temperature
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, *, positive: Optional[torch.Tensor] = None,
+                hard_negatives: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                key_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return info_nce(query, key, positive=positive, hard_negatives=hard_negatives,
+                        temperature=self.current_temperature(), labels=labels, key_labels=key_labels, **self.options)
+
+    def extra_repr(self) -> str:
+        temperature = "learnable" if self.learnable_temperature else f"temperature={self.temperature}"
+        options = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"{temperature}, {options}"

@@ -7,7 +7,10 @@ bias b; floats or scalar tensors (tensors get their gradients). Equals open_clip
 """
 from __future__ import annotations
 
+import math
+
 import torch
+from torch import nn
 
 from ..common.backends import resolve_backend
 from ..common.checks import autocast_disabled, input_dtypes
@@ -15,7 +18,7 @@ from . import naive
 from .op import siglip_op
 from .options import EXTRA_BACKENDS, check_siglip_args
 
-__all__ = ["siglip_loss"]
+__all__ = ["siglip_loss", "SigLipLoss"]
 
 
 
@@ -61,3 +64,22 @@ def _statistics(image_features, text_features, logit_scale, logit_bias) -> dict:
     for name in ("lse", "positive_logit", "column_lse", "column_positive_logit"):
         stats[name] = stats[name] + bias
     return stats
+
+
+class SigLipLoss(nn.Module):
+    r"""SigLIP sigmoid loss with its learnable scale and bias (initialised to log 10 and -10).
+
+    Example::
+
+        >>> criterion = fastcl.SigLipLoss()
+        >>> loss = criterion(image_features, text_features)
+    """
+
+    def __init__(self, init_logit_scale: float = math.log(10.0), init_logit_bias: float = -10.0, backend: str = "auto"):
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
+        self.backend = backend
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        return siglip_loss(image_features, text_features, self.logit_scale.exp(), self.logit_bias, backend=self.backend)
