@@ -63,3 +63,25 @@ def fused_backends():
 def backend_device(backend):
     """Where ``backend``'s cases run: CUDA for triton on a GPU machine, else the CPU."""
     return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def no_subnormal(tensor: torch.Tensor) -> bool:
+    tiny = torch.finfo(tensor.dtype).tiny
+    return bool(((tensor == 0) | (tensor.abs() >= tiny) | ~torch.isfinite(tensor)).all())
+
+
+def assert_like_naive(actual, expected, what, rtol=1e-4, floor=0.0):
+    """Non-finite in exactly the same places (and the same inf where naive is inf); finite
+    entries within ``rtol`` times the largest finite reference magnitude (at least ``floor``:
+    a gradient that is 0 but for rounding has no scale of its own)."""
+    assert actual.shape == expected.shape, what
+    actual, expected = actual.detach().double(), expected.detach().double()
+    finite = torch.isfinite(expected)
+    mismatch = (torch.isfinite(actual) != finite).nonzero()
+    assert mismatch.numel() == 0, f"{what}: finite/non-finite differ at {mismatch[:5].tolist()}"
+    infinite = torch.isinf(expected)
+    assert torch.equal(actual[infinite], expected[infinite]), f"{what}: infinities differ"
+    if finite.any():
+        scale = expected[finite].abs().max().clamp_min(max(floor, 1e-30))
+        error = float((actual[finite] - expected[finite]).abs().max() / scale)
+        assert error <= rtol, f"{what}: error {error:.3g} x {float(scale):.3g}"

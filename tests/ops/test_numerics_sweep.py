@@ -19,7 +19,7 @@ from fastcl._native import backends
 from fastcl.ops.info_nce import naive
 from fastcl.ops.siglip import naive as siglip_naive
 
-from .test_numerics import assert_like_naive
+from .compare import assert_like_naive
 
 BACKENDS = ["torch", "auto"] + (["cpu"] if backends()["cpu"].available else [])
 FUNCTIONS = ["info_nce", "clip_loss", "nt_xent", "siglip_loss"]
