@@ -24,9 +24,9 @@ def naive_skip(provider: str, need: int, device: str, what: str) -> str | None:
     return None
 
 
-def ratio_text(ours, base) -> str:
+def ratio_text(ours, base, baseline: str = "naive") -> str:
     """Time and peak-memory ratios of one measurement against the baseline's."""
-    return (f"time {ours.time_ms / base.time_ms:.2f}x naive, peak extra memory {ours.peak_mb / base.peak_mb:.3f}x naive "
+    return (f"time {ours.time_ms / base.time_ms:.2f}x {baseline}, peak extra memory {ours.peak_mb / base.peak_mb:.3f}x {baseline} "
             f"({ours.peak_mb:.0f} MB vs {base.peak_mb:.0f} MB)")
 
 
@@ -41,5 +41,5 @@ def goal_summary(rows, baseline: str, goal: dict, label) -> str:
     for provider in sorted({m.provider for m in rows} - {baseline}):
         ours = ok.get((provider, target))
         if ours and base:
-            lines.append(f"{label(provider)}: {ratio_text(ours, base)}")
+            lines.append(f"{label(provider)}: {ratio_text(ours, base, baseline)}")
     return "\n".join(lines)
