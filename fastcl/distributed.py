@@ -35,12 +35,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .ops.info_nce import info_nce as _info_nce
-from .ops.info_nce import _inverse_scale
 from .ops.common.blocks import block_rows_for
 from .ops.common.checks import REDUCTIONS, check_choice, check_embeddings, check_same_device
-from .ops.info_nce.chunked import count_positives
-from .ops.info_nce.options import MASK, PAIRWISE, SUPCON
+from .ops.info_nce import MASK, SUPCON, count_positives, logit_scale_temperature
+from .ops.info_nce import info_nce as _info_nce
 
 __all__ = ["info_nce", "clip_loss", "siglip_loss", "all_gather_rows"]
 
@@ -267,7 +265,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         raise ValueError(
             f"image_features and text_features must have the same shape (B, D), got {tuple(image_features.shape)} and {tuple(text_features.shape)}"
         )
-    temperature = _inverse_scale(logit_scale)
+    temperature = logit_scale_temperature(logit_scale)
     return info_nce(image_features, text_features, temperature=temperature, symmetric=True, backend=backend, group=group)
 
 

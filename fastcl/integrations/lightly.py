@@ -104,7 +104,7 @@ class NTXentLoss(nn.Module):
 
 def _bank_loss(anchors, pair, bank: MemoryBank, temperature: float) -> torch.Tensor:
     """Mean over rows of -log softmax of (a_i . p_i, a_i . bank) / temperature, fused."""
-    from ..ops.info_nce.segments import PAIRED, SHARED, Segment, SegmentOptions, segmented_loss
+    from ..ops.info_nce import PAIRED, SHARED, Segment, SegmentOptions, segmented_loss
 
     dtype = torch.float64 if anchors.dtype == torch.float64 else torch.float32
     negatives = bank.negatives()

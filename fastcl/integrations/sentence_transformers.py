@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..grad_cache import GradCache
 from ..ops.info_nce import info_nce
-from ..ops.info_nce.segments import SHARED, Segment, SegmentOptions, segmented_loss
+from ..ops.info_nce import SHARED, Segment, SegmentOptions, segmented_loss
 from . import log
 
 __all__ = ["MultipleNegativesRankingLoss", "MultipleNegativesSymmetricRankingLoss",

@@ -23,11 +23,16 @@ from . import extras, naive
 from .dense import dense_info_nce
 from .op import info_nce_op
 from ..common.checks import autocast_disabled, check_embeddings, check_same_device, check_scalar, input_dtypes
-from .options import check_info_nce_args, check_temperature
+from .chunked import count_positives
+from .options import MASK, PAIRWISE, SUPCON, check_info_nce_args, check_temperature
+from .segments import PAIRED, PRIVATE, SHARED, Segment, SegmentOptions, segmented_loss
 
 _log = logging.getLogger("fastcl")
 
-__all__ = ["info_nce", "clip_loss", "nt_xent", "resolve_backend", "pair_statistics", "InfoNCELoss"]
+__all__ = ["info_nce", "clip_loss", "nt_xent", "resolve_backend", "pair_statistics", "InfoNCELoss",
+           # building blocks for the layers above the ops (distributed losses, adapters)
+           "logit_scale_temperature", "count_positives", "MASK", "SUPCON", "PAIRWISE",
+           "Segment", "SegmentOptions", "segmented_loss", "SHARED", "PAIRED", "PRIVATE"]
 
 # GPU backends implemented for this op (beyond naive / torch / cpu); gpu.py adds them here:
 # name -> check(query, options, labels) raising ValueError for what that backend refuses.
@@ -194,12 +199,14 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         raise ValueError(
             f"image_features and text_features must have the same shape (B, D), got {tuple(image_features.shape)} and {tuple(text_features.shape)}"
         )
-    temperature = _inverse_scale(logit_scale)
+    temperature = logit_scale_temperature(logit_scale)
     return info_nce(image_features, text_features, temperature=temperature, symmetric=True, backend=backend,
                     return_stats=return_stats)
 
 
-def _inverse_scale(logit_scale):
+def logit_scale_temperature(logit_scale):
+    """The temperature 1 / logit_scale of CLIP's multiplier (a float or a scalar tensor, whose
+    gradient flows), after checking the scale itself (the error names ``logit_scale``)."""
     logit_scale = check_scalar("logit_scale", logit_scale)
     if isinstance(logit_scale, torch.Tensor):
         # the temperature check would name "temperature": check the scale itself (CPU values
