@@ -16,9 +16,7 @@ from torch import nn
 
 from ..common.backends import resolve_backend
 from ..common.checks import autocast_disabled, input_dtypes
-from ..common.gradients import compute_dtype
 from . import naive
-from .chunked import triplet_losses
 from .op import hardest_negatives_op
 from .options import EXTRA_BACKENDS, check_triplet_args
 
@@ -45,11 +43,8 @@ def triplet_margin_loss(anchor: torch.Tensor, positive: torch.Tensor, *, margin:
     with autocast_disabled(device_type, autocast):
         if chosen == "naive":
             return naive.triplet_margin_loss(anchor, positive, margin=margin, normalize=normalize, reduction=reduction)
-        dtype = compute_dtype(anchor)
-        a, p = anchor.to(dtype), positive.to(dtype)
-        if normalize:
-            a, p = torch.nn.functional.normalize(a, dim=-1), torch.nn.functional.normalize(p, dim=-1)
-        losses = triplet_losses(a, p, hardest_negatives_op(a.detach(), p.detach()), margin)
+        a, p = naive.prepared(anchor, positive, normalize)
+        losses = naive.triplet_losses(a, p, hardest_negatives_op(a.detach(), p.detach()), margin)
     if reduction == "none":
         return losses
     return losses.sum() if reduction == "sum" else losses.mean()

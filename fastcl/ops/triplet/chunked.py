@@ -4,13 +4,12 @@ Each block of anchors gets its squared distances to every positive from one matr
 (``|p_j|^2 - 2 a_i . p_j``: ``|a_i|^2`` does not change a row's argmin) into a reused buffer
 (:func:`~fastcl.ops.common.blocks.similarity_blocks`); the row's own pair is excluded and the
 closest other positive kept, an index per row. The loss is then an O(B * D) function of gathered
-rows, differentiated by autograd (to every order): the distances are the exact differences, as
-the reference computes them.
+rows (:func:`.naive.triplet_losses`, shared with the reference), differentiated by autograd (to
+every order): the distances are the exact differences.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..common.blocks import similarity_blocks
 
@@ -27,10 +26,3 @@ def hardest_negatives(anchor: torch.Tensor, positive: torch.Tensor) -> torch.Ten
         block[rows, rows + row0] = float("inf")
         out[row0:row1] = block.argmin(dim=1)
     return out
-
-
-def triplet_losses(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, margin: float) -> torch.Tensor:
-    """(B,) max(0, margin + |a_i - p_i| - |a_i - p_{n_i}|) from the rows themselves."""
-    positive_distance = (anchor - positive).norm(dim=-1)
-    negative_distance = (anchor - positive.index_select(0, negatives)).norm(dim=-1)
-    return F.relu(margin + positive_distance - negative_distance)

@@ -9,7 +9,8 @@ from ..common.gradients import compute_dtype
 __all__ = ["triplet_margin_loss", "hardest_negatives"]
 
 
-def _prepared(anchor, positive, normalize: bool):
+def prepared(anchor, positive, normalize: bool):
+    """Both in the compute dtype (float64 stays, the rest float32), L2-normalized when asked."""
     dtype = compute_dtype(anchor)
     a, p = anchor.to(dtype), positive.to(dtype)
     if normalize:
@@ -22,12 +23,25 @@ def _distances(a: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return torch.cdist(a, p, compute_mode="donot_use_mm_for_euclid_dist")
 
 
-def hardest_negatives(anchor: torch.Tensor, positive: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-    """(B,) index j != i of the positive closest to anchor i."""
-    a, p = _prepared(anchor.detach(), positive.detach(), normalize)
+@torch.no_grad()
+def _nearest(a: torch.Tensor, p: torch.Tensor):
+    """(index of the closest other positive, rows whose distances hold a NaN) of prepared rows."""
     distance = _distances(a, p)
     distance.fill_diagonal_(float("inf"))
-    return distance.argmin(dim=1)
+    return distance.argmin(dim=1), distance.isnan().any(dim=1)
+
+
+def hardest_negatives(anchor: torch.Tensor, positive: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """(B,) index j != i of the positive closest to anchor i."""
+    return _nearest(*prepared(anchor.detach(), positive.detach(), normalize))[0]
+
+
+def triplet_losses(a: torch.Tensor, p: torch.Tensor, negatives: torch.Tensor, margin: float) -> torch.Tensor:
+    """(B,) max(0, margin + |a_i - p_i| - |a_i - p_{n_i}|) from the rows themselves, for every
+    backend (they differ in how they find ``negatives``)."""
+    positive_distance = (a - p).norm(dim=-1)
+    negative_distance = (a - p.index_select(0, negatives)).norm(dim=-1)
+    return F.relu(margin + positive_distance - negative_distance)
 
 
 def triplet_margin_loss(anchor: torch.Tensor, positive: torch.Tensor, *, margin: float = 0.2, normalize: bool = True,
@@ -37,16 +51,9 @@ def triplet_margin_loss(anchor: torch.Tensor, positive: torch.Tensor, *, margin:
     The minimum's gradient reaches only its argmin, so the loss is differentiated through the
     two distances of each row recomputed from the rows (differentiable to every order; torch's
     ``cdist`` has no second derivative)."""
-    a, p = _prepared(anchor, positive, normalize)
-    with torch.no_grad():
-        distance = _distances(a, p)
-        distance.fill_diagonal_(float("inf"))
-        nearest = distance.argmin(dim=1)
-        # a NaN anywhere in a row makes its minimum NaN (argmin may point elsewhere)
-        row_nan = distance.isnan().any(dim=1)
-    positive_distance = (a - p).norm(dim=-1)
-    negative_distance = (a - p[nearest]).norm(dim=-1)
-    losses = F.relu(margin + positive_distance - negative_distance)
+    a, p = prepared(anchor, positive, normalize)
+    nearest, row_nan = _nearest(a, p)  # a NaN anywhere in a row makes its minimum NaN (argmin may point elsewhere)
+    losses = triplet_losses(a, p, nearest, margin)
     losses = torch.where(row_nan, torch.full_like(losses, float("nan")), losses)
     if reduction == "none":
         return losses
