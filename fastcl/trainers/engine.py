@@ -21,7 +21,6 @@ import math
 import os
 import signal
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -34,12 +33,11 @@ from torch import nn
 from ..grad_cache import call_encoder
 from .config import TrainConfig, config_to_dict
 from .runs import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, STATE_FILE, CheckpointError, DataUnavailable, RunDirectory,
-                   load_checkpoint, read_checkpoint_state, resolve_checkpoint, save_checkpoint, write_json)
+                   load_checkpoint, read_checkpoint_state, resolve_checkpoint, save_checkpoint,  # noqa: F401
+                   write_json)
 
 __all__ = ["Method", "Stage", "train", "fit", "linear_schedule", "DataUnavailable", "CheckpointError",
            "TrainingInterrupted", "TrainingDiverged", "CHECKPOINT_FORMAT", "STATE_FILE"]
-
-_write_json = write_json  # the name st_peer imports
 
 
 @dataclass

@@ -20,7 +20,8 @@ from typing import Callable, Dict, List, Sequence
 import torch
 from torch import nn
 
-from .engine import PeakMemory, _floats, _write_json
+from .engine import PeakMemory, _floats
+from .runs import write_json
 
 
 def train_with_sentence_transformers(backbone: nn.Module, tokenizer, columns: Dict[str, List[str]], config, *,
@@ -94,7 +95,7 @@ def main(argv: Sequence[str] = None) -> int:
     result = {"method": argv[0], "peer": "sentence-transformers", "data": source, "steps": config.steps,
               "batch_size": config.batch_size, "grad_cache": config.grad_cache, **metrics, "train": timing,
               "goal_metric": method.goal_metric}
-    _write_json(os.path.join(out, "metrics.json"), result)
+    write_json(os.path.join(out, "metrics.json"), result)
     print(json.dumps(result))
     return 0
 

