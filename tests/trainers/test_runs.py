@@ -10,21 +10,23 @@ import time
 
 import pytest
 
-from .helpers import ROOT, TINY, losses, main, metrics, torchrun, train
+from .helpers import ROOT, TINY, losses, main, metrics, torchrun
+from .test_recommendation import SYNTHETIC as RECOMMENDATION_TINY
+from .test_vision_distributed import TINY as PS3_TINY
+from .test_vision_methods import TINY as VISION_TINY
 
 from fastcl.trainers import METHODS, load_method  # noqa: E402
 
-# every method at a size that runs in about a second (synthetic data, no evaluation)
+# every method at a size that runs in about a second (synthetic data, no evaluation): the sizes
+# the other trainer tests use
 QUICK = {
     **{name: ["--data", "synthetic", *options] for name, options in TINY.items()},
-    "simclr": ["--data", "synthetic", "--batch-size", "16", "--width", "4", "--hidden-dim", "16", "--projection-dim", "8",
-               "--eval-train", "64", "--eval-test", "64", "--knn-k", "5"],
-    "clip": ["--data", "synthetic", "--batch-size", "16", "--width", "4", "--embed-dim", "16", "--eval-test", "64"],
-    "ps3": ["--data", "synthetic", "--batch-size", "4", "--canvas-side", "112", "--low-res", "56", "--dim", "16",
-            "--depth", "1", "--heads", "2", "--embed-dim", "16", "--eval-canvases", "2", "--timing-batch", "1",
-            "--train-canvases", "32"],
-    "cml": ["--data", "synthetic", "--bpr-epochs", "1", "--batch-size", "256", "--negatives", "16"],
-    "ccn": ["--data", "synthetic", "--batch-size", "32", "--ablation", "false"],
+    **{name: ["--data", "synthetic", *[arg for key, value in VISION_TINY[name][1].items()
+                                       for arg in (f"--{key.replace('_', '-')}", str(value))]]
+       for name in ("simclr", "clip")},
+    "ps3": PS3_TINY[:-4],  # without its --steps and --lr
+    "cml": ["--data", "synthetic", *RECOMMENDATION_TINY["cml"]],
+    "ccn": ["--data", "synthetic", *RECOMMENDATION_TINY["ccn"], "--ablation", "false"],
 }
 STEPS = ["--steps", "5", "--lr", "1e-3", "--warmup-steps", "2", "--skip-eval"]
 
@@ -193,6 +195,19 @@ def test_sigint_at_the_last_step_and_with_skip_save_still_checkpoints(tmp_path, 
     assert metrics(tmp_path / "run")["train"]["steps_run"] == 5
 
 
+def _signal_once_logged(process, log, lines: int, signum: int, timeout: float) -> str:
+    """Send ``signum`` once ``log`` holds ``lines`` steps (the handlers are installed by then);
+    the process's stderr when it has exited."""
+    try:
+        while not (log.exists() and len(log.read_text().splitlines()) >= lines) and process.poll() is None:
+            time.sleep(0.02)
+        process.send_signal(signum)
+        return process.communicate(timeout=timeout)[1]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
 def test_a_real_sigint_in_a_separate_process(tmp_path):
     """Ctrl-C as a terminal sends it: the process finishes its step, writes a checkpoint, exits 130
     with the resume command and no traceback; the resumed run equals the uninterrupted one (all
@@ -205,15 +220,9 @@ def test_a_real_sigint_in_a_separate_process(tmp_path):
                 "--skip-eval", *extra]
 
     process = subprocess.Popen(command("--out", str(out)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               cwd=ROOT, env=env)
+                               cwd=ROOT, env=env, start_new_session=True)
     log = out / "log.jsonl"
-    try:
-        while not (log.exists() and len(log.read_text().splitlines()) >= 3) and process.poll() is None:
-            time.sleep(0.02)
-        process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        process.kill()
+    stderr = _signal_once_logged(process, log, 3, signal.SIGINT, timeout=120)
     assert process.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr and "--resume" in stderr.splitlines()[-1]
     done = len(log.read_text().splitlines())
@@ -284,14 +293,7 @@ def test_sigterm_under_torchrun_resumes_to_the_uninterrupted_log(method, tmp_pat
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                                start_new_session=True)
     log = out / "log.jsonl"
-    try:
-        while not (log.exists() and len(log.read_text().splitlines()) >= 2) and process.poll() is None:
-            time.sleep(0.02)
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=240)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    stderr = _signal_once_logged(process, log, 2, signal.SIGTERM, timeout=240)
     done = len(log.read_text().splitlines())
     assert f"step-{done:08d}" in os.listdir(out / "checkpoints"), stderr[-3000:]
     assert stderr.count("SIGTERM: stopped after step") == 1, stderr[-3000:]  # rank 0 says it, once
