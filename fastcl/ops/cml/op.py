@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..._tracing import lazy_dynamo_disable
 from ..common.gradients import compute_dtype
 from . import chunked
 
@@ -72,3 +73,6 @@ def cml_row_losses(users: Tensor, positives: Tensor, negatives: Optional[Tensor]
     if not rank_weight:
         return hinge
     return hinge * torch.log1p(impostors * (num_items / window))
+
+
+lazy_dynamo_disable(cml_scan)  # an eager call must not import torch._dynamo

@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..._tracing import lazy_dynamo_disable
 from ..common.gradients import compute_dtype, no_tensor
 from . import chunked
 
@@ -101,3 +102,6 @@ def collaborative_op(items: Tensor, clicks: Tensor, mask: Tensor, trigger: Optio
     losses, total, _, _ = torch.ops.fastcl.collaborative_forward(items, clicks, mask, trigger, weights, temperature,
                                                                   normalize, backend, needs_grad and fused_weights)
     return losses, total
+
+
+lazy_dynamo_disable(collaborative_forward)  # an eager call must not import torch._dynamo

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..._tracing import lazy_dynamo_disable
 from .chunked import hardest_negatives
 
 
@@ -17,3 +18,6 @@ def hardest_negatives_op(anchor: Tensor, positive: Tensor) -> Tensor:
 @hardest_negatives_op.register_fake
 def _(anchor: Tensor, positive: Tensor) -> Tensor:
     return anchor.new_empty((anchor.shape[0],), dtype=torch.int64)
+
+
+lazy_dynamo_disable(hardest_negatives_op)  # an eager call must not import torch._dynamo
