@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-__all__ = ["is_compiling", "functorch_active", "plain_eager", "lazy_dynamo_disable"]
+__all__ = ["is_compiling", "functorch_active", "untraced", "plain_eager", "lazy_dynamo_disable"]
 
 
 def is_compiling() -> bool:
@@ -31,6 +31,17 @@ def functorch_active() -> bool:
     functorch = getattr(torch._C, "_functorch", None)
     peek = getattr(functorch, "peek_interpreter_stack", None)
     return peek is not None and peek() is not None
+
+
+def untraced() -> bool:
+    """Neither torch.compile nor a torch.func transform is tracing this call."""
+    if "torch._dynamo" in sys.modules and is_compiling():
+        return False
+    peek = _PEEK_INTERPRETER
+    return peek is None or peek() is None
+
+
+_PEEK_INTERPRETER = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
 
 
 def plain_eager(*tensors) -> bool:

@@ -5,6 +5,8 @@ attention's are in their own test_*_numerics.py).
 * huge gaps (temperature 1e-9, logits 1e30, gates 3e4) are exact;
 * NaN and +-Inf reach the loss and every gradient exactly where the naive reference's are.
 """
+import re
+
 import pytest
 import torch
 
@@ -183,8 +185,45 @@ def test_auto_materializes_small_calls_on_the_cpu(monkeypatch):
     assert MATERIALIZE_LOGITS[True] < MATERIALIZE_LOGITS[False]  # the plain loss's normalization costs it more
     assert resolve_backend("auto", cpu) == fused  # no size given: the fused path
     assert resolve_backend("torch", cpu, logits=1) == "torch"  # an explicit backend is kept
-    monkeypatch.setenv("FASTCL_MATERIALIZE_LOGITS", "0")
+    monkeypatch.setattr("fastcl.ops.common.backends.MATERIALIZE_OVERRIDE", 0)  # FASTCL_MATERIALIZE_LOGITS=0
     assert resolve_backend("auto", cpu, logits=1) == fused
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("options", [{}, {"normalize": True}, {"symmetric": True}, {"reduction": "none"},
+                                     {"reduction": "sum", "normalize": True, "symmetric": True}])
+def test_auto_small_plain_call_equals_the_reference(options, dtype, caplog):
+    # the common small call skips the general argument handling: same values and gradients,
+    # the same non-finite entries, and it says which path ran
+    q, k = torch.randn(32, 16, dtype=dtype) * 3, torch.randn(40, 16, dtype=dtype) * 3
+    with caplog.at_level("DEBUG", logger="fastcl"):
+        compare_info_nce("auto", q, k, temperature=0.05, rtol=1e-4 if dtype == torch.float32 else 1e-10, **options)
+    assert "auto -> naive (the plain loss, materialized)" in caplog.text
+    q[3, 2], k[5, 1] = float("nan"), float("inf")  # non-finite rows: the reference's formulas run
+    caplog.clear()
+    with caplog.at_level("DEBUG", logger="fastcl"):
+        compare_info_nce("auto", q, k, temperature=0.05, **options)
+    assert "auto -> naive (the plain loss" not in caplog.text and "auto -> naive" in caplog.text
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda q, k: fastcl.info_nce(q, k, temperature=0.0), "temperature must be a finite value > 0"),
+    (lambda q, k: fastcl.info_nce(q, k, temperature=float("nan")), "temperature must be a finite value > 0"),
+    (lambda q, k: fastcl.info_nce(q, k, temperature=float("inf")), "temperature must be a finite value > 0"),
+    (lambda q, k: fastcl.info_nce(q, k[:, :4]), "key must have shape (N, D) with D = query.shape[1]"),
+    (lambda q, k: fastcl.info_nce(q, k[:7]), "key has N = 7 rows but query has B = 8"),
+    (lambda q, k: fastcl.info_nce(q[:0], k), "query is empty"),
+    (lambda q, k: fastcl.info_nce(q, k, temperature="0.1"), "temperature must be a float or a scalar tensor"),
+    (lambda q, k: fastcl.info_nce(q, k, temperature=torch.tensor(-1.0)), "temperature must be a finite value > 0"),
+    (lambda q, k: fastcl.info_nce(q, k, reduction="avg"), "reduction must be one of"),
+    (lambda q, k: fastcl.info_nce(q, k, label_smoothing=True), "label_smoothing must be a float"),
+    (lambda q, k: fastcl.info_nce(q, k, guide_margin_strategy="abs"), "guide_margin_strategy must be one of"),
+    (lambda q, k: fastcl.info_nce(q, k, key_labels=torch.zeros(8, dtype=torch.long)), "must be given together"),
+    (lambda q, k: fastcl.info_nce(q, k, return_stats=1), "return_stats must be a bool"),
+])
+def test_auto_small_plain_call_keeps_every_argument_check(call, message):
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        call(torch.randn(8, 6), torch.randn(8, 6))
 
 
 def test_auto_takes_the_path_its_rule_names(monkeypatch):
@@ -197,6 +236,6 @@ def test_auto_takes_the_path_its_rule_names(monkeypatch):
     expected = naive.info_nce(q, k, hard_negatives=torch.randn(64, 2, 8).mul(0), temperature=0.1)
     loss = fastcl.info_nce(q, k, hard_negatives=torch.randn(64, 2, 8).mul(0), temperature=0.1)
     assert calls == [] and torch.equal(loss, expected)  # 64 x 66 logits: materialized
-    monkeypatch.setenv("FASTCL_MATERIALIZE_LOGITS", str(64 * 66 - 1))
+    monkeypatch.setattr("fastcl.ops.common.backends.MATERIALIZE_OVERRIDE", 64 * 66 - 1)
     fastcl.info_nce(q, k, hard_negatives=torch.zeros(64, 2, 8), temperature=0.1)
     assert calls == ["cpu" if backends()["cpu"].available else "torch"]

@@ -19,15 +19,22 @@ _log = logging.getLogger("fastcl")
 # lose to PyTorch's own ops. Measured crossover (benchmarks/bench_auto_crossover.py, interleaved
 # in one process, the same within noise for the default, avx2 and avx512 kernels): the native
 # kernels win from B = 512 (2^18 logits) with normalize=True, where the plain loss also pays the
-# normalization, and from B = 1024 (2^20) on raw dot products. Keyed by ``normalize``.
+# normalization, and from B = 1024 (2^20) on raw dot products. Keyed by ``normalize``: a finer
+# sweep (B = 362 ... 2048, D = 128 ... 768, tau = 0.01 ... 1; results/cpu_auto_crossover/fine)
+# puts the crossover at the same sizes for every width and temperature, within +-5 %.
 MATERIALIZE_LOGITS = {True: 2**17, False: 2**19}
 
 
+# ``FASTCL_MATERIALIZE_LOGITS=N`` (read at import) replaces the table: benchmarks use 0 to time
+# the fused path at every size.
+MATERIALIZE_OVERRIDE = int(os.environ["FASTCL_MATERIALIZE_LOGITS"]) if os.environ.get("FASTCL_MATERIALIZE_LOGITS") else None
+
+
 def materialize_logits(normalized: bool = True) -> int:
-    """The threshold above, or the ``FASTCL_MATERIALIZE_LOGITS`` override (benchmarks use 0 to
-    time the fused path at every size)."""
-    override = os.environ.get("FASTCL_MATERIALIZE_LOGITS")
-    return int(override) if override else MATERIALIZE_LOGITS[bool(normalized)]
+    """The threshold above for these inputs, or the override."""
+    if MATERIALIZE_OVERRIDE is not None:
+        return MATERIALIZE_OVERRIDE
+    return MATERIALIZE_LOGITS[bool(normalized)]
 
 
 def resolve_backend(backend: str, device: torch.device, extra_backends: dict, logits: Optional[int] = None,

@@ -17,10 +17,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..._tracing import is_compiling
 from ...validation import checks_values
 from ..common.backends import resolve_backend as _resolve_backend
 from . import extras, naive
-from .dense import dense_info_nce
+from .dense import dense_info_nce, small_plain_call
 from .op import info_nce_op
 from ..common.checks import autocast_disabled, check_embeddings, check_same_device, check_scalar, input_dtypes
 from .chunked import count_positives
@@ -45,7 +46,8 @@ register_gpu_backends(EXTRA_BACKENDS)
 def resolve_backend(backend: str, device: torch.device, extra_backends=None, logits: Optional[int] = None,
                     normalized: bool = True) -> str:
     """The backend an InfoNCE call takes (:func:`fastcl.ops.common.backends.resolve_backend` with
-    InfoNCE's GPU table, or ``extra_backends``)."""
+    InfoNCE's GPU table, or ``extra_backends``). The ``fastcl`` logger names it at DEBUG level
+    for every call."""
     return _resolve_backend(backend, device, EXTRA_BACKENDS if extra_backends is None else extra_backends, logits,
                             normalized)
 
@@ -135,6 +137,15 @@ def info_nce(
         >>> q, k = torch.randn(8, 32), torch.randn(8, 32)
         >>> loss = fastcl.info_nce(q, k, temperature=0.05, normalize=True)
     """
+    if (backend == "auto" and positive is None and hard_negatives is None and labels is None and key_labels is None
+            and multi_positive == MASK and not exclude_self and false_negative_margin is None
+            and type(label_smoothing) is float and label_smoothing == 0.0 and memory_bank is None
+            and sample_index is None and guide is None and type(guide_margin) is float
+            and guide_margin_strategy == "absolute" and return_stats is False):
+        loss = small_plain_call(query, key, temperature, normalize, symmetric, reduction)
+        if loss is not None:
+            _log.debug("fastcl.info_nce: auto -> naive (the plain loss, materialized)")
+            return loss
     device_type = query.device.type if isinstance(query, torch.Tensor) else "cpu"
     cast, autocast = input_dtypes(device_type, query=query, key=key, hard_negatives=hard_negatives)
     query, key, hard_negatives = cast["query"], cast["key"], cast["hard_negatives"]
@@ -162,6 +173,8 @@ def _info_nce_loss(query, key, hard_negatives, temperature, positive, labels, ke
     hard = hard_negatives.shape[1] if hard_negatives is not None else 0
     chosen = resolve_backend(backend, query.device, logits=query.shape[0] * (key.shape[0] + hard),
                              normalized=options.normalize)
+    if not is_compiling():  # dynamo cannot trace a logging call
+        _log.debug("fastcl.info_nce: %s -> %s", backend, chosen)
     if chosen in EXTRA_BACKENDS:
         EXTRA_BACKENDS[chosen](query, options, labels)  # what this GPU backend refuses
     with autocast_disabled(device_type, autocast):
@@ -175,7 +188,6 @@ def _info_nce_loss(query, key, hard_negatives, temperature, positive, labels, ke
     if hard_negatives is not None and hard_negatives.shape[1] == 0 and hard_negatives.requires_grad:
         loss = loss + hard_negatives.sum() * 0  # an empty hard-negative set gets an (empty) zero gradient, as on every path
     return loss
-    return info_nce_op(query, key, hard_negatives, temperature, positive, labels, key_labels, options, chosen)
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, *, backend: str = "auto",
