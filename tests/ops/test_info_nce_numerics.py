@@ -198,12 +198,12 @@ def test_auto_small_plain_call_equals_the_reference(options, dtype, caplog):
     q, k = torch.randn(32, 16, dtype=dtype) * 3, torch.randn(40, 16, dtype=dtype) * 3
     with caplog.at_level("DEBUG", logger="fastcl"):
         compare_info_nce("auto", q, k, temperature=0.05, rtol=1e-4 if dtype == torch.float32 else 1e-10, **options)
-    assert "auto -> naive (the plain loss, materialized)" in caplog.text
+    assert "backend='auto' -> 'naive' (the plain loss, materialized)" in caplog.text
     q[3, 2], k[5, 1] = float("nan"), float("inf")  # non-finite rows: the reference's formulas run
     caplog.clear()
     with caplog.at_level("DEBUG", logger="fastcl"):
         compare_info_nce("auto", q, k, temperature=0.05, **options)
-    assert "auto -> naive (the plain loss" not in caplog.text and "auto -> naive" in caplog.text
+    assert "(the plain loss" not in caplog.text and "backend='auto' -> 'naive' (1280 logits)" in caplog.text
 
 
 @pytest.mark.parametrize("call, message", [

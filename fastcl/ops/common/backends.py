@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from ..._native import CUDA_INFO_NCE_NOTE, backends as _backends, native_module, requested_backend, warn_once
-from ..._tracing import functorch_active
+from ..._tracing import functorch_active, is_compiling
 
 _log = logging.getLogger("fastcl")
 
@@ -45,8 +45,15 @@ def resolve_backend(backend: str, device: torch.device, extra_backends: dict, lo
     the op has native CPU kernels (the ``cpu`` backend; without them ``auto`` takes ``torch``). ``logits``: how
     many logits the call has (B x (N + H)); on the CPU, ``auto`` takes the materializing
     ``naive`` path when they are at most :func:`materialize_logits`. Without it, the size is
-    not considered.
+    not considered. The ``fastcl`` logger names the choice at DEBUG level.
     """
+    chosen = _resolve(backend, device, extra_backends, logits, normalized, cpu_kernels)
+    if not is_compiling():  # dynamo cannot trace a logging call
+        _log.debug("fastcl: backend=%r -> %r (%s logits)", backend, chosen, logits)
+    return chosen
+
+
+def _resolve(backend, device, extra_backends, logits, normalized, cpu_kernels) -> str:
     extra = extra_backends
     if backend != "naive" and functorch_active():
         # torch.func (grad, vmap, jacrev): the fused kernels' autograd does not compose with the

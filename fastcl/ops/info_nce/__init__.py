@@ -17,7 +17,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..._tracing import is_compiling
 from ...validation import checks_values
 from ..common.backends import resolve_backend as _resolve_backend
 from . import extras, naive
@@ -144,7 +143,7 @@ def info_nce(
             and guide_margin_strategy == "absolute" and return_stats is False):
         loss = small_plain_call(query, key, temperature, normalize, symmetric, reduction)
         if loss is not None:
-            _log.debug("fastcl.info_nce: auto -> naive (the plain loss, materialized)")
+            _log.debug("fastcl: backend='auto' -> 'naive' (the plain loss, materialized)")
             return loss
     device_type = query.device.type if isinstance(query, torch.Tensor) else "cpu"
     cast, autocast = input_dtypes(device_type, query=query, key=key, hard_negatives=hard_negatives)
@@ -173,8 +172,6 @@ def _info_nce_loss(query, key, hard_negatives, temperature, positive, labels, ke
     hard = hard_negatives.shape[1] if hard_negatives is not None else 0
     chosen = resolve_backend(backend, query.device, logits=query.shape[0] * (key.shape[0] + hard),
                              normalized=options.normalize)
-    if not is_compiling():  # dynamo cannot trace a logging call
-        _log.debug("fastcl.info_nce: %s -> %s", backend, chosen)
     if chosen in EXTRA_BACKENDS:
         EXTRA_BACKENDS[chosen](query, options, labels)  # what this GPU backend refuses
     with autocast_disabled(device_type, autocast):
