@@ -697,7 +697,7 @@ def test_rank_zero_decides_for_every_rank(tuning, monkeypatch):
 def test_latent_attention_keeps_scores_and_their_gradients_in_fp32(monkeypatch):
     """The CUDA bf16 path emulated on CPU (bf16 operands for the products): what the softmax
     kernels read and write (S, P, dP, dS) is fp32, and the result still matches the reference."""
-    from fastcl.ops.latent_attention import chunked
+    from fastcl.ops.latent_attention import LatentAttentionFunction, chunked
     from fastcl.ops.latent_attention import naive as latent_naive
 
     monkeypatch.setattr(chunked, "compute_dtype", lambda h: h.dtype if h.dtype == torch.bfloat16 else torch.float32)
@@ -721,7 +721,7 @@ def test_latent_attention_keeps_scores_and_their_gradients_in_fp32(monkeypatch):
     hidden = torch.randn(2, 7, 32, generator=generator).to(torch.bfloat16).requires_grad_()
     mask = torch.ones(2, 7)
     params = pool.flat_parameters()
-    out = chunked.LatentAttentionFunction.apply(hidden, mask, 2, 1e-5, Recording(), *params)
+    out = LatentAttentionFunction.apply(hidden, mask, 2, 1e-5, Recording(), *params)
     (grad,) = torch.autograd.grad(out.float().sum(), hidden)
     assert seen and all(dtype == torch.float32 for _, dtype in seen), seen
     hidden64 = hidden.detach().double().requires_grad_()

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from ..._native import warn_once
 from ..common.backends import resolve_backend as _resolve_backend
 from . import naive
-from .chunked import ElementwiseKernels, LatentAttentionFunction
+from .chunked import ElementwiseKernels
 from .naive import LatentAttentionParameters, NaiveLatentAttentionPooling
+from .op import LatentAttentionFunction
 from .options import check_latent_attention_args
 
 __all__ = ["latent_attention_pool", "LatentAttentionPooling", "LatentAttentionFunction",

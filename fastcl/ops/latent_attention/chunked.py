@@ -38,7 +38,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 # Large enough that a chunk's products keep the cores busy between synchronizations (on a shared
 # CPU, many small parallel regions cost more than the products), small next to the eager activations.
@@ -240,135 +239,129 @@ def _tokens(pool_mask: torch.Tensor, dtype: torch.dtype):
     return index, sequence, token_weight.to(dtype)
 
 
-class LatentAttentionFunction(torch.autograd.Function):
-    """Masked-mean latent-attention pooling (before the optional L2 norm) with a chunked backward.
+def chunked_forward(hidden_states, pool_mask, num_heads: int, eps: float, kernels: "ElementwiseKernels", params):
+    """Masked-mean latent-attention pooling (before the optional L2 norm), chunk by chunk.
 
-    ``forward(hidden_states, pool_mask, num_heads, eps, kernels, *params) -> (B, d)`` float32
-    pooled states cast to the input dtype; gradients for the hidden states and every parameter.
+    Returns (pooled (B, d) in the input dtype, the tensors :func:`chunked_backward` needs, the
+    chunk size in tokens). Nothing of size tokens x H*r or tokens x 2F outlives its chunk.
     """
+    dtype = compute_dtype(hidden_states)
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    batch, length, hidden = hidden_states.shape
+    weights = _Weights([p.detach() for p in params], num_heads, eps, dtype)
+    index, sequence, token_weight = _tokens(pool_mask, stats)
+    flat_hidden = hidden_states.detach().reshape(batch * length, hidden)
+    heads, r = num_heads, weights.num_latents
+    element = torch.finfo(dtype).bits // 8
+    # the (n, H*r) scores are float32 whatever the operands (see _wide_product)
+    chunk = min(chunk_tokens_for(heads * r, max(element, 4)), chunk_tokens_for(2 * weights.w1.shape[0], element))
+    count = index.numel()
+    lse = torch.empty(count, heads, dtype=stats, device=hidden_states.device)
+    residual = torch.empty(count, hidden, dtype=stats, device=hidden_states.device)
+    # The masked mean is linear, so the second feed-forward layer is applied to the pooled
+    # GEGLU output (B, F) once instead of to every token: mean(y + g W2^T + b2) = mean(y) +
+    # mean(g) W2^T + b2 (the pooling weights of a sequence sum to 1).
+    pooled_residual = torch.zeros(batch, hidden, dtype=stats, device=hidden_states.device)
+    pooled_gated = torch.zeros(batch, weights.w2.shape[1], dtype=stats, device=hidden_states.device)
+    for start in range(0, count, chunk):
+        stop = min(count, start + chunk)
+        rows = index[start:stop]
+        h = _wide(flat_hidden.index_select(0, rows))
+        x, _, _ = _layer_norm(h, *weights.norm, eps)
+        scores = _wide_product(x.to(dtype), weights.score_map)             # (n, H*r) float32
+        lse[start:stop] = kernels.softmax_forward(scores.view(-1, r)).view(-1, heads)
+        y = h + _wide(scores.to(dtype) @ weights.value_map)                # attention residual
+        del scores  # chunk buffers are dropped as soon as possible: the peak is one of them, not all
+        residual[start:stop] = y
+        z, _, _ = _layer_norm(y, *weights.ff_norm, eps)
+        u = torch.addmm(weights.b1, z.to(dtype), weights.w1.T)
+        gated = kernels.geglu_forward(u)
+        del u
+        chunk_sequence, chunk_weight = sequence[start:stop], token_weight[start:stop]
+        _masked_mean_add(pooled_residual, y, chunk_sequence, chunk_weight, batch)
+        # float32 weights: 1/count is rarely exact in 16 bits
+        _masked_mean_add(pooled_gated, _wide(gated), chunk_sequence, chunk_weight, batch)
+        del gated
+    pooled = pooled_residual + _wide(torch.addmm(weights.b2, pooled_gated.to(dtype), weights.w2.T))
+    saved = (index, sequence, token_weight, lse, residual, pooled_gated, *weights.derived())
+    return pooled.to(hidden_states.dtype), saved, chunk
 
-    @staticmethod
-    def forward(ctx, hidden_states, pool_mask, num_heads, eps, kernels, *params):
-        dtype = compute_dtype(hidden_states)
-        stats = torch.float64 if dtype == torch.float64 else torch.float32
-        batch, length, hidden = hidden_states.shape
-        weights = _Weights([p.detach() for p in params], num_heads, eps, dtype)
-        index, sequence, token_weight = _tokens(pool_mask, stats)
-        flat_hidden = hidden_states.detach().reshape(batch * length, hidden)
-        heads, r = num_heads, weights.num_latents
-        element = torch.finfo(dtype).bits // 8
-        # the (n, H*r) scores are float32 whatever the operands (see _wide_product)
-        chunk = min(chunk_tokens_for(heads * r, max(element, 4)), chunk_tokens_for(2 * weights.w1.shape[0], element))
-        count = index.numel()
-        lse = torch.empty(count, heads, dtype=stats, device=hidden_states.device)
-        residual = torch.empty(count, hidden, dtype=stats, device=hidden_states.device)
-        # The masked mean is linear, so the second feed-forward layer is applied to the pooled
-        # GEGLU output (B, F) once instead of to every token: mean(y + g W2^T + b2) = mean(y) +
-        # mean(g) W2^T + b2 (the pooling weights of a sequence sum to 1).
-        pooled_residual = torch.zeros(batch, hidden, dtype=stats, device=hidden_states.device)
-        pooled_gated = torch.zeros(batch, weights.w2.shape[1], dtype=stats, device=hidden_states.device)
-        for start in range(0, count, chunk):
-            stop = min(count, start + chunk)
-            rows = index[start:stop]
-            h = _wide(flat_hidden.index_select(0, rows))
-            x, _, _ = _layer_norm(h, *weights.norm, eps)
-            scores = _wide_product(x.to(dtype), weights.score_map)             # (n, H*r) float32
-            lse[start:stop] = kernels.softmax_forward(scores.view(-1, r)).view(-1, heads)
-            y = h + _wide(scores.to(dtype) @ weights.value_map)                # attention residual
-            del scores  # chunk buffers are dropped as soon as possible: the peak is one of them, not all
-            residual[start:stop] = y
-            z, _, _ = _layer_norm(y, *weights.ff_norm, eps)
-            u = torch.addmm(weights.b1, z.to(dtype), weights.w1.T)
-            gated = kernels.geglu_forward(u)
-            del u
-            chunk_sequence, chunk_weight = sequence[start:stop], token_weight[start:stop]
-            _masked_mean_add(pooled_residual, y, chunk_sequence, chunk_weight, batch)
-            # float32 weights: 1/count is rarely exact in 16 bits
-            _masked_mean_add(pooled_gated, _wide(gated), chunk_sequence, chunk_weight, batch)
-            del gated
-        pooled = pooled_residual + _wide(torch.addmm(weights.b2, pooled_gated.to(dtype), weights.w2.T))
-        ctx.save_for_backward(hidden_states, index, sequence, token_weight, lse, residual, pooled_gated, *params,
-                              *weights.derived())
-        ctx.setup = (num_heads, eps, dtype)
-        ctx.kernels = kernels
-        ctx.chunk = chunk
-        ctx.shape = (batch, length, hidden)
-        return pooled.to(hidden_states.dtype)
 
-    @staticmethod
-    @once_differentiable  # no second-order gradients: a clear error under create_graph, never a silent zero
-    def backward(ctx, grad_pooled):
-        hidden_states, index, sequence, token_weight, lse, residual, pooled_gated, *saved = ctx.saved_tensors
-        params, derived = saved[:14], saved[14:]
-        weights = _Weights([p.detach() for p in params], *ctx.setup, derived=derived)
-        kernels: ElementwiseKernels = ctx.kernels
-        batch, length, hidden = ctx.shape
-        dtype, eps = weights.dtype, weights.eps
-        heads, r, d = weights.num_heads, weights.num_latents, hidden
-        device = hidden_states.device
-        flat_hidden = hidden_states.detach().reshape(batch * length, hidden)
-        grad_pooled = _wide(grad_pooled)
+def chunked_backward(grad_pooled, hidden_states, params, saved, num_heads: int, eps: float,
+                     kernels: "ElementwiseKernels", chunk: int, needs):
+    """Gradients of :func:`chunked_forward`: (dL/dhidden_states or None, [dL/dparam or None]),
+    ``needs`` saying which of (hidden_states, *params) want one. Recomputes each chunk's scores,
+    probabilities and feed-forward pre-activation from the saved log-sum-exp and residual."""
+    index, sequence, token_weight, lse, residual, pooled_gated, *derived = saved
+    weights = _Weights([p.detach() for p in params], num_heads, eps, compute_dtype(hidden_states), derived=derived)
+    batch, length, hidden = hidden_states.shape
+    dtype, eps = weights.dtype, weights.eps
+    heads, r, d = weights.num_heads, weights.num_latents, hidden
+    device = hidden_states.device
+    flat_hidden = hidden_states.detach().reshape(batch * length, hidden)
+    grad_pooled = _wide(grad_pooled)
 
-        def zeros(*shape):
-            return torch.zeros(*shape, dtype=grad_pooled.dtype, device=device)
+    def zeros(*shape):
+        return torch.zeros(*shape, dtype=grad_pooled.dtype, device=device)
 
-        grad_score_map = zeros(d, heads * r)
-        grad_value_map = zeros(heads * r, d)
-        grad_w1, grad_b1 = zeros(*weights.w1.shape), zeros(weights.w1.shape[0])
-        # Second feed-forward layer, applied to the pooled GEGLU output in forward.
-        grad_w2 = grad_pooled.to(dtype).T @ pooled_gated.to(dtype)  # a sum over B only: compute dtype is enough
-        grad_b2 = grad_pooled.sum(0)
-        grad_pooled_w2 = grad_pooled.to(dtype) @ weights.w2                      # (B, F)
-        grad_norm_w, grad_norm_b = zeros(d), zeros(d)
-        grad_ff_norm_w, grad_ff_norm_b = zeros(d), zeros(d)
-        grad_hidden = torch.zeros(batch * length, hidden, dtype=hidden_states.dtype, device=device)
-        count = index.numel()
-        for start in range(0, count, ctx.chunk):
-            stop = min(count, start + ctx.chunk)
-            rows = index[start:stop]
-            # Feed-forward first (its (n, 2F) buffers are freed before the (n, H*r) ones exist):
-            # out = y + GEGLU(u) W2^T + b2, every token weighted by m_t / sum m.
-            y = residual[start:stop]
-            z, z_mean, z_rstd = _layer_norm(y, *weights.ff_norm, eps)
-            z = z.to(dtype)
-            u = torch.addmm(weights.b1, z, weights.w1.T)
-            token_scale = token_weight[start:stop, None]
-            grad_out = grad_pooled.index_select(0, sequence[start:stop]) * token_scale
-            grad_gated = grad_pooled_w2.index_select(0, sequence[start:stop]) * token_scale.to(dtype)
-            grad_u = kernels.geglu_backward(u, grad_gated)
-            del u, grad_gated
-            _accumulate_product(grad_w1, grad_u.T, z)
-            grad_b1 += _wide(grad_u).sum(0)
-            grad_y = grad_out + _layer_norm_backward(grad_u @ weights.w1, y, z_mean, z_rstd, *weights.ff_norm,
-                                                     grad_ff_norm_w, grad_ff_norm_b)
-            del grad_u, z
-            # Attention: y = h + P N with P = softmax(x M) per head, recomputed from the saved lse.
-            h = _wide(flat_hidden.index_select(0, rows))
-            x, x_mean, x_rstd = _layer_norm(h, *weights.norm, eps)
-            x = x.to(dtype)
-            probs = _wide_product(x, weights.score_map)  # float32 S, then P
-            kernels.softmax_recompute(probs.view(-1, r), lse[start:stop].reshape(-1))
-            grad_y_c = grad_y.to(dtype)
-            _accumulate_product(grad_value_map, probs.to(dtype).T, grad_y_c)
-            grad_scores = _wide_product(grad_y_c, weights.value_map.T)  # float32 dP, then dS
-            kernels.softmax_backward(probs.view(-1, r), grad_scores.view(-1, r))
-            del probs
-            grad_scores = grad_scores.to(dtype)
-            _accumulate_product(grad_score_map, x.T, grad_scores)
-            grad_x = grad_scores @ weights.score_map.T
-            del grad_scores
-            grad_h = grad_y + _layer_norm_backward(grad_x, h, x_mean, x_rstd, *weights.norm,
-                                                   grad_norm_w, grad_norm_b)
-            grad_hidden.index_copy_(0, rows, grad_h.to(grad_hidden.dtype))
+    grad_score_map = zeros(d, heads * r)
+    grad_value_map = zeros(heads * r, d)
+    grad_w1, grad_b1 = zeros(*weights.w1.shape), zeros(weights.w1.shape[0])
+    # Second feed-forward layer, applied to the pooled GEGLU output in forward.
+    grad_w2 = grad_pooled.to(dtype).T @ pooled_gated.to(dtype)  # a sum over B only: compute dtype is enough
+    grad_b2 = grad_pooled.sum(0)
+    grad_pooled_w2 = grad_pooled.to(dtype) @ weights.w2                      # (B, F)
+    grad_norm_w, grad_norm_b = zeros(d), zeros(d)
+    grad_ff_norm_w, grad_ff_norm_b = zeros(d), zeros(d)
+    grad_hidden = torch.zeros(batch * length, hidden, dtype=hidden_states.dtype, device=device)
+    count = index.numel()
+    for start in range(0, count, chunk):
+        stop = min(count, start + chunk)
+        rows = index[start:stop]
+        # Feed-forward first (its (n, 2F) buffers are freed before the (n, H*r) ones exist):
+        # out = y + GEGLU(u) W2^T + b2, every token weighted by m_t / sum m.
+        y = residual[start:stop]
+        z, z_mean, z_rstd = _layer_norm(y, *weights.ff_norm, eps)
+        z = z.to(dtype)
+        u = torch.addmm(weights.b1, z, weights.w1.T)
+        token_scale = token_weight[start:stop, None]
+        grad_out = grad_pooled.index_select(0, sequence[start:stop]) * token_scale
+        grad_gated = grad_pooled_w2.index_select(0, sequence[start:stop]) * token_scale.to(dtype)
+        grad_u = kernels.geglu_backward(u, grad_gated)
+        del u, grad_gated
+        _accumulate_product(grad_w1, grad_u.T, z)
+        grad_b1 += _wide(grad_u).sum(0)
+        grad_y = grad_out + _layer_norm_backward(grad_u @ weights.w1, y, z_mean, z_rstd, *weights.ff_norm,
+                                                 grad_ff_norm_w, grad_ff_norm_b)
+        del grad_u, z
+        # Attention: y = h + P N with P = softmax(x M) per head, recomputed from the saved lse.
+        h = _wide(flat_hidden.index_select(0, rows))
+        x, x_mean, x_rstd = _layer_norm(h, *weights.norm, eps)
+        x = x.to(dtype)
+        probs = _wide_product(x, weights.score_map)  # float32 S, then P
+        kernels.softmax_recompute(probs.view(-1, r), lse[start:stop].reshape(-1))
+        grad_y_c = grad_y.to(dtype)
+        _accumulate_product(grad_value_map, probs.to(dtype).T, grad_y_c)
+        grad_scores = _wide_product(grad_y_c, weights.value_map.T)  # float32 dP, then dS
+        kernels.softmax_backward(probs.view(-1, r), grad_scores.view(-1, r))
+        del probs
+        grad_scores = grad_scores.to(dtype)
+        _accumulate_product(grad_score_map, x.T, grad_scores)
+        grad_x = grad_scores @ weights.score_map.T
+        del grad_scores
+        grad_h = grad_y + _layer_norm_backward(grad_x, h, x_mean, x_rstd, *weights.norm,
+                                               grad_norm_w, grad_norm_b)
+        grad_hidden.index_copy_(0, rows, grad_h.to(grad_hidden.dtype))
 
-        grads = _parameter_gradients(weights, grad_score_map, grad_value_map)
-        (grad_latents, grad_ctx_w, grad_ctx_b, grad_wq, grad_wkv, grad_wo) = grads
-        param_grads = [grad_latents, grad_norm_w, grad_norm_b, grad_ctx_w, grad_ctx_b, grad_wq, grad_wkv, grad_wo,
-                       grad_ff_norm_w, grad_ff_norm_b, grad_w1, grad_b1, grad_w2, grad_b2]
-        needs = ctx.needs_input_grad
-        param_grads = [g.to(p.dtype) if needs[5 + i] else None for i, (g, p) in enumerate(zip(param_grads, params))]
-        grad_hidden = grad_hidden.view(batch, length, hidden) if needs[0] else None
-        return (grad_hidden, None, None, None, None, *param_grads)
+    grads = _parameter_gradients(weights, grad_score_map, grad_value_map)
+    (grad_latents, grad_ctx_w, grad_ctx_b, grad_wq, grad_wkv, grad_wo) = grads
+    param_grads = [grad_latents, grad_norm_w, grad_norm_b, grad_ctx_w, grad_ctx_b, grad_wq, grad_wkv, grad_wo,
+                   grad_ff_norm_w, grad_ff_norm_b, grad_w1, grad_b1, grad_w2, grad_b2]
+    param_grads = [g.to(p.dtype) if needs[1 + i] else None for i, (g, p) in enumerate(zip(param_grads, params))]
+    grad_hidden = grad_hidden.view(batch, length, hidden) if needs[0] else None
+    return grad_hidden, param_grads
+
+
 
 
 def _parameter_gradients(weights: _Weights, grad_score_map: torch.Tensor, grad_value_map: torch.Tensor):
