@@ -71,7 +71,8 @@ def _all_gather_padded(tensor: torch.Tensor, sizes: Sequence[int], group) -> tor
 
 class _AllGatherRows(torch.autograd.Function):
     """all_gather along dim 0 whose backward returns to each rank the sum over ranks of the
-    gradient of its own rows."""
+    gradient of its own rows: one reduce-scatter, which moves half the bytes of an all-reduce of
+    the whole gathered gradient and leaves no N_global x D result on any rank."""
 
     @staticmethod
     def forward(ctx, tensor, sizes, group):
@@ -81,10 +82,18 @@ class _AllGatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()  # all_reduce works in place; autograd may share grad
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        start = sum(ctx.sizes[: ctx.rank])
-        return grad[start:start + ctx.sizes[ctx.rank]], None, None
+        sizes, longest = ctx.sizes, max(ctx.sizes)
+        grad = grad.contiguous()
+        if any(rows != longest for rows in sizes):  # uneven batches: every rank's block padded to the longest
+            padded = grad.new_zeros((len(sizes) * longest, *grad.shape[1:]))
+            start = 0
+            for index, rows in enumerate(sizes):
+                padded[index * longest:index * longest + rows] = grad[start:start + rows]
+                start += rows
+            grad = padded
+        own = grad.new_empty((longest, *grad.shape[1:]))
+        dist.reduce_scatter_tensor(own, grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return own[:sizes[ctx.rank]], None, None
 
 
 class _AverageGradientAcrossRanks(torch.autograd.Function):

@@ -190,11 +190,52 @@ def case_grad_cache_with_ddp(rank, world, local_rows):
     assert all_reduces == [0], all_reduces
 
 
+def ring_bytes(call, tensor, world):
+    """Bytes one rank sends for a collective in the ring algorithms NCCL and gloo use: an
+    all-reduce is a reduce-scatter followed by an all-gather, twice a reduce-scatter's bytes."""
+    share = (world - 1) / world * tensor.numel() * tensor.element_size()
+    return 2 * share if call == "all_reduce" else share
+
+
+def case_gather_backward_moves_half_the_bytes(rank, world, sizes):
+    """The backward of the gathered keys is one reduce-scatter of the gathered gradient: half the
+    bytes of an all-reduce of it (padding aside), and the same gradients."""
+    generator = torch.Generator().manual_seed(6)
+    keys = torch.randn(sum(sizes), DIM, generator=generator, dtype=torch.float64)
+    weights = torch.randn(sum(sizes), DIM, generator=generator, dtype=torch.float64)
+    local = leaf(split(keys, sizes, rank))
+    gathered = fastcl.distributed.all_gather_rows(local)
+    calls = []
+    originals = {name: getattr(dist, name) for name in ("all_reduce", "reduce_scatter_tensor", "reduce_scatter")}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            tensor = args[0] if name == "all_reduce" else args[1]
+            calls.append((name, ring_bytes(name, tensor, world)))
+            return originals[name](*args, **kwargs)
+        return call
+
+    try:
+        for name in originals:
+            setattr(dist, name, counting(name))
+        (gathered * weights).sum().backward()
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+    # every rank's loss uses every row: its rows' gradient is the sum over ranks, world * weights
+    torch.testing.assert_close(local.grad, world * split(weights, sizes, rank), **TOLERANCE)
+    assert [name for name, _ in calls] == ["reduce_scatter_tensor"], calls
+    all_reduce_bytes = ring_bytes("all_reduce", gathered, world)  # what the backward moved before
+    padding = world * max(sizes) / sum(sizes)
+    assert calls[0][1] == pytest.approx(0.5 * all_reduce_bytes * padding), (calls, all_reduce_bytes)
+
+
 def worker(rank, world, sizes):
     case_plain_and_hard_negatives(rank, world, sizes)
     case_symmetric_with_extra_keys(rank, world, sizes)
     case_clip_and_siglip(rank, world, sizes)
     case_grad_cache_with_ddp(rank, world, local_rows=5)
+    case_gather_backward_moves_half_the_bytes(rank, world, sizes)
 
 
 @pytest.mark.distributed
