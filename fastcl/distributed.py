@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .ops.common.blocks import block_rows_for
-from .ops.common.checks import REDUCTIONS, check_choice, check_embeddings, check_same_device
+from .ops.common.checks import BACKENDS, REDUCTIONS, check_choice, check_embeddings, check_same_device
 from .ops.info_nce import MASK, SUPCON, count_positives, logit_scale_temperature
 from .ops.info_nce import info_nce as _info_nce
 
@@ -283,7 +283,7 @@ def _softplus_block_sum(image_block, text, scale, bias):
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias, *,
-                group=None) -> torch.Tensor:
+                backend: str = "auto", group=None) -> torch.Tensor:
     r"""SigLIP loss with every rank's texts as negatives of the local images.
 
     With z_ij = t x_i . y_j + b over local images i and all texts j (its own text the only
@@ -292,7 +292,9 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
         L_r = R / B_global * (sum_ij softplus(z_ij) - sum_i z_{i, own(i)})
 
     (the local ``1/B_r`` normalization of open_clip's SigLIP for equal batches). Row blocks are
-    recomputed in backward (activation checkpointing), so memory stays O((B_r + B_global) D).
+    recomputed in backward (activation checkpointing), so memory stays O((B_r + B_global) D);
+    ``backend="naive"`` materializes the B_r x B_global logits instead (the plain loss, as a
+    baseline), every other backend takes the blocks.
 
     Example::
 
@@ -306,6 +308,7 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
             f"image_features and text_features must have the same shape (B, D), got {tuple(image_features.shape)} and {tuple(text_features.shape)}"
         )
     check_same_device(image_features=image_features, text_features=text_features)
+    check_choice("backend", backend, BACKENDS)
     for name, value in (("logit_scale", logit_scale), ("logit_bias", logit_bias)):
         if isinstance(value, torch.Tensor):
             if value.numel() != 1 or not value.is_floating_point():
@@ -328,12 +331,12 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     texts = all_gather_rows(text_features, group=group, local_first=True, sizes=sizes).to(dtype)
 
     total = 0.0
-    step = max(1, min(batch, block_rows_for(texts.shape[0], image.element_size())))
+    step = batch if backend == "naive" else max(1, min(batch, block_rows_for(texts.shape[0], image.element_size())))
     needs_grad = torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in (image, texts, scale, bias))
     for row0 in range(0, batch, step):
         block = image[row0:row0 + step]
-        if needs_grad:
+        if needs_grad and backend != "naive":
             total = total + checkpoint(_softplus_block_sum, block, texts, scale, bias, use_reentrant=False)
         else:
             total = total + _softplus_block_sum(block, texts, scale, bias)

@@ -145,6 +145,15 @@ def case_clip_and_siglip(rank, world, sizes):
     check_case("siglip", rank, world, loss, expected,
                [(i, split(i_all.grad, sizes, rank), world), (t, split(t_all.grad, sizes, rank), world),
                 (scale, scale_all.grad, 1), (bias, bias_all.grad, 1)])
+    # backend="naive": the materialized logits (the baseline a trainer's --loss naive runs)
+    scale = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
+    i, t = leaf(split(images, sizes, rank)), leaf(split(texts, sizes, rank))
+    loss = fastcl.distributed.siglip_loss(i, t, scale, bias, backend="naive")
+    loss.backward()
+    check_case("siglip naive", rank, world, loss, expected,
+               [(i, split(i_all.grad, sizes, rank), world), (t, split(t_all.grad, sizes, rank), world),
+                (scale, scale_all.grad, 1), (bias, bias_all.grad, 1)])
 
 
 class Encoder(nn.Module):
@@ -270,3 +279,5 @@ def test_bad_arguments_raise_clear_errors(single_rank_group):
         fastcl.distributed.clip_loss(query, key, 10.0)
     with pytest.raises(TypeError, match="logit_bias"):
         fastcl.distributed.siglip_loss(query, query, 10.0, "bias")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastcl.distributed.siglip_loss(query, query, 10.0, -10.0, backend="fused")

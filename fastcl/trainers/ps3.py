@@ -190,9 +190,10 @@ class PS3Model(nn.Module):
 
 
 def siglip(image_features, text_features, scale, bias, loss: str):
+    backend = losses.backend_for(loss, image_features.device)
     if losses.distributed_active():
-        return fastcl.distributed.siglip_loss(image_features, text_features, scale, bias)
-    return fastcl.siglip_loss(image_features, text_features, scale, bias, backend=losses.backend_for(loss, image_features.device))
+        return fastcl.distributed.siglip_loss(image_features, text_features, scale, bias, backend=backend)
+    return fastcl.siglip_loss(image_features, text_features, scale, bias, backend=backend)
 
 
 def evaluation_pairs(dataset: CanvasDataset):
