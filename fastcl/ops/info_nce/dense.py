@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from . import naive
 from ..common.backends import materialize_logits
 from ..common.checks import checking_values as _checking_values
+from ..._native import native_module
 from ..._tracing import untraced
 from .options import MASK, InfoNCEOptions
 
@@ -93,7 +94,7 @@ def small_plain_call(query, key, temperature, normalize, symmetric, reduction):
             or reduction not in ("mean", "sum", "none")):
         return None
     if batch * num_keys > materialize_logits(normalize) or torch.is_autocast_enabled("cpu") \
-            or not untraced():
+            or not untraced() or native_module() is None:  # without the kernels: the general path says so once
         return None
     loss = plain_cross_entropy(query, key, 1.0 / temperature, None, normalize, symmetric, reduction)
     return loss if (math.isfinite(loss.item()) if reduction != "none" else _finite(loss)) else None
