@@ -239,18 +239,48 @@ def case_gather_backward_moves_half_the_bytes(rank, world, sizes):
     assert calls[0][1] == pytest.approx(0.5 * all_reduce_bytes * padding), (calls, all_reduce_bytes)
 
 
+def case_bench_plain_clip_is_the_same_loss(rank, world, sizes):
+    """The distributed bench suite's baseline (open_clip's local loss on gathered features)
+    computes what fastcl.distributed.clip_loss computes (equal local batches)."""
+    from fastcl.bench.suites.distributed import _clip_plain
+
+    generator = torch.Generator().manual_seed(7)
+    images = torch.nn.functional.normalize(torch.randn(sum(sizes), DIM, generator=generator, dtype=torch.float64), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(sum(sizes), DIM, generator=generator, dtype=torch.float64), dim=-1)
+    scale = torch.tensor(8.0, dtype=torch.float64)
+    i, t = leaf(split(images, sizes, rank)), leaf(split(texts, sizes, rank))
+    plain = _clip_plain(i, t, scale)
+    plain.backward()
+    i2, t2 = leaf(split(images, sizes, rank)), leaf(split(texts, sizes, rank))
+    fused = fastcl.distributed.clip_loss(i2, t2, scale)
+    fused.backward()
+    torch.testing.assert_close(plain, fused, **TOLERANCE)
+    torch.testing.assert_close(i.grad, i2.grad, **TOLERANCE)
+    torch.testing.assert_close(t.grad, t2.grad, **TOLERANCE)
+
+
 def worker(rank, world, sizes):
     case_plain_and_hard_negatives(rank, world, sizes)
     case_symmetric_with_extra_keys(rank, world, sizes)
     case_clip_and_siglip(rank, world, sizes)
     case_grad_cache_with_ddp(rank, world, local_rows=5)
     case_gather_backward_moves_half_the_bytes(rank, world, sizes)
+    if len(set(sizes)) == 1:
+        case_bench_plain_clip_is_the_same_loss(rank, world, sizes)
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("sizes", [[5, 5], [3, 6, 4]], ids=["2 ranks", "3 ranks uneven"])
 def test_matches_single_process_on_concatenated_batch(sizes):
     spawn(worker, len(sizes), sizes)
+
+
+@pytest.mark.distributed
+def test_bench_suite_measures_every_rank():
+    from fastcl.bench.suites.distributed import measure
+
+    result = measure("gather", 2, batch=16, dim=8, repeats=1)
+    assert result["time_ms"] > 0 and result["peak_mb"] >= 0
 
 
 def test_needs_an_initialized_process_group():

@@ -1,0 +1,131 @@
+"""Negatives across processes: per-rank peak memory and step time against the world size.
+
+CLIP's loss with every rank's images and texts as negatives, at a fixed local batch, on gloo
+processes of this machine (``python -m fastcl.bench distributed``; opt-in: it starts up to
+``world`` processes per case). Providers:
+
+- ``plain``: what open_clip does (``local_loss=True, gather_with_grad=True``): all-gather the
+  features with gradients, materialize the local x global logits both ways, cross-entropy;
+- ``gather``: :func:`fastcl.distributed.clip_loss` (the same all-gather, the fused kernels: the
+  logits are never materialized; the gathered rows' backward is a reduce-scatter).
+
+Each rank measures its own peak RSS over the timed steps (above its RSS before them, the local
+inputs and their gradients included) and its median step time; the row reports the largest over
+ranks. Each rank runs ``cores // world`` threads (at least one), so with more ranks than cores
+the times include oversubscription: read the time columns at world <= cores, the memory columns
+at every size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+SUITE = "distributed"
+BASELINE = "plain"
+DEFAULT = False  # starts several processes per case: run it by name
+PROVIDERS = ("plain", "gather")
+
+
+def cases(device: str, full: bool):  # the harness's case-based interface: this suite runs itself
+    return []
+
+
+def _clip_plain(images, texts, scale):
+    import torch.nn.functional as F
+
+    import fastcl.distributed as distributed
+
+    rank, batch = torch.distributed.get_rank(), images.shape[0]
+    all_images = distributed.all_gather_rows(images)
+    all_texts = distributed.all_gather_rows(texts)
+    target = torch.arange(batch) + rank * batch
+    return 0.5 * (F.cross_entropy(scale * images @ all_texts.T, target) +
+                  F.cross_entropy(scale * texts @ all_images.T, target))
+
+
+def _rank_main(rank, world, port, provider, batch, dim, repeats, out_dir):
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    import fastcl
+    from ..harness import _release_freed_memory, _reset_peak_rss, _rss_bytes
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    generator = torch.Generator().manual_seed(rank)
+    images = F.normalize(torch.randn(batch, dim, generator=generator), dim=-1).requires_grad_()
+    texts = F.normalize(torch.randn(batch, dim, generator=generator), dim=-1).requires_grad_()
+    scale = torch.tensor(20.0, requires_grad=True)
+
+    def step():
+        images.grad = texts.grad = scale.grad = None
+        if provider == "plain":
+            loss = _clip_plain(images, texts, scale)
+        else:
+            loss = fastcl.distributed.clip_loss(images, texts, scale)
+        loss.backward()
+
+    step()  # warm-up
+    dist.barrier()
+    _release_freed_memory()
+    before = _rss_bytes("VmRSS")
+    _reset_peak_rss()
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = (_rss_bytes("VmHWM") - before) / 2**20
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"time_ms": statistics.median(times) * 1e3, "peak_mb": max(0.0, peak)}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def measure(provider: str, world: int, batch: int, dim: int, repeats: int = 3) -> dict:
+    """(largest step time, largest peak extra MB) over the ranks of one ``world``-process run."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_rank_main, args=(world, port, provider, batch, dim, repeats, out_dir), nprocs=world, join=True)
+        ranks = [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(world)]
+    return {"time_ms": max(r["time_ms"] for r in ranks), "peak_mb": max(r["peak_mb"] for r in ranks)}
+
+
+def run(device: str, full: bool, out_dir: str, timeout: float) -> None:
+    from ..harness import device_name, write_rows
+
+    if device != "cpu":
+        print("distributed suite: gloo processes on the CPU only; skipped on", device)
+        return
+    batch, dim = 1024, 256
+    worlds = (1, 2, 4, 8) if full else (1, 2, 4)
+    rows = []
+    header = (f"clip loss across W gloo processes, local batch {batch}, D = {dim}, fp32 fwd+bwd, "
+              f"{device_name('cpu')}; per rank max over ranks; threads per rank = cores // W")
+    lines = [header]
+    print(header, flush=True)
+    for world in worlds:
+        measured = {provider: measure(provider, world, batch, dim) for provider in PROVIDERS}
+        for provider, result in measured.items():
+            rows.append({"world": world, "local_batch": batch, "dim": dim, "provider": provider, **result,
+                         "time_ratio_vs_plain": result["time_ms"] / measured["plain"]["time_ms"],
+                         "memory_ratio_vs_plain": result["peak_mb"] / max(measured["plain"]["peak_mb"], 1e-9)})
+        plain, gather = measured["plain"], measured["gather"]
+        text = (f"W={world}: plain {plain['time_ms']:.0f} ms, {plain['peak_mb']:.0f} MB per rank; "
+                f"gather {gather['time_ms']:.0f} ms ({gather['time_ms'] / plain['time_ms']:.2f}x), "
+                f"{gather['peak_mb']:.0f} MB ({gather['peak_mb'] / max(plain['peak_mb'], 1e-9):.3f}x)")
+        print(text, flush=True)
+        lines.append(text)
+    write_rows(out_dir, SUITE, rows, "\n".join(lines))
