@@ -3,7 +3,8 @@
 Each rank passes its local rows. The keys (and, for symmetric losses, the queries) are gathered
 with an autograd-aware all-gather, so every local query sees the global batch of keys as
 candidates and the gradient of a gathered key flows back to the rank that owns it (backward of
-the gather = all-reduce of the gathered gradient, then the owner's slice).
+the gather = one reduce-scatter). ``mode="ring"`` passes blocks around the ranks instead
+(:mod:`fastcl._ring`): memory per rank flat in the number of ranks, for the plain loss.
 
 Loss convention (open_clip's "local loss"): rank r returns
 
@@ -20,8 +21,8 @@ A learnable temperature / logit scale / bias gets its gradient averaged across r
 these functions, so it is right whether it lives inside the DDP module (DDP then averages
 values that are already equal: a no-op) or outside it.
 
-Memory per rank: the gathered keys O(N_global · D) plus the local rows; the chunked kernels of
-``fastcl.info_nce`` never build the (local × global) logits.
+Memory per rank (gather mode): the gathered keys O(N_global · D) plus the local rows; the
+chunked kernels of ``fastcl.info_nce`` never build the (local × global) logits.
 
 Composes with :class:`fastcl.GradCache`: pass ``loss_fn=fastcl.distributed.info_nce``; the
 representations are gathered once per step, in the loss pass.
@@ -36,11 +37,15 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .ops.common.blocks import block_rows_for
+from ._ring import ring_rows
 from .ops.common.checks import BACKENDS, REDUCTIONS, check_choice, check_embeddings, check_same_device
+from .ops.common.gradients import compute_dtype
 from .ops.info_nce import MASK, SUPCON, count_positives, logit_scale_temperature
 from .ops.info_nce import info_nce as _info_nce
 
-__all__ = ["info_nce", "clip_loss", "siglip_loss", "all_gather_rows"]
+__all__ = ["info_nce", "clip_loss", "siglip_loss", "all_gather_rows", "MODES"]
+
+MODES = ("gather", "ring")
 
 
 def _group_info(group):
@@ -161,6 +166,7 @@ def info_nce(
     reduction: str = "mean",
     backend: str = "auto",
     group=None,
+    mode: str = "gather",
 ) -> torch.Tensor:
     r""":func:`fastcl.info_nce` with the keys of every rank as candidates.
 
@@ -175,6 +181,12 @@ def info_nce(
     concatenated batch (each rank's first B_r keys being its positives). ``exclude_self`` drops
     the pair of a local query with the local key of the same index (NT-Xent-style calls where
     query and key are the same local set).
+
+    ``mode="gather"`` all-gathers the keys (memory per rank O(N_global · D)); ``mode="ring"``
+    passes key blocks around the ring of ranks (:mod:`fastcl._ring`; memory per rank flat in the
+    number of ranks). Ring mode covers the plain loss (``positive``, ``normalize``,
+    ``symmetric``, a learnable temperature, every reduction, uneven batches); the other options
+    raise a ``ValueError`` that names ``mode="gather"``. ``backend`` applies to gather mode.
 
     Returns (see the module docstring): ``R / D_global * (local sum of row losses)`` for
     "mean" (the local mean when batches are equal), ``R * local sum`` for "sum", so that the
@@ -192,6 +204,15 @@ def info_nce(
     check_same_device(query=query, key=key, hard_negatives=hard_negatives, positive=positive,
                       labels=labels, key_labels=key_labels)
     check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("mode", mode, MODES)
+    if mode == "ring":
+        unsupported = [name for name, given in (
+            ("hard_negatives", hard_negatives is not None), ("labels / key_labels", labels is not None or key_labels is not None),
+            ("exclude_self", exclude_self), (f"multi_positive={multi_positive!r}", multi_positive != MASK),
+            ("false_negative_margin", false_negative_margin is not None), ("label_smoothing", label_smoothing != 0))
+            if given]
+        if unsupported:
+            raise ValueError(f"mode='ring' covers the plain loss; {', '.join(unsupported)} need mode='gather'")
     batch, num_keys = query.shape[0], key.shape[0]
     if positive is not None and isinstance(positive, torch.Tensor) and positive.numel() > 0:
         low, high = int(positive.min()), int(positive.max())
@@ -215,15 +236,27 @@ def info_nce(
                   label_smoothing=label_smoothing, backend=backend)
     per_row = "none" if reduction == "none" else "sum"
 
-    all_keys = all_gather_rows(key, group=group, local_first=True, sizes=key_sizes)
-    all_key_labels = None
-    if key_labels is not None:
-        all_key_labels = all_gather_rows(key_labels, group=group, local_first=True, sizes=key_sizes)
-    rows = _info_nce(query, all_keys, positive=positive, hard_negatives=hard_negatives, labels=labels,
-                     key_labels=all_key_labels, reduction=per_row, **common)
-    directions = [(rows, labels, all_key_labels, query_sizes)]
+    if mode == "ring":
+        rows, columns = _ring_directions(query, key, positive, temperature, normalize, symmetric, query_sizes,
+                                         key_sizes, group)
+        if per_row == "sum":
+            rows = rows.sum()
+            columns = columns.sum() if columns is not None else None
+        directions = [(rows, None, None, query_sizes)]
+        if symmetric:
+            directions.append((columns, None, None, query_sizes))
+        symmetric_gathered = False
+    else:
+        symmetric_gathered = symmetric
+        all_keys = all_gather_rows(key, group=group, local_first=True, sizes=key_sizes)
+        all_key_labels = None
+        if key_labels is not None:
+            all_key_labels = all_gather_rows(key_labels, group=group, local_first=True, sizes=key_sizes)
+        rows = _info_nce(query, all_keys, positive=positive, hard_negatives=hard_negatives, labels=labels,
+                         key_labels=all_key_labels, reduction=per_row, **common)
+        directions = [(rows, labels, all_key_labels, query_sizes)]
 
-    if symmetric:
+    if symmetric_gathered:
         all_queries = all_gather_rows(query, group=group, local_first=True, sizes=query_sizes)
         all_query_labels = None
         anchor_labels = None
@@ -255,14 +288,30 @@ def info_nce(
     return totals[0] if len(totals) == 1 else 0.5 * (totals[0] + totals[1])
 
 
+def _ring_directions(query, key, positive, temperature, normalize, symmetric, query_sizes, key_sizes, group):
+    """(row losses (B_r,), column losses (B_r,) or None) of the plain loss by ring exchange."""
+    dtype = compute_dtype(query)
+    q, k = query.to(dtype), key.to(dtype)
+    if normalize:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    if isinstance(temperature, torch.Tensor):
+        scale = 1.0 / temperature.to(dtype).reshape(())
+    else:
+        scale = torch.tensor(1.0 / float(temperature), dtype=dtype, device=query.device)
+    rows = ring_rows(q, k, scale, positive, key_sizes, group)
+    columns = ring_rows(k[:query.shape[0]], q, scale, None, query_sizes, group) if symmetric else None
+    return rows, columns
+
+
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, *, backend: str = "auto",
-              group=None) -> torch.Tensor:
+              group=None, mode: str = "gather") -> torch.Tensor:
     r"""CLIP loss with every rank's images and texts as negatives.
 
     Local (B_r, D) features. Rows: local images against all texts; columns: local texts against
     all images. ``logit_scale`` is the multiplier (``model.logit_scale.exp()``). Returns
     ``R / B_global * sum of this rank's 0.5 * (row_i + column_i)``: the local mean for equal
     batches; the mean over ranks is :func:`fastcl.clip_loss` on the concatenated batch.
+    ``mode``: "gather" or "ring", as :func:`info_nce`.
 
     Example::
 
@@ -275,7 +324,8 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
             f"image_features and text_features must have the same shape (B, D), got {tuple(image_features.shape)} and {tuple(text_features.shape)}"
         )
     temperature = logit_scale_temperature(logit_scale)
-    return info_nce(image_features, text_features, temperature=temperature, symmetric=True, backend=backend, group=group)
+    return info_nce(image_features, text_features, temperature=temperature, symmetric=True, backend=backend, group=group,
+                    mode=mode)
 
 
 def _softplus_block_sum(image_block, text, scale, bias):

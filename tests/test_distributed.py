@@ -259,12 +259,64 @@ def case_bench_plain_clip_is_the_same_loss(rank, world, sizes):
     torch.testing.assert_close(t.grad, t2.grad, **TOLERANCE)
 
 
+def case_ring_mode(rank, world, sizes):
+    """mode="ring" (key blocks passed around the ranks) equals the single-process loss too."""
+    generator = torch.Generator().manual_seed(8)
+    total = sum(sizes)
+    queries = torch.randn(total, DIM, generator=generator, dtype=torch.float64)
+    keys = torch.randn(total, DIM, generator=generator, dtype=torch.float64)
+    extras = torch.randn(total, DIM, generator=generator, dtype=torch.float64)
+
+    # cosine similarity, learnable temperature, "mean"
+    temperature_all = torch.tensor(0.25, dtype=torch.float64, requires_grad=True)
+    q_all, k_all = leaf(queries), leaf(keys)
+    expected = fastcl.info_nce(q_all, k_all, temperature=temperature_all, normalize=True, backend="naive")
+    expected.backward()
+    temperature = torch.tensor(0.25, dtype=torch.float64, requires_grad=True)
+    q, k = leaf(split(queries, sizes, rank)), leaf(split(keys, sizes, rank))
+    loss = fastcl.distributed.info_nce(q, k, temperature=temperature, normalize=True, mode="ring")
+    loss.backward()
+    check_case("ring", rank, world, loss, expected,
+               [(q, split(q_all.grad, sizes, rank), world), (k, split(k_all.grad, sizes, rank), world),
+                (temperature, temperature_all.grad, 1)])
+
+    # extra keys on every rank and shuffled positives, "sum": the single-process keys are each
+    # rank's [positives, extras] block in rank order
+    local_positive = torch.randperm(2 * sizes[rank], generator=torch.Generator().manual_seed(rank))[:sizes[rank]]
+    blocks = [torch.cat([split(keys, sizes, r), split(extras, sizes, r)]) for r in range(world)]
+    offsets = [sum(2 * n for n in sizes[:r]) for r in range(world)]
+    all_positive = torch.cat([torch.randperm(2 * sizes[r], generator=torch.Generator().manual_seed(r))[:sizes[r]] + offsets[r]
+                              for r in range(world)])
+    q_all, k_all = leaf(queries), leaf(torch.cat(blocks))
+    expected = fastcl.info_nce(q_all, k_all, positive=all_positive, temperature=0.5, reduction="sum", backend="naive")
+    expected.backward()
+    q, k = leaf(split(queries, sizes, rank)), leaf(blocks[rank])
+    loss = fastcl.distributed.info_nce(q, k, positive=local_positive, temperature=0.5, reduction="sum", mode="ring")
+    loss.backward()
+    check_case("ring, extra keys, sum", rank, world, loss, expected,
+               [(q, split(q_all.grad, sizes, rank), world), (k, k_all.grad[offsets[rank]:offsets[rank] + 2 * sizes[rank]], world)])
+
+    # CLIP: both directions by ring, learnable scale
+    scale_all = torch.tensor(8.0, dtype=torch.float64, requires_grad=True)
+    i_all, t_all = leaf(queries), leaf(keys)
+    expected = fastcl.clip_loss(i_all, t_all, scale_all, backend="naive")
+    expected.backward()
+    scale = torch.tensor(8.0, dtype=torch.float64, requires_grad=True)
+    i, t = leaf(split(queries, sizes, rank)), leaf(split(keys, sizes, rank))
+    loss = fastcl.distributed.clip_loss(i, t, scale, mode="ring")
+    loss.backward()
+    check_case("ring clip", rank, world, loss, expected,
+               [(i, split(i_all.grad, sizes, rank), world), (t, split(t_all.grad, sizes, rank), world),
+                (scale, scale_all.grad, 1)])
+
+
 def worker(rank, world, sizes):
     case_plain_and_hard_negatives(rank, world, sizes)
     case_symmetric_with_extra_keys(rank, world, sizes)
     case_clip_and_siglip(rank, world, sizes)
     case_grad_cache_with_ddp(rank, world, local_rows=5)
     case_gather_backward_moves_half_the_bytes(rank, world, sizes)
+    case_ring_mode(rank, world, sizes)
     if len(set(sizes)) == 1:
         case_bench_plain_clip_is_the_same_loss(rank, world, sizes)
 
@@ -311,3 +363,8 @@ def test_bad_arguments_raise_clear_errors(single_rank_group):
         fastcl.distributed.siglip_loss(query, query, 10.0, "bias")
     with pytest.raises(ValueError, match="backend must be one of"):
         fastcl.distributed.siglip_loss(query, query, 10.0, -10.0, backend="fused")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        fastcl.distributed.info_nce(query, key, mode="all")
+    labels = torch.zeros(query.shape[0], dtype=torch.long)
+    with pytest.raises(ValueError, match="labels / key_labels need mode='gather'"):
+        fastcl.distributed.info_nce(query, query, labels=labels, key_labels=labels, mode="ring")

@@ -7,7 +7,9 @@ processes of this machine (``python -m fastcl.bench distributed``; opt-in: it st
 - ``plain``: what open_clip does (``local_loss=True, gather_with_grad=True``): all-gather the
   features with gradients, materialize the local x global logits both ways, cross-entropy;
 - ``gather``: :func:`fastcl.distributed.clip_loss` (the same all-gather, the fused kernels: the
-  logits are never materialized; the gathered rows' backward is a reduce-scatter).
+  logits are never materialized; the gathered rows' backward is a reduce-scatter);
+- ``ring``: :func:`fastcl.distributed.clip_loss` with ``mode="ring"`` (feature blocks passed
+  around the ranks, one local x block tile at a time).
 
 Each rank measures its own peak RSS over the timed steps (above its RSS before them, the local
 inputs and their gradients included) and its median step time; the row reports the largest over
@@ -28,7 +30,7 @@ import torch
 SUITE = "distributed"
 BASELINE = "plain"
 DEFAULT = False  # starts several processes per case: run it by name
-PROVIDERS = ("plain", "gather")
+PROVIDERS = ("plain", "gather", "ring")
 
 
 def cases(device: str, full: bool):  # the harness's case-based interface: this suite runs itself
@@ -67,7 +69,7 @@ def _rank_main(rank, world, port, provider, batch, dim, repeats, out_dir):
         if provider == "plain":
             loss = _clip_plain(images, texts, scale)
         else:
-            loss = fastcl.distributed.clip_loss(images, texts, scale)
+            loss = fastcl.distributed.clip_loss(images, texts, scale, mode=provider)
         loss.backward()
 
     step()  # warm-up
@@ -122,10 +124,11 @@ def run(device: str, full: bool, out_dir: str, timeout: float) -> None:
             rows.append({"world": world, "local_batch": batch, "dim": dim, "provider": provider, **result,
                          "time_ratio_vs_plain": result["time_ms"] / measured["plain"]["time_ms"],
                          "memory_ratio_vs_plain": result["peak_mb"] / max(measured["plain"]["peak_mb"], 1e-9)})
-        plain, gather = measured["plain"], measured["gather"]
-        text = (f"W={world}: plain {plain['time_ms']:.0f} ms, {plain['peak_mb']:.0f} MB per rank; "
-                f"gather {gather['time_ms']:.0f} ms ({gather['time_ms'] / plain['time_ms']:.2f}x), "
-                f"{gather['peak_mb']:.0f} MB ({gather['peak_mb'] / max(plain['peak_mb'], 1e-9):.3f}x)")
+        plain = measured["plain"]
+        text = f"W={world}: plain {plain['time_ms']:.0f} ms, {plain['peak_mb']:.0f} MB per rank" + "".join(
+            f"; {name} {result['time_ms']:.0f} ms ({result['time_ms'] / plain['time_ms']:.2f}x), "
+            f"{result['peak_mb']:.0f} MB ({result['peak_mb'] / max(plain['peak_mb'], 1e-9):.3f}x)"
+            for name, result in measured.items() if name != "plain")
         print(text, flush=True)
         lines.append(text)
     write_rows(out_dir, SUITE, rows, "\n".join(lines))
