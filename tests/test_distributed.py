@@ -46,6 +46,21 @@ def check_case(name, rank, world, local_loss, expected_loss, pairs):
                                    msg=lambda m: f"{name} (rank {rank}/{world}) gradient {index}: {m}")
 
 
+def check_clip(name, rank, world, sizes, images, texts, **options):
+    """fastcl.distributed.clip_loss with a learnable scale against fastcl.clip_loss on the concatenated batch."""
+    scale_all = torch.tensor(8.0, dtype=torch.float64, requires_grad=True)
+    i_all, t_all = leaf(images), leaf(texts)
+    expected = fastcl.clip_loss(i_all, t_all, scale_all, backend="naive")
+    expected.backward()
+    scale = torch.tensor(8.0, dtype=torch.float64, requires_grad=True)
+    i, t = leaf(split(images, sizes, rank)), leaf(split(texts, sizes, rank))
+    loss = fastcl.distributed.clip_loss(i, t, scale, **options)
+    loss.backward()
+    check_case(name, rank, world, loss, expected,
+               [(i, split(i_all.grad, sizes, rank), world), (t, split(t_all.grad, sizes, rank), world),
+                (scale, scale_all.grad, 1)])
+
+
 def case_plain_and_hard_negatives(rank, world, sizes):
     generator = torch.Generator().manual_seed(1)
     total, hard = sum(sizes), 2
@@ -120,17 +135,7 @@ def case_clip_and_siglip(rank, world, sizes):
     images = torch.nn.functional.normalize(torch.randn(total, DIM, generator=generator, dtype=torch.float64), dim=-1)
     texts = torch.nn.functional.normalize(torch.randn(total, DIM, generator=generator, dtype=torch.float64), dim=-1)
 
-    scale_all = torch.tensor(8.0, dtype=torch.float64, requires_grad=True)
-    i_all, t_all = leaf(images), leaf(texts)
-    expected = fastcl.clip_loss(i_all, t_all, scale_all, backend="naive")
-    expected.backward()
-    scale = torch.tensor(8.0, dtype=torch.float64, requires_grad=True)
-    i, t = leaf(split(images, sizes, rank)), leaf(split(texts, sizes, rank))
-    loss = fastcl.distributed.clip_loss(i, t, scale)
-    loss.backward()
-    check_case("clip", rank, world, loss, expected,
-               [(i, split(i_all.grad, sizes, rank), world), (t, split(t_all.grad, sizes, rank), world),
-                (scale, scale_all.grad, 1)])
+    check_clip("clip", rank, world, sizes, images, texts)
 
     scale_all = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
     bias_all = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
@@ -296,18 +301,7 @@ def case_ring_mode(rank, world, sizes):
     check_case("ring, extra keys, sum", rank, world, loss, expected,
                [(q, split(q_all.grad, sizes, rank), world), (k, k_all.grad[offsets[rank]:offsets[rank] + 2 * sizes[rank]], world)])
 
-    # CLIP: both directions by ring, learnable scale
-    scale_all = torch.tensor(8.0, dtype=torch.float64, requires_grad=True)
-    i_all, t_all = leaf(queries), leaf(keys)
-    expected = fastcl.clip_loss(i_all, t_all, scale_all, backend="naive")
-    expected.backward()
-    scale = torch.tensor(8.0, dtype=torch.float64, requires_grad=True)
-    i, t = leaf(split(queries, sizes, rank)), leaf(split(keys, sizes, rank))
-    loss = fastcl.distributed.clip_loss(i, t, scale, mode="ring")
-    loss.backward()
-    check_case("ring clip", rank, world, loss, expected,
-               [(i, split(i_all.grad, sizes, rank), world), (t, split(t_all.grad, sizes, rank), world),
-                (scale, scale_all.grad, 1)])
+    check_clip("ring clip", rank, world, sizes, queries, keys, mode="ring")  # both directions by ring
 
 
 def worker(rank, world, sizes):
