@@ -17,6 +17,7 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 
 def _start_exchange(tensors: Sequence[torch.Tensor], receive_rows: int, rank: int, world: int, group):
@@ -39,6 +40,52 @@ def _wait(pending) -> None:
         request.wait()
 
 
+def ring_visit(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[int], group, visit) -> None:
+    """Calls ``visit(raw, own)`` with ``raw = anchors @ block.T`` for every rank's candidate
+    block (``own``: the block is this rank's), each block arriving while the previous one is
+    computed on."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    block, owner = candidates.detach(), rank
+    for step in range(world):
+        pending = _start_exchange([block], sizes[(owner - 1) % world], rank, world, group) if step < world - 1 else None
+        visit(anchors @ block.T, owner == rank)
+        if pending is not None:
+            received, requests = pending
+            _wait(requests)
+            block, owner = received[0], (owner - 1) % world
+
+
+def ring_gradients(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[int], group, tile_gradient):
+    """(dL/d anchors, dL/d candidates) of a loss whose gradient wrt ``raw = anchors @ block.T`` is
+    ``tile_gradient(raw, own)`` for each block: the blocks travel the ring again, each with the
+    gradient of its rows, which every rank adds to and one last pass returns to the owner."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    grad_anchors = torch.zeros_like(anchors)
+    block, grad_block, owner = candidates.detach(), torch.zeros_like(candidates, dtype=anchors.dtype), rank
+    for step in range(world):
+        # the block goes on at once; its gradient once this rank has added to it
+        pending = _start_exchange([block], sizes[(owner - 1) % world], rank, world, group) if step < world - 1 else None
+        grad_raw = tile_gradient(anchors @ block.T, owner == rank)
+        grad_anchors.addmm_(grad_raw, block)
+        grad_block.addmm_(grad_raw.T, anchors)
+        del grad_raw
+        if pending is not None:
+            received, requests = pending
+            gradient, gradient_requests = _start_exchange([grad_block], sizes[(owner - 1) % world], rank, world, group)
+            _wait(requests)
+            _wait(gradient_requests)
+            block, grad_block, owner = received[0], gradient[0], (owner - 1) % world
+    if world > 1:  # the complete gradient of rank r + 1's block is here: return it
+        returned, requests = _start_exchange([grad_block], sizes[rank], rank, world, group)
+        _wait(requests)
+        grad_block = returned[0]
+    return grad_anchors, grad_block
+
+
+def _scalar_gradient(value: torch.Tensor, like: torch.Tensor, needed: bool):
+    return value.to(like.dtype).reshape(like.shape) if needed else None
+
+
 class RingRows(torch.autograd.Function):
     """Per-row InfoNCE losses of the local ``anchors`` (B_r, D) against every rank's
     ``candidates`` (N_s, D) rows, each anchor's positive being ``positive[i]`` among its own
@@ -50,73 +97,88 @@ class RingRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchors, candidates, scale, positive, sizes: List[int], group):
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
         value = scale.detach().to(anchors.dtype)
-        lse = anchors.new_full((anchors.shape[0],), float("-inf"))
-        positive_logit = None
-        block, owner = candidates.detach(), rank
-        for step in range(world):
-            pending = None
-            if step < world - 1:
-                pending = _start_exchange([block], sizes[(owner - 1) % world], rank, world, group)
-            logits = (anchors.detach() @ block.T).mul_(value)
-            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
-            if owner == rank:
-                positive_logit = logits.gather(1, positive[:, None])[:, 0]
-            del logits
-            if pending is not None:
-                received, requests = pending
-                _wait(requests)
-                block, owner = received[0], (owner - 1) % world
-        ctx.save_for_backward(anchors, candidates, scale, positive, lse)
+        state = {"lse": anchors.new_full((anchors.shape[0],), float("-inf"))}
+
+        def visit(raw, own):
+            logits = raw.mul_(value)
+            state["lse"] = torch.logaddexp(state["lse"], torch.logsumexp(logits, dim=1))
+            if own:
+                state["positive"] = logits.gather(1, positive[:, None])[:, 0]
+
+        ring_visit(anchors.detach(), candidates, sizes, group, visit)
+        ctx.save_for_backward(anchors, candidates, scale, positive, state["lse"])
         ctx.sizes, ctx.group = sizes, group
-        return lse - positive_logit
+        return state["lse"] - state["positive"]
 
     @staticmethod
     def backward(ctx, grad_rows):
         anchors, candidates, scale, positive, lse = ctx.saved_tensors
-        sizes, group = ctx.sizes, ctx.group
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
         a = anchors.detach()
         value = scale.detach().to(a.dtype)
         weights = grad_rows.to(a.dtype)
-        grad_anchors = torch.zeros_like(a)
-        grad_scale = a.new_zeros(())
         rows = torch.arange(a.shape[0], device=a.device)
-        block, grad_block, owner = candidates.detach(), torch.zeros_like(candidates, dtype=a.dtype), rank
-        for step in range(world):
-            pending = None
-            if step < world - 1:  # the block goes on at once; its gradient once this rank added to it
-                pending = _start_exchange([block], sizes[(owner - 1) % world], rank, world, group)
-            raw = a @ block.T
+        grad_scale = a.new_zeros(())
+
+        def tile_gradient(raw, own):
+            nonlocal grad_scale
             # softmax times the row weight, in place: two tiles of local x block at a time
             grad_logits = (raw * value).sub_(lse[:, None]).exp_().mul_(weights[:, None])
-            if owner == rank:
+            if own:
                 grad_logits[rows, positive] -= weights
-            grad_scale += torch.vdot(grad_logits.reshape(-1), raw.reshape(-1))
-            del raw
-            grad_raw = grad_logits.mul_(value)
-            grad_anchors.addmm_(grad_raw, block)
-            grad_block.addmm_(grad_raw.T, a)
-            del grad_raw, grad_logits
-            incoming_rows = sizes[(owner - 1) % world]
-            if pending is not None:
-                received, requests = pending
-                gradient, gradient_requests = _start_exchange([grad_block], incoming_rows, rank, world, group)
-                _wait(requests)
-                _wait(gradient_requests)
-                block, grad_block, owner = received[0], gradient[0], (owner - 1) % world
-        # the complete gradient of rank r + 1's block is here: one last pass returns it
-        if world > 1:
-            returned, requests = _start_exchange([grad_block], sizes[rank], rank, world, group)
-            _wait(requests)
-            grad_block = returned[0]
-        grad_candidates = grad_block.to(candidates.dtype)
+            grad_scale = grad_scale + torch.vdot(grad_logits.reshape(-1), raw.reshape(-1))
+            return grad_logits.mul_(value)
+
+        grad_anchors, grad_candidates = ring_gradients(a, candidates, ctx.sizes, ctx.group, tile_gradient)
         needs = ctx.needs_input_grad
         return (grad_anchors.to(anchors.dtype) if needs[0] else None,
-                grad_candidates if needs[1] else None,
-                grad_scale.to(scale.dtype).reshape(scale.shape) if needs[2] else None,
-                None, None, None)
+                grad_candidates.to(candidates.dtype) if needs[1] else None,
+                _scalar_gradient(grad_scale, scale, needs[2]), None, None, None)
+
+
+class RingSigmoid(torch.autograd.Function):
+    """Per-row SigLIP losses of the local ``anchors`` (B_r, D) against every rank's
+    ``candidates``: ``l_i = sum_j softplus(z_ij) - z_ii`` with ``z = scale * a . c + bias``, the
+    positive of anchor i being candidate i of its own rank. ``scale``, ``bias``: 0-d tensors."""
+
+    @staticmethod
+    def forward(ctx, anchors, candidates, scale, bias, sizes: List[int], group):
+        scale_value, bias_value = scale.detach().to(anchors.dtype), bias.detach().to(anchors.dtype)
+        state = {"sum": anchors.new_zeros(anchors.shape[0])}
+
+        def visit(raw, own):
+            logits = raw.mul_(scale_value).add_(bias_value)
+            if own:
+                state["positive"] = logits.diagonal().clone()
+            state["sum"] += F.softplus(logits).sum(dim=1)
+
+        ring_visit(anchors.detach(), candidates, sizes, group, visit)
+        ctx.save_for_backward(anchors, candidates, scale, bias)
+        ctx.sizes, ctx.group = sizes, group
+        return state["sum"] - state["positive"]
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        anchors, candidates, scale, bias = ctx.saved_tensors
+        a = anchors.detach()
+        scale_value, bias_value = scale.detach().to(a.dtype), bias.detach().to(a.dtype)
+        weights = grad_rows.to(a.dtype)
+        grads = {"scale": a.new_zeros(()), "bias": a.new_zeros(())}
+
+        def tile_gradient(raw, own):
+            grad_logits = torch.sigmoid(raw * scale_value + bias_value).mul_(weights[:, None])  # d softplus(z) = sigmoid(z)
+            if own:
+                grad_logits.diagonal().sub_(weights)
+            grads["scale"] = grads["scale"] + torch.vdot(grad_logits.reshape(-1), raw.reshape(-1))
+            grads["bias"] = grads["bias"] + grad_logits.sum()
+            return grad_logits.mul_(scale_value)
+
+        grad_anchors, grad_candidates = ring_gradients(a, candidates, ctx.sizes, ctx.group, tile_gradient)
+        needs = ctx.needs_input_grad
+        return (grad_anchors.to(anchors.dtype) if needs[0] else None,
+                grad_candidates.to(candidates.dtype) if needs[1] else None,
+                _scalar_gradient(grads["scale"], scale, needs[2]), _scalar_gradient(grads["bias"], bias, needs[3]),
+                None, None)
 
 
 def ring_rows(anchors: torch.Tensor, candidates: torch.Tensor, scale: torch.Tensor, positive: Optional[torch.Tensor],
@@ -125,3 +187,9 @@ def ring_rows(anchors: torch.Tensor, candidates: torch.Tensor, scale: torch.Tens
     if positive is None:
         positive = torch.arange(anchors.shape[0], device=anchors.device)
     return RingRows.apply(anchors, candidates, scale, positive.long(), list(sizes), group)
+
+
+def ring_sigmoid_rows(anchors: torch.Tensor, candidates: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                      sizes: List[int], group) -> torch.Tensor:
+    """(B_r,) losses of :class:`RingSigmoid`."""
+    return RingSigmoid.apply(anchors, candidates, scale, bias, list(sizes), group)

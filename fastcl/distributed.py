@@ -4,7 +4,8 @@ Each rank passes its local rows. The keys (and, for symmetric losses, the querie
 with an autograd-aware all-gather, so every local query sees the global batch of keys as
 candidates and the gradient of a gathered key flows back to the rank that owns it (backward of
 the gather = one reduce-scatter). ``mode="ring"`` passes blocks around the ranks instead
-(:mod:`fastcl._ring`): memory per rank flat in the number of ranks, for the plain loss.
+(:mod:`fastcl._ring`): memory per rank flat in the number of ranks (the plain InfoNCE / CLIP
+loss and SigLIP).
 
 Loss convention (open_clip's "local loss"): rank r returns
 
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .ops.common.blocks import block_rows_for
-from ._ring import ring_rows
+from ._ring import ring_rows, ring_sigmoid_rows
 from .ops.common.checks import BACKENDS, REDUCTIONS, check_choice, check_embeddings, check_same_device
 from .ops.common.gradients import compute_dtype
 from .ops.info_nce import MASK, SUPCON, count_positives, logit_scale_temperature
@@ -333,7 +334,7 @@ def _softplus_block_sum(image_block, text, scale, bias):
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias, *,
-                backend: str = "auto", group=None) -> torch.Tensor:
+                backend: str = "auto", group=None, mode: str = "gather") -> torch.Tensor:
     r"""SigLIP loss with every rank's texts as negatives of the local images.
 
     With z_ij = t x_i . y_j + b over local images i and all texts j (its own text the only
@@ -344,7 +345,8 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     (the local ``1/B_r`` normalization of open_clip's SigLIP for equal batches). Row blocks are
     recomputed in backward (activation checkpointing), so memory stays O((B_r + B_global) D);
     ``backend="naive"`` materializes the B_r x B_global logits instead (the plain loss, as a
-    baseline), every other backend takes the blocks.
+    baseline), every other backend takes the blocks. ``mode="ring"`` passes the text blocks
+    around the ranks instead of all-gathering them (memory per rank flat in the number of ranks).
 
     Example::
 
@@ -359,6 +361,7 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
         )
     check_same_device(image_features=image_features, text_features=text_features)
     check_choice("backend", backend, BACKENDS)
+    check_choice("mode", mode, MODES)
     for name, value in (("logit_scale", logit_scale), ("logit_bias", logit_bias)):
         if isinstance(value, torch.Tensor):
             if value.numel() != 1 or not value.is_floating_point():
@@ -378,6 +381,10 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     if isinstance(bias, torch.Tensor):
         bias = bias.to(dtype).reshape(())
     image = image_features.to(dtype)
+    if mode == "ring":
+        as_tensor = lambda v: v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=dtype, device=image.device)
+        rows = ring_sigmoid_rows(image, text_features.to(dtype), as_tensor(scale), as_tensor(bias), sizes, group)
+        return rows.sum() * (world / float(sum(sizes)))
     texts = all_gather_rows(text_features, group=group, local_first=True, sizes=sizes).to(dtype)
 
     total = 0.0

@@ -61,6 +61,23 @@ def check_clip(name, rank, world, sizes, images, texts, **options):
                 (scale, scale_all.grad, 1)])
 
 
+def check_siglip(name, rank, world, sizes, images, texts, **options):
+    """fastcl.distributed.siglip_loss with a learnable scale and bias against fastcl.siglip_loss on the concatenated batch."""
+    scale_all = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
+    bias_all = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
+    i_all, t_all = leaf(images), leaf(texts)
+    expected = fastcl.siglip_loss(i_all, t_all, scale_all, bias_all, backend="naive")
+    expected.backward()
+    scale = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
+    i, t = leaf(split(images, sizes, rank)), leaf(split(texts, sizes, rank))
+    loss = fastcl.distributed.siglip_loss(i, t, scale, bias, **options)
+    loss.backward()
+    check_case(name, rank, world, loss, expected,
+               [(i, split(i_all.grad, sizes, rank), world), (t, split(t_all.grad, sizes, rank), world),
+                (scale, scale_all.grad, 1), (bias, bias_all.grad, 1)])
+
+
 def case_plain_and_hard_negatives(rank, world, sizes):
     generator = torch.Generator().manual_seed(1)
     total, hard = sum(sizes), 2
@@ -137,28 +154,9 @@ def case_clip_and_siglip(rank, world, sizes):
 
     check_clip("clip", rank, world, sizes, images, texts)
 
-    scale_all = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
-    bias_all = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
-    i_all, t_all = leaf(images), leaf(texts)
-    expected = fastcl.siglip_loss(i_all, t_all, scale_all, bias_all, backend="naive")
-    expected.backward()
-    scale = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
-    bias = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
-    i, t = leaf(split(images, sizes, rank)), leaf(split(texts, sizes, rank))
-    loss = fastcl.distributed.siglip_loss(i, t, scale, bias)
-    loss.backward()
-    check_case("siglip", rank, world, loss, expected,
-               [(i, split(i_all.grad, sizes, rank), world), (t, split(t_all.grad, sizes, rank), world),
-                (scale, scale_all.grad, 1), (bias, bias_all.grad, 1)])
+    check_siglip("siglip", rank, world, sizes, images, texts)
     # backend="naive": the materialized logits (the baseline a trainer's --loss naive runs)
-    scale = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
-    bias = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
-    i, t = leaf(split(images, sizes, rank)), leaf(split(texts, sizes, rank))
-    loss = fastcl.distributed.siglip_loss(i, t, scale, bias, backend="naive")
-    loss.backward()
-    check_case("siglip naive", rank, world, loss, expected,
-               [(i, split(i_all.grad, sizes, rank), world), (t, split(t_all.grad, sizes, rank), world),
-                (scale, scale_all.grad, 1), (bias, bias_all.grad, 1)])
+    check_siglip("siglip naive", rank, world, sizes, images, texts, backend="naive")
 
 
 class Encoder(nn.Module):
@@ -302,6 +300,7 @@ def case_ring_mode(rank, world, sizes):
                [(q, split(q_all.grad, sizes, rank), world), (k, k_all.grad[offsets[rank]:offsets[rank] + 2 * sizes[rank]], world)])
 
     check_clip("ring clip", rank, world, sizes, queries, keys, mode="ring")  # both directions by ring
+    check_siglip("ring siglip", rank, world, sizes, queries, keys, mode="ring")  # the text blocks by ring
 
 
 def worker(rank, world, sizes):
@@ -359,6 +358,8 @@ def test_bad_arguments_raise_clear_errors(single_rank_group):
         fastcl.distributed.siglip_loss(query, query, 10.0, -10.0, backend="fused")
     with pytest.raises(ValueError, match="mode must be one of"):
         fastcl.distributed.info_nce(query, key, mode="all")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        fastcl.distributed.siglip_loss(query, query, 10.0, -10.0, mode="all")
     labels = torch.zeros(query.shape[0], dtype=torch.long)
     with pytest.raises(ValueError, match="labels / key_labels need mode='gather'"):
         fastcl.distributed.info_nce(query, query, labels=labels, key_labels=labels, mode="ring")
