@@ -92,13 +92,16 @@ class RingRows(torch.autograd.Function):
     rank's candidates: ``l_i = logsumexp_j(scale * a_i . c_j) - scale * a_i . c_pos(i)``.
 
     ``sizes``: every rank's candidate count, in rank order. ``scale``: a 0-d tensor (1 / tau, or
-    CLIP's logit scale), which gets its gradient.
+    CLIP's logit scale), which gets its gradient. ``private``: (B_r, H, D) negatives of each
+    anchor alone (DPR's hard negatives) or None; they stay on their rank.
     """
 
     @staticmethod
-    def forward(ctx, anchors, candidates, scale, positive, sizes: List[int], group):
+    def forward(ctx, anchors, candidates, scale, positive, private, sizes: List[int], group):
         value = scale.detach().to(anchors.dtype)
         state = {"lse": anchors.new_full((anchors.shape[0],), float("-inf"))}
+        if private is not None and private.shape[1] > 0:
+            state["lse"] = torch.logsumexp(_private_raw(anchors.detach(), private.detach()) * value, dim=1)
 
         def visit(raw, own):
             logits = raw.mul_(value)
@@ -107,13 +110,13 @@ class RingRows(torch.autograd.Function):
                 state["positive"] = logits.gather(1, positive[:, None])[:, 0]
 
         ring_visit(anchors.detach(), candidates, sizes, group, visit)
-        ctx.save_for_backward(anchors, candidates, scale, positive, state["lse"])
+        ctx.save_for_backward(anchors, candidates, scale, positive, private, state["lse"])
         ctx.sizes, ctx.group = sizes, group
         return state["lse"] - state["positive"]
 
     @staticmethod
     def backward(ctx, grad_rows):
-        anchors, candidates, scale, positive, lse = ctx.saved_tensors
+        anchors, candidates, scale, positive, private, lse = ctx.saved_tensors
         a = anchors.detach()
         value = scale.detach().to(a.dtype)
         weights = grad_rows.to(a.dtype)
@@ -130,10 +133,25 @@ class RingRows(torch.autograd.Function):
             return grad_logits.mul_(value)
 
         grad_anchors, grad_candidates = ring_gradients(a, candidates, ctx.sizes, ctx.group, tile_gradient)
+        grad_private = None
+        if private is not None:
+            h = private.detach()
+            private_raw = _private_raw(a, h)
+            grad_private_logits = (private_raw * value).sub_(lse[:, None]).exp_().mul_(weights[:, None])
+            grad_scale = grad_scale + torch.vdot(grad_private_logits.reshape(-1), private_raw.reshape(-1))
+            grad_private_raw = grad_private_logits.mul_(value)
+            grad_anchors += torch.bmm(grad_private_raw[:, None, :], h)[:, 0]
+            grad_private = (grad_private_raw[:, :, None] * a[:, None, :]).to(private.dtype)
         needs = ctx.needs_input_grad
         return (grad_anchors.to(anchors.dtype) if needs[0] else None,
                 grad_candidates.to(candidates.dtype) if needs[1] else None,
-                _scalar_gradient(grad_scale, scale, needs[2]), None, None, None)
+                _scalar_gradient(grad_scale, scale, needs[2]), None,
+                grad_private if needs[4] else None, None, None)
+
+
+def _private_raw(anchors: torch.Tensor, private: torch.Tensor) -> torch.Tensor:
+    """(B_r, H) products of each anchor with its own private negatives."""
+    return torch.bmm(private, anchors[:, :, None])[:, :, 0]
 
 
 class RingSigmoid(torch.autograd.Function):
@@ -182,11 +200,11 @@ class RingSigmoid(torch.autograd.Function):
 
 
 def ring_rows(anchors: torch.Tensor, candidates: torch.Tensor, scale: torch.Tensor, positive: Optional[torch.Tensor],
-              sizes: List[int], group) -> torch.Tensor:
+              sizes: List[int], group, private: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(B_r,) losses of :class:`RingRows`; ``positive`` defaults to ``arange(B_r)``."""
     if positive is None:
         positive = torch.arange(anchors.shape[0], device=anchors.device)
-    return RingRows.apply(anchors, candidates, scale, positive.long(), list(sizes), group)
+    return RingRows.apply(anchors, candidates, scale, positive.long(), private, list(sizes), group)
 
 
 def ring_sigmoid_rows(anchors: torch.Tensor, candidates: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,

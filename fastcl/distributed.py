@@ -185,8 +185,8 @@ def info_nce(
 
     ``mode="gather"`` all-gathers the keys (memory per rank O(N_global · D)); ``mode="ring"``
     passes key blocks around the ring of ranks (:mod:`fastcl._ring`; memory per rank flat in the
-    number of ranks). Ring mode covers the plain loss (``positive``, ``normalize``,
-    ``symmetric``, a learnable temperature, every reduction, uneven batches); the other options
+    number of ranks). Ring mode covers the plain loss (``positive``, ``hard_negatives``,
+    ``normalize``, ``symmetric``, a learnable temperature, every reduction, uneven batches); the other options
     raise a ``ValueError`` that names ``mode="gather"``. ``backend`` applies to gather mode.
 
     Returns (see the module docstring): ``R / D_global * (local sum of row losses)`` for
@@ -208,7 +208,7 @@ def info_nce(
     check_choice("mode", mode, MODES)
     if mode == "ring":
         unsupported = [name for name, given in (
-            ("hard_negatives", hard_negatives is not None), ("labels / key_labels", labels is not None or key_labels is not None),
+            ("labels / key_labels", labels is not None or key_labels is not None),
             ("exclude_self", exclude_self), (f"multi_positive={multi_positive!r}", multi_positive != MASK),
             ("false_negative_margin", false_negative_margin is not None), ("label_smoothing", label_smoothing != 0))
             if given]
@@ -238,8 +238,8 @@ def info_nce(
     per_row = "none" if reduction == "none" else "sum"
 
     if mode == "ring":
-        rows, columns = _ring_directions(query, key, positive, temperature, normalize, symmetric, query_sizes,
-                                         key_sizes, group)
+        rows, columns = _ring_directions(query, key, positive, hard_negatives, temperature, normalize, symmetric,
+                                         query_sizes, key_sizes, group)
         if per_row == "sum":
             rows = rows.sum()
             columns = columns.sum() if columns is not None else None
@@ -289,17 +289,23 @@ def info_nce(
     return totals[0] if len(totals) == 1 else 0.5 * (totals[0] + totals[1])
 
 
-def _ring_directions(query, key, positive, temperature, normalize, symmetric, query_sizes, key_sizes, group):
+def _ring_directions(query, key, positive, hard_negatives, temperature, normalize, symmetric, query_sizes, key_sizes,
+                     group):
     """(row losses (B_r,), column losses (B_r,) or None) of the plain loss by ring exchange."""
     dtype = compute_dtype(query)
     q, k = query.to(dtype), key.to(dtype)
+    h = hard_negatives.to(dtype) if hard_negatives is not None else None
+    if h is not None and (h.dim() != 3 or h.shape[0] != q.shape[0] or h.shape[2] != q.shape[1]):
+        raise ValueError(f"hard_negatives must have shape (B_r, H, D) = ({q.shape[0]}, H, {q.shape[1]}), "
+                         f"got {tuple(hard_negatives.shape)}")
     if normalize:
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        h = F.normalize(h, dim=-1) if h is not None else None
     if isinstance(temperature, torch.Tensor):
         scale = 1.0 / temperature.to(dtype).reshape(())
     else:
         scale = torch.tensor(1.0 / float(temperature), dtype=dtype, device=query.device)
-    rows = ring_rows(q, k, scale, positive, key_sizes, group)
+    rows = ring_rows(q, k, scale, positive, key_sizes, group, private=h)
     columns = ring_rows(k[:query.shape[0]], q, scale, None, query_sizes, group) if symmetric else None
     return rows, columns
 

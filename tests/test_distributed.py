@@ -78,6 +78,22 @@ def check_siglip(name, rank, world, sizes, images, texts, **options):
                 (scale, scale_all.grad, 1), (bias, bias_all.grad, 1)])
 
 
+def check_hard_negatives(name, rank, world, sizes, queries, keys, hard_negatives, **options):
+    """Hard negatives, a learnable temperature and cosine similarity against the single-process loss."""
+    temperature_all = torch.tensor(0.25, dtype=torch.float64, requires_grad=True)
+    q_all, k_all, h_all = leaf(queries), leaf(keys), leaf(hard_negatives)
+    expected = fastcl.info_nce(q_all, k_all, hard_negatives=h_all, temperature=temperature_all, normalize=True,
+                               backend="naive")
+    expected.backward()
+    temperature = torch.tensor(0.25, dtype=torch.float64, requires_grad=True)
+    q, k, h = leaf(split(queries, sizes, rank)), leaf(split(keys, sizes, rank)), leaf(split(hard_negatives, sizes, rank))
+    loss = fastcl.distributed.info_nce(q, k, hard_negatives=h, temperature=temperature, normalize=True, **options)
+    loss.backward()
+    check_case(name, rank, world, loss, expected,
+               [(q, split(q_all.grad, sizes, rank), world), (k, split(k_all.grad, sizes, rank), world),
+                (h, split(h_all.grad, sizes, rank), world), (temperature, temperature_all.grad, 1)])
+
+
 def case_plain_and_hard_negatives(rank, world, sizes):
     generator = torch.Generator().manual_seed(1)
     total, hard = sum(sizes), 2
@@ -96,18 +112,7 @@ def case_plain_and_hard_negatives(rank, world, sizes):
                [(q, split(q_all.grad, sizes, rank), world), (k, split(k_all.grad, sizes, rank), world)])
 
     # hard negatives + learnable temperature + cosine similarity
-    temperature_all = torch.tensor(0.25, dtype=torch.float64, requires_grad=True)
-    q_all, k_all, h_all = leaf(queries), leaf(keys), leaf(hard_negatives)
-    expected = fastcl.info_nce(q_all, k_all, hard_negatives=h_all, temperature=temperature_all, normalize=True,
-                               backend="naive")
-    expected.backward()
-    temperature = torch.tensor(0.25, dtype=torch.float64, requires_grad=True)
-    q, k, h = leaf(split(queries, sizes, rank)), leaf(split(keys, sizes, rank)), leaf(split(hard_negatives, sizes, rank))
-    loss = fastcl.distributed.info_nce(q, k, hard_negatives=h, temperature=temperature, normalize=True)
-    loss.backward()
-    check_case("hard negatives", rank, world, loss, expected,
-               [(q, split(q_all.grad, sizes, rank), world), (k, split(k_all.grad, sizes, rank), world),
-                (h, split(h_all.grad, sizes, rank), world), (temperature, temperature_all.grad, 1)])
+    check_hard_negatives("hard negatives", rank, world, sizes, queries, keys, hard_negatives)
 
 
 def case_symmetric_with_extra_keys(rank, world, sizes):
@@ -282,6 +287,10 @@ def case_ring_mode(rank, world, sizes):
     check_case("ring", rank, world, loss, expected,
                [(q, split(q_all.grad, sizes, rank), world), (k, split(k_all.grad, sizes, rank), world),
                 (temperature, temperature_all.grad, 1)])
+
+    # hard negatives, private to each query, stay on their rank
+    hard_negatives = torch.randn(total, 2, DIM, generator=generator, dtype=torch.float64)
+    check_hard_negatives("ring, hard negatives", rank, world, sizes, queries, keys, hard_negatives, mode="ring")
 
     # extra keys on every rank and shuffled positives, "sum": the single-process keys are each
     # rank's [positives, extras] block in rank order
