@@ -30,6 +30,7 @@ representations are gathered once per step, in the loss pass.
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Sequence
 
 import torch
@@ -44,9 +45,36 @@ from .ops.common.gradients import compute_dtype
 from .ops.info_nce import MASK, SUPCON, count_positives, logit_scale_temperature
 from .ops.info_nce import info_nce as _info_nce
 
-__all__ = ["info_nce", "clip_loss", "siglip_loss", "all_gather_rows", "MODES"]
+__all__ = ["info_nce", "clip_loss", "siglip_loss", "all_gather_rows", "choose_mode", "MODES", "RING_MEMORY_SHARE"]
 
-MODES = ("gather", "ring")
+MODES = ("auto", "gather", "ring")
+# mode="auto" takes the ring when the gathered rows and their gradients would take more than this
+# share of the device's memory (GPU memory, or the machine's RAM on the CPU), for a loss the
+# ring covers. FASTCL_DISTRIBUTED_MODE=gather|ring (read at import) fixes auto's choice instead.
+RING_MEMORY_SHARE = 0.25
+_MODE_OVERRIDE = os.environ.get("FASTCL_DISTRIBUTED_MODE") or None
+
+
+def _device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def choose_mode(mode: str, gathered_rows: int, dim: int, element_size: int, device: torch.device,
+                ring_covers: bool = True) -> str:
+    """The mode a call runs: ``auto`` is the ring when the gathered rows (and their gradients,
+    ``2 * gathered_rows * dim * element_size`` bytes) exceed :data:`RING_MEMORY_SHARE` of the
+    device's memory and the ring covers the call's options, else gather (or the
+    ``FASTCL_DISTRIBUTED_MODE`` override)."""
+    if mode != "auto":
+        return mode
+    if _MODE_OVERRIDE is not None:
+        if _MODE_OVERRIDE not in ("gather", "ring"):
+            raise ValueError(f"FASTCL_DISTRIBUTED_MODE must be 'gather' or 'ring', got {_MODE_OVERRIDE!r}")
+        return _MODE_OVERRIDE if ring_covers else "gather"
+    gathered_bytes = 2 * gathered_rows * dim * element_size
+    return "ring" if ring_covers and gathered_bytes > RING_MEMORY_SHARE * _device_memory(device) else "gather"
 
 
 def _group_info(group):
@@ -167,7 +195,7 @@ def info_nce(
     reduction: str = "mean",
     backend: str = "auto",
     group=None,
-    mode: str = "gather",
+    mode: str = "auto",
 ) -> torch.Tensor:
     r""":func:`fastcl.info_nce` with the keys of every rank as candidates.
 
@@ -185,7 +213,7 @@ def info_nce(
 
     ``mode="gather"`` all-gathers the keys (memory per rank O(N_global · D)); ``mode="ring"``
     passes key blocks around the ring of ranks (:mod:`fastcl._ring`; memory per rank flat in the
-    number of ranks). Ring mode covers the plain loss (``positive``, ``hard_negatives``,
+    number of ranks); ``mode="auto"`` (default) is :func:`choose_mode`'s pick. Ring mode covers the plain loss (``positive``, ``hard_negatives``,
     ``normalize``, ``symmetric``, a learnable temperature, every reduction, uneven batches); the other options
     raise a ``ValueError`` that names ``mode="gather"``. ``backend`` applies to gather mode.
 
@@ -206,14 +234,13 @@ def info_nce(
                       labels=labels, key_labels=key_labels)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("mode", mode, MODES)
-    if mode == "ring":
-        unsupported = [name for name, given in (
-            ("labels / key_labels", labels is not None or key_labels is not None),
-            ("exclude_self", exclude_self), (f"multi_positive={multi_positive!r}", multi_positive != MASK),
-            ("false_negative_margin", false_negative_margin is not None), ("label_smoothing", label_smoothing != 0))
-            if given]
-        if unsupported:
-            raise ValueError(f"mode='ring' covers the plain loss; {', '.join(unsupported)} need mode='gather'")
+    unsupported = [name for name, given in (
+        ("labels / key_labels", labels is not None or key_labels is not None),
+        ("exclude_self", exclude_self), (f"multi_positive={multi_positive!r}", multi_positive != MASK),
+        ("false_negative_margin", false_negative_margin is not None), ("label_smoothing", label_smoothing != 0))
+        if given]
+    if mode == "ring" and unsupported:
+        raise ValueError(f"mode='ring' covers the plain loss; {', '.join(unsupported)} need mode='gather'")
     batch, num_keys = query.shape[0], key.shape[0]
     if positive is not None and isinstance(positive, torch.Tensor) and positive.numel() > 0:
         low, high = int(positive.min()), int(positive.max())
@@ -236,6 +263,9 @@ def info_nce(
                   multi_positive=multi_positive, false_negative_margin=false_negative_margin,
                   label_smoothing=label_smoothing, backend=backend)
     per_row = "none" if reduction == "none" else "sum"
+    gathered = sum(key_sizes) + (sum(query_sizes) if symmetric else 0)
+    mode = choose_mode(mode, gathered, query.shape[1], compute_dtype(query).itemsize, query.device,
+                       ring_covers=not unsupported)
 
     if mode == "ring":
         rows, columns = _ring_directions(query, key, positive, hard_negatives, temperature, normalize, symmetric,
@@ -311,14 +341,14 @@ def _ring_directions(query, key, positive, hard_negatives, temperature, normaliz
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, *, backend: str = "auto",
-              group=None, mode: str = "gather") -> torch.Tensor:
+              group=None, mode: str = "auto") -> torch.Tensor:
     r"""CLIP loss with every rank's images and texts as negatives.
 
     Local (B_r, D) features. Rows: local images against all texts; columns: local texts against
     all images. ``logit_scale`` is the multiplier (``model.logit_scale.exp()``). Returns
     ``R / B_global * sum of this rank's 0.5 * (row_i + column_i)``: the local mean for equal
     batches; the mean over ranks is :func:`fastcl.clip_loss` on the concatenated batch.
-    ``mode``: "gather" or "ring", as :func:`info_nce`.
+    ``mode``: "auto", "gather" or "ring", as :func:`info_nce`.
 
     Example::
 
@@ -340,7 +370,7 @@ def _softplus_block_sum(image_block, text, scale, bias):
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias, *,
-                backend: str = "auto", group=None, mode: str = "gather") -> torch.Tensor:
+                backend: str = "auto", group=None, mode: str = "auto") -> torch.Tensor:
     r"""SigLIP loss with every rank's texts as negatives of the local images.
 
     With z_ij = t x_i . y_j + b over local images i and all texts j (its own text the only
@@ -387,6 +417,7 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     if isinstance(bias, torch.Tensor):
         bias = bias.to(dtype).reshape(())
     image = image_features.to(dtype)
+    mode = choose_mode(mode, sum(sizes), image.shape[1], image.element_size(), image.device)
     if mode == "ring":
         as_tensor = lambda v: v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=dtype, device=image.device)
         rows = ring_sigmoid_rows(image, text_features.to(dtype), as_tensor(scale), as_tensor(bias), sizes, group)

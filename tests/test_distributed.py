@@ -372,3 +372,22 @@ def test_bad_arguments_raise_clear_errors(single_rank_group):
     labels = torch.zeros(query.shape[0], dtype=torch.long)
     with pytest.raises(ValueError, match="labels / key_labels need mode='gather'"):
         fastcl.distributed.info_nce(query, query, labels=labels, key_labels=labels, mode="ring")
+
+
+def test_auto_mode_takes_the_ring_past_its_memory_share(monkeypatch):
+    from fastcl import distributed
+
+    cpu = torch.device("cpu")
+    memory = distributed._device_memory(cpu)
+    rows_at_share = int(distributed.RING_MEMORY_SHARE * memory / (2 * 256 * 4))
+    assert distributed.choose_mode("auto", rows_at_share // 2, 256, 4, cpu) == "gather"
+    assert distributed.choose_mode("auto", rows_at_share * 2, 256, 4, cpu) == "ring"
+    assert distributed.choose_mode("auto", rows_at_share * 2, 256, 4, cpu, ring_covers=False) == "gather"
+    assert distributed.choose_mode("gather", rows_at_share * 2, 256, 4, cpu) == "gather"
+    assert distributed.choose_mode("ring", 8, 256, 4, cpu) == "ring"
+    monkeypatch.setattr(distributed, "_MODE_OVERRIDE", "ring")  # FASTCL_DISTRIBUTED_MODE=ring
+    assert distributed.choose_mode("auto", 8, 256, 4, cpu) == "ring"
+    assert distributed.choose_mode("auto", 8, 256, 4, cpu, ring_covers=False) == "gather"
+    monkeypatch.setattr(distributed, "_MODE_OVERRIDE", "rings")
+    with pytest.raises(ValueError, match="FASTCL_DISTRIBUTED_MODE must be"):
+        distributed.choose_mode("auto", 8, 256, 4, cpu)

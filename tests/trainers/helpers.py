@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from typing import List
@@ -48,21 +49,34 @@ def assert_relative(a: List[float], b: List[float], tolerance: float) -> None:
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def torchrun(method: str, *args: str, timeout: int = 300) -> str:
+def torchrun(method: str, *args: str, timeout: int = 300, nodes: int = 1, env=None) -> str:
     """``torchrun --standalone --nproc_per_node 2 -m fastcl.trainers METHOD ARGS`` (gloo on CPU,
-    one thread per worker); asserts it succeeded on 2 processes and returns its stdout. On a
-    timeout the whole process group (torchrun and both workers) is killed."""
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "fastcl.trainers", method, *args]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                               start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"torchrun did not finish in {timeout} s: {stderr[-2000:]}")
-    assert process.returncode == 0, stderr[-3000:]
+    one thread per worker); with ``nodes=2``, two launchers of one worker each, ``--nnodes 2``
+    on this host (a simulated two-node run). Asserts it succeeded on 2 processes and returns the
+    first launcher's stdout. On a timeout every launcher and worker is killed."""
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
+           **(env or {})}
+    if nodes == 1:
+        launchers = [["--standalone", "--nproc_per_node", "2"]]
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launchers = [["--nnodes", str(nodes), "--node_rank", str(rank), "--nproc_per_node", "1",
+                      "--master_addr", "127.0.0.1", "--master_port", str(port)] for rank in range(nodes)]
+    processes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "fastcl.trainers",
+                                   method, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  cwd=ROOT, start_new_session=True) for launcher in launchers]
+    outputs = []
+    for process in processes:
+        try:
+            outputs.append(process.communicate(timeout=timeout))
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                os.killpg(other.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"torchrun did not finish in {timeout} s: {stderr[-2000:]}")
+        assert process.returncode == 0, outputs[-1][1][-3000:]
+    stdout = outputs[0][0]
     assert "on 2 process(es)" in stdout
     return stdout
