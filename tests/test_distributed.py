@@ -391,3 +391,36 @@ def test_auto_mode_takes_the_ring_past_its_memory_share(monkeypatch):
     monkeypatch.setattr(distributed, "_MODE_OVERRIDE", "rings")
     with pytest.raises(ValueError, match="FASTCL_DISTRIBUTED_MODE must be"):
         distributed.choose_mode("auto", 8, 256, 4, cpu)
+
+
+RANK_DIES_MID_RING = """
+import datetime, os, sys, time, torch, torch.distributed as dist
+rank, port = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=20))
+import fastcl, fastcl._ring
+if rank == 1:  # dies when its first block is to go around the ring
+    fastcl._ring._start_exchange = lambda *args, **kwargs: os._exit(3)
+query, key = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+start = time.time()
+try:
+    fastcl.distributed.info_nce(query, key, mode="ring").backward()
+except RuntimeError as error:
+    print(f"raised after {time.time() - start:.1f} s: {error}")
+    sys.exit(1)
+"""
+
+
+@pytest.mark.distributed
+def test_a_rank_dying_mid_ring_gives_the_others_an_error_not_a_hang(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "ring.py"
+    script.write_text(RANK_DIES_MID_RING)
+    port = str(free_port())
+    survivor = subprocess.Popen([sys.executable, str(script), "0", port], stdout=subprocess.PIPE, text=True)
+    dying = subprocess.run([sys.executable, str(script), "1", port], timeout=120)
+    output, _ = survivor.communicate(timeout=120)  # a hang fails here
+    assert dying.returncode == 3
+    assert survivor.returncode == 1 and "raised after" in output, output
