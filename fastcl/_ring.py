@@ -58,23 +58,32 @@ def ring_visit(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[int]
 def ring_gradients(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[int], group, tile_gradient):
     """(dL/d anchors, dL/d candidates) of a loss whose gradient wrt ``raw = anchors @ block.T`` is
     ``tile_gradient(raw, own)`` for each block: the blocks travel the ring again, each with the
-    gradient of its rows, which every rank adds to and one last pass returns to the owner."""
+    gradient of its rows, which every rank adds to and one last pass returns to the owner.
+
+    A block is sent on as soon as it arrives and its gradient as soon as this rank has added to
+    it; the gradient coming with the next block is waited for only after that block's tile is
+    computed, so both transfers overlap a tile."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     grad_anchors = torch.zeros_like(anchors)
-    block, grad_block, owner = candidates.detach(), torch.zeros_like(candidates, dtype=anchors.dtype), rank
+    block, owner = candidates.detach(), rank
+    grad_block = torch.zeros_like(candidates, dtype=anchors.dtype)  # this rank's own block starts here
+    pending_gradient = None
     for step in range(world):
-        # the block goes on at once; its gradient once this rank has added to it
-        pending = _start_exchange([block], sizes[(owner - 1) % world], rank, world, group) if step < world - 1 else None
+        incoming_rows = sizes[(owner - 1) % world]
+        pending_block = _start_exchange([block], incoming_rows, rank, world, group) if step < world - 1 else None
         grad_raw = tile_gradient(anchors @ block.T, owner == rank)
         grad_anchors.addmm_(grad_raw, block)
+        if pending_gradient is not None:  # the gradient of this block, from the ranks before
+            received, requests = pending_gradient
+            _wait(requests)
+            grad_block = received[0]
         grad_block.addmm_(grad_raw.T, anchors)
         del grad_raw
-        if pending is not None:
-            received, requests = pending
-            gradient, gradient_requests = _start_exchange([grad_block], sizes[(owner - 1) % world], rank, world, group)
+        if pending_block is not None:
+            pending_gradient = _start_exchange([grad_block], incoming_rows, rank, world, group)
+            received, requests = pending_block
             _wait(requests)
-            _wait(gradient_requests)
-            block, grad_block, owner = received[0], gradient[0], (owner - 1) % world
+            block, owner = received[0], (owner - 1) % world
     if world > 1:  # the complete gradient of rank r + 1's block is here: return it
         returned, requests = _start_exchange([grad_block], sizes[rank], rank, world, group)
         _wait(requests)
