@@ -21,27 +21,24 @@ def is_compiling() -> bool:
     return compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling()
 
 
+_PEEK_INTERPRETER = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+
+
+def _inside_transform() -> bool:
+    return _PEEK_INTERPRETER is not None and _PEEK_INTERPRETER() is not None
+
+
 def functorch_active() -> bool:
     """Inside a ``torch.func`` transform (grad, vmap, jacrev, jvp, functional_call's callers):
     tensors are wrapped, data-dependent Python branches break vmap, and the fused kernels'
     autograd (custom ops) does not compose with the transforms. False while torch.compile
     traces (the custom ops are what it compiles)."""
-    if is_compiling():
-        return False
-    functorch = getattr(torch._C, "_functorch", None)
-    peek = getattr(functorch, "peek_interpreter_stack", None)
-    return peek is not None and peek() is not None
+    return not is_compiling() and _inside_transform()
 
 
 def untraced() -> bool:
     """Neither torch.compile nor a torch.func transform is tracing this call."""
-    if "torch._dynamo" in sys.modules and is_compiling():
-        return False
-    peek = _PEEK_INTERPRETER
-    return peek is None or peek() is None
-
-
-_PEEK_INTERPRETER = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+    return not is_compiling() and not _inside_transform()
 
 
 def plain_eager(*tensors) -> bool:
