@@ -20,22 +20,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
-def _start_exchange(tensors: Sequence[torch.Tensor], receive_rows: int, rank: int, world: int, group):
-    """Send ``tensors`` to rank + 1 and receive same-width tensors of ``receive_rows`` rows from
-    rank - 1 (ranks within ``group``); returns (receive buffers, requests)."""
+def _start_exchange(tensor: torch.Tensor, receive_rows: int, rank: int, world: int, group):
+    """Send ``tensor`` to rank + 1 and receive a same-width tensor of ``receive_rows`` rows from
+    rank - 1 (ranks within ``group``); returns (the receive buffer, the pending transfer)."""
     to = dist.get_global_rank(group, (rank + 1) % world) if group is not None else (rank + 1) % world
     source = dist.get_global_rank(group, (rank - 1) % world) if group is not None else (rank - 1) % world
-    sends = [t.contiguous() for t in tensors]  # referenced by the requests until they complete
-    received = [t.new_empty((receive_rows, *t.shape[1:])) for t in sends]
-    operations = []
-    for send, receive in zip(sends, received):
-        operations.append(dist.P2POp(dist.isend, send, to, group))
-        operations.append(dist.P2POp(dist.irecv, receive, source, group))
-    return received, (dist.batch_isend_irecv(operations), sends)
+    send = tensor.contiguous()  # referenced by the pending transfer until it completes
+    received = send.new_empty((receive_rows, *send.shape[1:]))
+    requests = dist.batch_isend_irecv([dist.P2POp(dist.isend, send, to, group),
+                                       dist.P2POp(dist.irecv, received, source, group)])
+    return received, (requests, send)
 
 
-def _wait(pending) -> None:
-    requests, _sends = pending
+def _wait(transfer) -> None:
+    requests, _send = transfer
     for request in requests:
         request.wait()
 
@@ -47,12 +45,12 @@ def ring_visit(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[int]
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     block, owner = candidates.detach(), rank
     for step in range(world):
-        pending = _start_exchange([block], sizes[(owner - 1) % world], rank, world, group) if step < world - 1 else None
+        pending = _start_exchange(block, sizes[(owner - 1) % world], rank, world, group) if step < world - 1 else None
         visit(anchors @ block.T, owner == rank)
         if pending is not None:
-            received, requests = pending
-            _wait(requests)
-            block, owner = received[0], (owner - 1) % world
+            block, transfer = pending
+            _wait(transfer)
+            owner = (owner - 1) % world
 
 
 def ring_gradients(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[int], group, tile_gradient):
@@ -70,24 +68,22 @@ def ring_gradients(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[
     pending_gradient = None
     for step in range(world):
         incoming_rows = sizes[(owner - 1) % world]
-        pending_block = _start_exchange([block], incoming_rows, rank, world, group) if step < world - 1 else None
+        pending_block = _start_exchange(block, incoming_rows, rank, world, group) if step < world - 1 else None
         grad_raw = tile_gradient(anchors @ block.T, owner == rank)
         grad_anchors.addmm_(grad_raw, block)
         if pending_gradient is not None:  # the gradient of this block, from the ranks before
-            received, requests = pending_gradient
-            _wait(requests)
-            grad_block = received[0]
+            grad_block, transfer = pending_gradient
+            _wait(transfer)
         grad_block.addmm_(grad_raw.T, anchors)
         del grad_raw
         if pending_block is not None:
-            pending_gradient = _start_exchange([grad_block], incoming_rows, rank, world, group)
-            received, requests = pending_block
-            _wait(requests)
-            block, owner = received[0], (owner - 1) % world
+            pending_gradient = _start_exchange(grad_block, incoming_rows, rank, world, group)
+            block, transfer = pending_block
+            _wait(transfer)
+            owner = (owner - 1) % world
     if world > 1:  # the complete gradient of rank r + 1's block is here: return it
-        returned, requests = _start_exchange([grad_block], sizes[rank], rank, world, group)
-        _wait(requests)
-        grad_block = returned[0]
+        grad_block, transfer = _start_exchange(grad_block, sizes[rank], rank, world, group)
+        _wait(transfer)
     return grad_anchors, grad_block
 
 
