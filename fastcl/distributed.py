@@ -42,7 +42,7 @@ from .ops.common.blocks import block_rows_for
 from ._ring import ring_rows, ring_sigmoid_rows
 from .ops.common.checks import BACKENDS, REDUCTIONS, check_choice, check_embeddings, check_same_device
 from .ops.common.gradients import compute_dtype
-from .ops.info_nce import MASK, SUPCON, count_positives, logit_scale_temperature
+from .ops.info_nce import MASK, SUPCON, check_info_nce_args, count_positives, logit_scale_temperature
 from .ops.info_nce import info_nce as _info_nce
 
 __all__ = ["info_nce", "clip_loss", "siglip_loss", "all_gather_rows", "choose_mode", "MODES", "RING_MEMORY_SHARE"]
@@ -213,9 +213,10 @@ def info_nce(
 
     ``mode="gather"`` all-gathers the keys (memory per rank O(N_global · D)); ``mode="ring"``
     passes key blocks around the ring of ranks (:mod:`fastcl._ring`; memory per rank flat in the
-    number of ranks); ``mode="auto"`` (default) is :func:`choose_mode`'s pick. Ring mode covers the plain loss (``positive``, ``hard_negatives``,
-    ``normalize``, ``symmetric``, a learnable temperature, every reduction, uneven batches); the other options
-    raise a ``ValueError`` that names ``mode="gather"``. ``backend`` applies to gather mode.
+    number of ranks); ``mode="auto"`` (default) is :func:`choose_mode`'s pick. Ring mode covers
+    the plain loss (``positive``, ``hard_negatives``, ``normalize``, ``symmetric``, a learnable
+    temperature, every reduction, uneven batches); the other options raise a ``ValueError`` that
+    names ``mode="gather"``. ``backend`` applies to gather mode.
 
     Returns (see the module docstring): ``R / D_global * (local sum of row losses)`` for
     "mean" (the local mean when batches are equal), ``R * local sum`` for "sum", so that the
@@ -269,16 +270,14 @@ def info_nce(
 
     if mode == "ring":
         rows, columns = _ring_directions(query, key, positive, hard_negatives, temperature, normalize, symmetric,
-                                         query_sizes, key_sizes, group)
+                                         reduction, backend, query_sizes, key_sizes, group)
         if per_row == "sum":
             rows = rows.sum()
             columns = columns.sum() if columns is not None else None
         directions = [(rows, None, None, query_sizes)]
         if symmetric:
             directions.append((columns, None, None, query_sizes))
-        symmetric_gathered = False
     else:
-        symmetric_gathered = symmetric
         all_keys = all_gather_rows(key, group=group, local_first=True, sizes=key_sizes)
         all_key_labels = None
         if key_labels is not None:
@@ -286,17 +285,16 @@ def info_nce(
         rows = _info_nce(query, all_keys, positive=positive, hard_negatives=hard_negatives, labels=labels,
                          key_labels=all_key_labels, reduction=per_row, **common)
         directions = [(rows, labels, all_key_labels, query_sizes)]
-
-    if symmetric_gathered:
-        all_queries = all_gather_rows(query, group=group, local_first=True, sizes=query_sizes)
-        all_query_labels = None
-        anchor_labels = None
-        if labels is not None:
-            all_query_labels = all_gather_rows(labels, group=group, local_first=True, sizes=query_sizes)
-            anchor_labels = key_labels[:batch]
-        columns = _info_nce(key[:batch], all_queries, labels=anchor_labels, key_labels=all_query_labels,
-                            reduction=per_row, **common)
-        directions.append((columns, anchor_labels, all_query_labels, query_sizes))
+        if symmetric:
+            all_queries = all_gather_rows(query, group=group, local_first=True, sizes=query_sizes)
+            all_query_labels = None
+            anchor_labels = None
+            if labels is not None:
+                all_query_labels = all_gather_rows(labels, group=group, local_first=True, sizes=query_sizes)
+                anchor_labels = key_labels[:batch]
+            columns = _info_nce(key[:batch], all_queries, labels=anchor_labels, key_labels=all_query_labels,
+                                reduction=per_row, **common)
+            directions.append((columns, anchor_labels, all_query_labels, query_sizes))
 
     if reduction == "none":
         return rows if not symmetric else 0.5 * (rows + directions[1][0])
@@ -319,15 +317,15 @@ def info_nce(
     return totals[0] if len(totals) == 1 else 0.5 * (totals[0] + totals[1])
 
 
-def _ring_directions(query, key, positive, hard_negatives, temperature, normalize, symmetric, query_sizes, key_sizes,
-                     group):
-    """(row losses (B_r,), column losses (B_r,) or None) of the plain loss by ring exchange."""
+def _ring_directions(query, key, positive, hard_negatives, temperature, normalize, symmetric, reduction, backend,
+                     query_sizes, key_sizes, group):
+    """(row losses (B_r,), column losses (B_r,) or None) of the plain loss by ring exchange; the
+    local arguments are checked as :func:`fastcl.info_nce` checks them (gather mode's call does)."""
     dtype = compute_dtype(query)
     q, k = query.to(dtype), key.to(dtype)
     h = hard_negatives.to(dtype) if hard_negatives is not None else None
-    if h is not None and (h.dim() != 3 or h.shape[0] != q.shape[0] or h.shape[2] != q.shape[1]):
-        raise ValueError(f"hard_negatives must have shape (B_r, H, D) = ({q.shape[0]}, H, {q.shape[1]}), "
-                         f"got {tuple(hard_negatives.shape)}")
+    check_info_nce_args(q, k, positive, h, temperature, normalize, symmetric, False, None, None, MASK, None, 0.0,
+                        reduction, backend)
     if normalize:
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         h = F.normalize(h, dim=-1) if h is not None else None

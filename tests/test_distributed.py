@@ -370,6 +370,11 @@ def test_bad_arguments_raise_clear_errors(single_rank_group):
     with pytest.raises(ValueError, match="mode must be one of"):
         fastcl.distributed.siglip_loss(query, query, 10.0, -10.0, mode="all")
     labels = torch.zeros(query.shape[0], dtype=torch.long)
+    with pytest.raises(ValueError, match="hard_negatives must have shape"):  # ring mode checks as fastcl.info_nce does
+        fastcl.distributed.info_nce(query, key, hard_negatives=torch.randn(query.shape[0], 2, query.shape[1] + 1),
+                                    mode="ring")
+    with pytest.raises(ValueError, match="temperature must be a finite value > 0"):
+        fastcl.distributed.info_nce(query, key, temperature=0.0, mode="ring")
     with pytest.raises(ValueError, match="labels / key_labels need mode='gather'"):
         fastcl.distributed.info_nce(query, query, labels=labels, key_labels=labels, mode="ring")
 

@@ -31,7 +31,7 @@ _log = logging.getLogger("fastcl")
 
 __all__ = ["info_nce", "clip_loss", "nt_xent", "resolve_backend", "pair_statistics", "InfoNCELoss",
            # building blocks for the layers above the ops (distributed losses, adapters)
-           "logit_scale_temperature", "count_positives", "MASK", "SUPCON", "PAIRWISE",
+           "logit_scale_temperature", "count_positives", "check_info_nce_args", "MASK", "SUPCON", "PAIRWISE",
            "Segment", "SegmentOptions", "segmented_loss", "SHARED", "PAIRED", "PRIVATE"]
 
 # GPU backends implemented for this op (beyond naive / torch / cpu); gpu.py adds them here:
