@@ -11,9 +11,9 @@ processes of this machine (``python -m fastcl.bench distributed``; opt-in: it st
 - ``ring``: :func:`fastcl.distributed.clip_loss` with ``mode="ring"`` (feature blocks passed
   around the ranks, one local x block tile at a time).
 
-Each rank measures its own peak RSS over the timed steps (above its RSS before them, the local
-inputs and their gradients included) and its median step time; the row reports the largest over
-ranks. Each rank runs ``cores // world`` threads (at least one), so with more ranks than cores
+Each rank measures its own peak RSS over the timed steps and its median step time as every
+suite's case does (:func:`fastcl.bench.harness.measure_in_process`); the row reports the
+largest over ranks. Each rank runs ``cores // world`` threads (at least one), so with more ranks than cores
 the times include oversubscription: read the time columns at world <= cores, the memory columns
 at every size.
 """
@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import tempfile
-import time
 
 import torch
 
@@ -50,16 +48,13 @@ def _clip_plain(images, texts, scale):
                   F.cross_entropy(scale * texts @ all_images.T, target))
 
 
-def _rank_main(rank, world, port, provider, batch, dim, repeats, out_dir):
-    import torch.distributed as dist
+def make_step(device: str, provider: str, batch: int, dim: int):
+    """One rank's fwd+bwd step (the process group is already initialized)."""
     import torch.nn.functional as F
 
     import fastcl
-    from ..harness import _release_freed_memory, _reset_peak_rss, _rss_bytes
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    generator = torch.Generator().manual_seed(rank)
+    generator = torch.Generator().manual_seed(torch.distributed.get_rank())
     images = F.normalize(torch.randn(batch, dim, generator=generator), dim=-1).requires_grad_()
     texts = F.normalize(torch.randn(batch, dim, generator=generator), dim=-1).requires_grad_()
     scale = torch.tensor(20.0, requires_grad=True)
@@ -72,20 +67,20 @@ def _rank_main(rank, world, port, provider, batch, dim, repeats, out_dir):
             loss = fastcl.distributed.clip_loss(images, texts, scale, mode=provider)
         loss.backward()
 
-    step()  # warm-up
-    dist.barrier()
-    _release_freed_memory()
-    before = _rss_bytes("VmRSS")
-    _reset_peak_rss()
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    peak = (_rss_bytes("VmHWM") - before) / 2**20
+    return step
+
+
+def _rank_main(rank, world, port, provider, batch, dim, repeats, out_dir):
+    import torch.distributed as dist
+
+    from ..harness import Case, measure_in_process
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    case = Case(SUITE, provider, __name__, "make_step", {"batch": batch, "dim": dim}, x=world, repeats=repeats)
+    result = measure_in_process(case, "cpu")
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"time_ms": statistics.median(times) * 1e3, "peak_mb": max(0.0, peak)}, f)
+        json.dump({"time_ms": result.time_ms, "peak_mb": result.peak_mb}, f)
     dist.barrier()
     dist.destroy_process_group()
 
