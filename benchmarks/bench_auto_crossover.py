@@ -48,6 +48,23 @@ def step(provider, q, k, temperature, normalize):
     loss.backward()
 
 
+def interleaved_medians(providers, q, k, temperature, normalize, rounds: int, calls: int, warmup: int = 1) -> dict:
+    """Median seconds per fwd+bwd call of each provider on the same inputs: ``warmup`` calls each
+    (the first call of each path), then ``rounds`` rounds of ``calls`` calls, the providers'
+    order reversed every other round so machine noise hits all alike."""
+    times = {p: [] for p in providers}
+    for provider in providers:
+        for _ in range(warmup):
+            step(provider, q, k, temperature, normalize)
+    for round_index in range(rounds):
+        for provider in (providers if round_index % 2 == 0 else providers[::-1]):
+            start = time.perf_counter()
+            for _ in range(calls):
+                step(provider, q, k, temperature, normalize)
+            times[provider].append((time.perf_counter() - start) / calls)
+    return {p: statistics.median(v) for p, v in times.items()}
+
+
 def overhead(args) -> None:
     """Per-call cost of ``auto`` over the plain loss at B = 64, D = 128 (fwd+bwd, tau = 0.05)."""
     batch, dim, temperature = 64, 128, 0.05
@@ -57,17 +74,8 @@ def overhead(args) -> None:
     for normalize in (False, True):
         generator = torch.Generator().manual_seed(0)
         q, k = torch.randn(batch, dim, generator=generator), torch.randn(batch, dim, generator=generator)
-        times = {"naive": [], "auto": []}
-        for provider in times:
-            for _ in range(100):
-                step(provider, q, k, temperature, normalize)
-        for round_index in range(args.rounds):
-            for provider in (("naive", "auto") if round_index % 2 == 0 else ("auto", "naive")):
-                start = time.perf_counter()
-                for _ in range(300):
-                    step(provider, q, k, temperature, normalize)
-                times[provider].append((time.perf_counter() - start) / 300 * 1e6)
-        plain_us, auto_us = statistics.median(times["naive"]), statistics.median(times["auto"])
+        medians = interleaved_medians(["naive", "auto"], q, k, temperature, normalize, args.rounds, 300, warmup=100)
+        plain_us, auto_us = medians["naive"] * 1e6, medians["auto"] * 1e6
         rows.append({"batch": batch, "dim": dim, "normalized": normalize, "temperature": temperature,
                      "plain_us": plain_us, "auto_us": auto_us, "overhead_us": auto_us - plain_us})
         lines.append(f"{'normalized' if normalize else 'raw dot products'}: plain {plain_us:.1f} us, auto {auto_us:.1f} us, "
@@ -109,17 +117,7 @@ def main() -> None:
         q = torch.randn(batch, dim, generator=generator)
         k = (q + 0.5 * torch.randn(batch, dim, generator=generator)) if normalize else torch.randn(batch, dim, generator=generator)
         calls = repeats_for(batch, dim)
-        times = {p: [] for p in providers}
-        for provider in providers:  # warm-up, first call of each path
-            step(provider, q, k, temperature, normalize)
-        for round_index in range(args.rounds):
-            order = providers if round_index % 2 == 0 else providers[::-1]
-            for provider in order:
-                start = time.perf_counter()
-                for _ in range(calls):
-                    step(provider, q, k, temperature, normalize)
-                times[provider].append((time.perf_counter() - start) / calls)
-        medians = {p: statistics.median(v) for p, v in times.items()}
+        medians = interleaved_medians(providers, q, k, temperature, normalize, args.rounds, calls)
         fastest = min((p for p in providers if p != "auto"), key=medians.get)
         ran = resolve_backend("auto", q.device, logits=batch * batch, normalized=normalize)
         row = {"batch": batch, "dim": dim, "normalized": normalize, "temperature": temperature, "calls": calls,

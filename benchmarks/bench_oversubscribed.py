@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ def load_loop(seconds: float) -> None:
 
 def measure(rounds: int) -> list:
     import fastcl
-    from bench_auto_crossover import repeats_for, step
+    from bench_auto_crossover import interleaved_medians, repeats_for
 
     providers = ["naive", "auto", "cpu"] if fastcl.backends()["cpu"].available else ["naive", "auto"]
     rows = []
@@ -42,16 +41,8 @@ def measure(rounds: int) -> list:
         generator = torch.Generator().manual_seed(batch)
         q, k = torch.randn(batch, dim, generator=generator), torch.randn(batch, dim, generator=generator)
         calls = max(1, repeats_for(batch, dim) // 8)
-        times = {p: [] for p in providers}
-        for provider in providers:
-            step(provider, q, k, 0.05, normalize)
-        for round_index in range(rounds):
-            for provider in (providers if round_index % 2 == 0 else providers[::-1]):
-                start = time.perf_counter()
-                for _ in range(calls):
-                    step(provider, q, k, 0.05, normalize)
-                times[provider].append((time.perf_counter() - start) / calls * 1e3)
-        medians = {p: statistics.median(v) for p, v in times.items()}
+        medians = {p: seconds * 1e3 for p, seconds in
+                   interleaved_medians(providers, q, k, 0.05, normalize, rounds, calls).items()}
         rows.append({"batch": batch, "dim": dim, "normalized": normalize,
                      **{f"{p}_ms": medians[p] for p in providers},
                      **{f"{p}_over_naive": medians[p] / medians["naive"] for p in providers if p != "naive"}})

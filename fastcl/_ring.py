@@ -13,7 +13,7 @@ Communication per rank and step: one block forward, a block and its gradient bac
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
