@@ -407,7 +407,7 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     _check_uniform("the embedding size D", [s[1] for s in per_rank])
     sizes = [s[0] for s in per_rank]
 
-    dtype = torch.float64 if image_features.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(image_features)
     scale = _average_scalar_gradient(logit_scale, group)
     bias = _average_scalar_gradient(logit_bias, group)
     if isinstance(scale, torch.Tensor):

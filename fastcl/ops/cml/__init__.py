@@ -20,6 +20,7 @@ from ..common.checks import check_embeddings, checking_values
 from . import naive
 from .options import EXTRA_BACKENDS, check_cml_args
 from .op import cml_row_losses
+from ..common.gradients import compute_dtype
 
 __all__ = ["cml_loss", "CMLLoss", "covariance_loss", "clip_norm_"]
 
@@ -80,7 +81,7 @@ def covariance_loss(*embeddings: torch.Tensor) -> torch.Tensor:
         check_embeddings(f"embeddings[{index}]", e, "(N, D)", 2)
     if len({e.shape[1] for e in embeddings}) > 1:
         raise ValueError(f"every embedding tensor needs the same D, got {[tuple(e.shape) for e in embeddings]}")
-    dtype = torch.float64 if embeddings[0].dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(embeddings[0])
     x = torch.cat([e.to(dtype) for e in embeddings])
     rows = x.shape[0]
     centered = x - x.mean(0)

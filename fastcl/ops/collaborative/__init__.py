@@ -24,6 +24,7 @@ from . import naive
 from .chunked import contributing_anchors
 from .op import collaborative_op
 from .options import EXTRA_BACKENDS, check_collaborative_args
+from ..common.gradients import compute_dtype
 
 __all__ = ["collaborative_contrastive_loss", "CollaborativeContrastiveLoss"]
 
@@ -59,7 +60,7 @@ def collaborative_contrastive_loss(items: torch.Tensor, clicks: torch.Tensor, ma
                                                     normalize=normalize, reduction=reduction)
     if chosen in EXTRA_BACKENDS:
         EXTRA_BACKENDS[chosen](items)
-    dtype = torch.float64 if items.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(items)
     if reduction == "none":
         weights = torch.zeros(mask.shape, dtype=dtype, device=items.device)
     else:

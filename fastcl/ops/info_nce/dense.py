@@ -20,6 +20,7 @@ from ..common.checks import checking_values as _checking_values
 from ..._native import native_module
 from ..._tracing import untraced
 from .options import MASK, InfoNCEOptions
+from ..common.gradients import compute_dtype
 
 
 def _finite(loss: torch.Tensor) -> bool:
@@ -56,7 +57,7 @@ def dense_info_nce(query, key, positive, hard_negatives, temperature, labels, ke
     if not plain(options, labels, key_labels, hard_negatives):
         return naive.info_nce_with_options(query, key, positive, hard_negatives, temperature, labels, key_labels,
                                            options)
-    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(query)
     inv_temperature = 1.0 / temperature.to(dtype) if isinstance(temperature, torch.Tensor) else 1.0 / float(temperature)
     loss = plain_cross_entropy(query.to(dtype), key.to(dtype), inv_temperature, positive, options.normalize,
                                options.symmetric, options.reduction)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ..common.checks import check_choice, check_embeddings, check_float_tensor
 from .options import MASK
 from .segments import PRIVATE, SHARED, Segment, SegmentOptions, run_segments, segmented_loss
+from ..common.gradients import compute_dtype
 
 GUIDE_STRATEGIES = ("absolute", "relative")
 
@@ -78,7 +79,7 @@ def _prepare(x, dtype, normalize):
 def _directions(query, key, hard_negatives, positive, labels, key_labels, options, bank, bank_labels, bank_indices,
                 sample_index, guide, differentiable: bool):
     """(row segments, column segments or None, positive) in the compute dtype."""
-    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(query)
     context = torch.enable_grad() if differentiable else torch.no_grad()
     with context:
         q = _prepare(query, dtype, options.normalize)
