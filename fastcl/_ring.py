@@ -2,61 +2,79 @@
 and candidate blocks travel around the ring of ranks instead of being all-gathered.
 
 Forward: at step t rank r holds the candidate block of rank (r - t) mod R, sends it on to r + 1
-while it computes that block's logits against its local anchors, and merges the block's row
-log-sum-exp into a running one (the positive logit comes from its own block). Backward: the
-blocks travel the same way again, each with the gradient of its rows accumulated on the way;
-after R steps every block's gradient is complete and one more pass returns it to its owner.
+while it computes the tile of its local anchors against that block, and merges the tile's row
+log-sum-exp into a running one (the positive logit comes from its own block). For a symmetric
+loss the same tile also serves the column direction: the block's columns' log-sum-exp travels
+with the block (the local anchors are their candidates here), and after R steps one last hop
+returns each block's complete column statistics to its owner. Backward: the blocks travel the
+same way again, with their column statistics, each followed one hop behind by the gradient of
+its rows, which every rank adds to; one last hop returns it to its owner.
 
 Memory per rank: the local rows, two candidate blocks (the one computed on and the one arriving)
-with their gradients, and one local x block logits tile: flat in the number of ranks.
-Communication per rank and step: one block forward, a block and its gradient backward.
+with their gradients, and a few local x block tiles: flat in the number of ranks.
+Work per rank and block: one tile forward, three backward (recompute, anchor and block
+gradients), for both directions of a symmetric loss at once.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 
-def _start_exchange(tensor: torch.Tensor, receive_rows: int, rank: int, world: int, group):
-    """Send ``tensor`` to rank + 1 and receive a same-width tensor of ``receive_rows`` rows from
-    rank - 1 (ranks within ``group``); returns (the receive buffer, the pending transfer)."""
+def _start_exchange(tensors: Sequence[torch.Tensor], receive_rows: Sequence[int], rank: int, world: int, group):
+    """Send each of ``tensors`` to rank + 1 and receive same-width tensors of ``receive_rows`` rows
+    from rank - 1 (ranks within ``group``); returns (the receive buffers, the pending transfer)."""
     to = dist.get_global_rank(group, (rank + 1) % world) if group is not None else (rank + 1) % world
     source = dist.get_global_rank(group, (rank - 1) % world) if group is not None else (rank - 1) % world
-    send = tensor.contiguous()  # referenced by the pending transfer until it completes
-    received = send.new_empty((receive_rows, *send.shape[1:]))
-    requests = dist.batch_isend_irecv([dist.P2POp(dist.isend, send, to, group),
-                                       dist.P2POp(dist.irecv, received, source, group)])
-    return received, (requests, send)
+    sends = [tensor.contiguous() for tensor in tensors]  # referenced by the pending transfer until it completes
+    received = [send.new_empty((rows, *send.shape[1:])) for send, rows in zip(sends, receive_rows)]
+    operations = [dist.P2POp(dist.isend, send, to, group) for send in sends]
+    operations += [dist.P2POp(dist.irecv, buffer, source, group) for buffer in received]
+    return received, (dist.batch_isend_irecv(operations), sends)
 
 
 def _wait(transfer) -> None:
-    requests, _send = transfer
+    requests, _sends = transfer
     for request in requests:
         request.wait()
 
 
-def ring_visit(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[int], group, visit) -> None:
-    """Calls ``visit(raw, own)`` with ``raw = anchors @ block.T`` for every rank's candidate
-    block (``own``: the block is this rank's), each block arriving while the previous one is
-    computed on."""
+def ring_forward(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[int], group,
+                 visit: Callable, columns: Optional[torch.Tensor] = None, column_sizes: Optional[List[int]] = None):
+    """Calls ``columns = visit(raw, owner, columns)`` with ``raw = anchors @ block.T`` for every
+    rank's candidate block (``owner``: the block's rank), each block arriving while the previous
+    one is computed on. ``columns``: this rank's block's running column statistics (rows of
+    ``column_sizes[owner]``), or None; they travel with their block once ``visit`` has updated
+    them. Returns this rank's block's columns after every rank has visited it."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     block, owner = candidates.detach(), rank
     for step in range(world):
-        pending = _start_exchange(block, sizes[(owner - 1) % world], rank, world, group) if step < world - 1 else None
-        visit(anchors @ block.T, owner == rank)
-        if pending is not None:
-            block, transfer = pending
+        last = step == world - 1
+        arriving = (owner - 1) % world
+        pending_block = None if last else _start_exchange([block], [sizes[arriving]], rank, world, group)
+        columns = visit(anchors @ block.T, owner, columns)
+        pending_columns = None
+        if columns is not None and world > 1:  # on the last step this returns every block's columns to its owner
+            pending_columns = _start_exchange([columns], [column_sizes[arriving]], rank, world, group)
+        if pending_block is not None:
+            (block,), transfer = pending_block
             _wait(transfer)
-            owner = (owner - 1) % world
+        if pending_columns is not None:
+            (columns,), transfer = pending_columns
+            _wait(transfer)
+        owner = arriving
+    return columns
 
 
-def ring_gradients(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[int], group, tile_gradient):
+def ring_backward(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[int], group, tile_gradient: Callable,
+                  columns: Optional[torch.Tensor] = None, column_sizes: Optional[List[int]] = None):
     """(dL/d anchors, dL/d candidates) of a loss whose gradient wrt ``raw = anchors @ block.T`` is
-    ``tile_gradient(raw, own)`` for each block: the blocks travel the ring again, each with the
-    gradient of its rows, which every rank adds to and one last pass returns to the owner.
+    ``tile_gradient(raw, owner, columns)`` for each block (``columns``: the block's column
+    statistics, travelling with it, or None): the blocks travel the ring again, each followed by
+    the gradient of its rows, which every rank adds to and one last hop returns to the owner.
 
     A block is sent on as soon as it arrives and its gradient as soon as this rank has added to
     it; the gradient coming with the next block is waited for only after that block's tile is
@@ -67,22 +85,28 @@ def ring_gradients(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[
     grad_block = torch.zeros_like(candidates, dtype=anchors.dtype)  # this rank's own block starts here
     pending_gradient = None
     for step in range(world):
-        incoming_rows = sizes[(owner - 1) % world]
-        pending_block = _start_exchange(block, incoming_rows, rank, world, group) if step < world - 1 else None
-        grad_raw = tile_gradient(anchors @ block.T, owner == rank)
+        arriving = (owner - 1) % world
+        pending_block = None
+        if step < world - 1:
+            travelling = [block] if columns is None else [block, columns]
+            rows = [sizes[arriving]] if columns is None else [sizes[arriving], column_sizes[arriving]]
+            pending_block = _start_exchange(travelling, rows, rank, world, group)
+        grad_raw = tile_gradient(anchors @ block.T, owner, columns)
         grad_anchors.addmm_(grad_raw, block)
         if pending_gradient is not None:  # the gradient of this block, from the ranks before
-            grad_block, transfer = pending_gradient
+            (grad_block,), transfer = pending_gradient
             _wait(transfer)
         grad_block.addmm_(grad_raw.T, anchors)
         del grad_raw
         if pending_block is not None:
-            pending_gradient = _start_exchange(grad_block, incoming_rows, rank, world, group)
-            block, transfer = pending_block
+            pending_gradient = _start_exchange([grad_block], [sizes[arriving]], rank, world, group)
+            travelling, transfer = pending_block
             _wait(transfer)
-            owner = (owner - 1) % world
+            block = travelling[0]
+            columns = travelling[1] if columns is not None else None
+            owner = arriving
     if world > 1:  # the complete gradient of rank r + 1's block is here: return it
-        grad_block, transfer = _start_exchange(grad_block, sizes[rank], rank, world, group)
+        (grad_block,), transfer = _start_exchange([grad_block], [sizes[rank]], rank, world, group)
         _wait(transfer)
     return grad_anchors, grad_block
 
@@ -91,67 +115,103 @@ def _scalar_gradient(value: torch.Tensor, like: torch.Tensor, needed: bool):
     return value.to(like.dtype).reshape(like.shape) if needed else None
 
 
-class RingRows(torch.autograd.Function):
+class RingInfoNCE(torch.autograd.Function):
     """Per-row InfoNCE losses of the local ``anchors`` (B_r, D) against every rank's
-    ``candidates`` (N_s, D) rows, each anchor's positive being ``positive[i]`` among its own
-    rank's candidates: ``l_i = logsumexp_j(scale * a_i . c_j) - scale * a_i . c_pos(i)``.
+    ``candidates`` (N_s, D), each anchor's positive being ``positive[i]`` among its own rank's
+    candidates: ``l_i = logsumexp_j(scale * a_i . c_j) - scale * a_i . c_pos(i)``.
 
     ``sizes``: every rank's candidate count, in rank order. ``scale``: a 0-d tensor (1 / tau, or
     CLIP's logit scale), which gets its gradient. ``private``: (B_r, H, D) negatives of each
-    anchor alone (DPR's hard negatives) or None; they stay on their rank.
+    anchor alone (DPR's hard negatives) or None; they stay on their rank. ``exclude_self``: the
+    pair of anchor i with its own rank's candidate i is no candidate.
+
+    ``column_sizes`` (symmetric losses; every rank's anchor count B_s, with N_s >= B_s): the
+    column direction too, candidate j < B_s of every rank against every rank's anchors, its
+    positive the anchor j of its own rank, computed on the same tiles. Returns (row losses
+    (B_r,), column losses (B_r,) or an empty tensor).
     """
 
     @staticmethod
-    def forward(ctx, anchors, candidates, scale, positive, private, sizes: List[int], group):
-        value = scale.detach().to(anchors.dtype)
-        state = {"lse": anchors.new_full((anchors.shape[0],), float("-inf"))}
+    def forward(ctx, anchors, candidates, scale, positive, private, exclude_self: bool,
+                sizes: List[int], column_sizes: Optional[List[int]], group):
+        rank = dist.get_rank(group)
+        a = anchors.detach()
+        value = scale.detach().to(a.dtype)
+        state = {"lse": a.new_full((a.shape[0],), float("-inf"))}
         if private is not None and private.shape[1] > 0:
-            state["lse"] = torch.logsumexp(_private_raw(anchors.detach(), private.detach()) * value, dim=1)
+            state["lse"] = torch.logsumexp(_private_raw(a, private.detach()) * value, dim=1)
 
-        def visit(raw, own):
+        def visit(raw, owner, columns):
             logits = raw.mul_(value)
+            own = owner == rank
+            if own and exclude_self:
+                logits.diagonal().fill_(float("-inf"))
             state["lse"] = torch.logaddexp(state["lse"], torch.logsumexp(logits, dim=1))
             if own:
                 state["positive"] = logits.gather(1, positive[:, None])[:, 0]
+            if columns is None:
+                return None
+            block_columns = logits[:, :column_sizes[owner]]
+            if own:
+                state["column_positive"] = block_columns.diagonal().clone()
+            return torch.logaddexp(columns, torch.logsumexp(block_columns, dim=0))
 
-        ring_visit(anchors.detach(), candidates, sizes, group, visit)
-        ctx.save_for_backward(anchors, candidates, scale, positive, private, state["lse"])
-        ctx.sizes, ctx.group = sizes, group
-        return state["lse"] - state["positive"]
+        columns = a.new_full((column_sizes[rank],), float("-inf")) if column_sizes is not None else None
+        column_lse = ring_forward(a, candidates, sizes, group, visit, columns, column_sizes)
+        rows = state["lse"] - state["positive"]
+        column_losses = column_lse - state["column_positive"] if column_sizes is not None else a.new_empty(0)
+        ctx.save_for_backward(anchors, candidates, scale, positive, private, state["lse"],
+                              column_lse if column_sizes is not None else None)
+        ctx.options = (exclude_self, sizes, column_sizes, group)
+        return rows, column_losses
 
     @staticmethod
-    def backward(ctx, grad_rows):
-        anchors, candidates, scale, positive, private, lse = ctx.saved_tensors
+    def backward(ctx, grad_rows, grad_columns):
+        anchors, candidates, scale, positive, private, lse, column_lse = ctx.saved_tensors
+        exclude_self, sizes, column_sizes, group = ctx.options
+        rank = dist.get_rank(group)
         a = anchors.detach()
         value = scale.detach().to(a.dtype)
-        weights = grad_rows.to(a.dtype)
+        weights = grad_rows.to(a.dtype) if grad_rows is not None else a.new_zeros(a.shape[0])
         rows = torch.arange(a.shape[0], device=a.device)
-        grad_scale = a.new_zeros(())
+        grads = {"scale": a.new_zeros(())}
+        columns = None
+        if column_sizes is not None:  # each block's column log-sum-exp and weight travel with it
+            column_weights = grad_columns.to(a.dtype) if grad_columns is not None else torch.zeros_like(column_lse)
+            columns = torch.stack([column_lse, column_weights], dim=1)
 
-        def tile_gradient(raw, own):
-            nonlocal grad_scale
-            # softmax times the row weight, in place: two tiles of local x block at a time
+        def tile_gradient(raw, owner, block_columns):
+            own = owner == rank
+            # softmax times the row weight, in place
             grad_logits = (raw * value).sub_(lse[:, None]).exp_().mul_(weights[:, None])
+            if own and exclude_self:
+                grad_logits.diagonal().zero_()
             if own:
                 grad_logits[rows, positive] -= weights
-            grad_scale = grad_scale + torch.vdot(grad_logits.reshape(-1), raw.reshape(-1))
+            if block_columns is not None:
+                width = block_columns.shape[0]
+                column_lse_block, column_weights_block = block_columns[:, 0], block_columns[:, 1]
+                grad_logits[:, :width] += (raw[:, :width] * value).sub_(column_lse_block).exp_().mul_(column_weights_block)
+                if own:
+                    grad_logits.diagonal()[:width] -= column_weights_block
+            grads["scale"] = grads["scale"] + torch.vdot(grad_logits.reshape(-1), raw.reshape(-1))
             return grad_logits.mul_(value)
 
-        grad_anchors, grad_candidates = ring_gradients(a, candidates, ctx.sizes, ctx.group, tile_gradient)
+        grad_anchors, grad_candidates = ring_backward(a, candidates, sizes, group, tile_gradient, columns, column_sizes)
         grad_private = None
         if private is not None:
             h = private.detach()
             private_raw = _private_raw(a, h)
             grad_private_logits = (private_raw * value).sub_(lse[:, None]).exp_().mul_(weights[:, None])
-            grad_scale = grad_scale + torch.vdot(grad_private_logits.reshape(-1), private_raw.reshape(-1))
+            grads["scale"] = grads["scale"] + torch.vdot(grad_private_logits.reshape(-1), private_raw.reshape(-1))
             grad_private_raw = grad_private_logits.mul_(value)
             grad_anchors += torch.bmm(grad_private_raw[:, None, :], h)[:, 0]
             grad_private = (grad_private_raw[:, :, None] * a[:, None, :]).to(private.dtype)
         needs = ctx.needs_input_grad
         return (grad_anchors.to(anchors.dtype) if needs[0] else None,
                 grad_candidates.to(candidates.dtype) if needs[1] else None,
-                _scalar_gradient(grad_scale, scale, needs[2]), None,
-                grad_private if needs[4] else None, None, None)
+                _scalar_gradient(grads["scale"], scale, needs[2]), None,
+                grad_private if needs[4] else None, None, None, None, None)
 
 
 def _private_raw(anchors: torch.Tensor, private: torch.Tensor) -> torch.Tensor:
@@ -166,16 +226,17 @@ class RingSigmoid(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchors, candidates, scale, bias, sizes: List[int], group):
+        rank = dist.get_rank(group)
         scale_value, bias_value = scale.detach().to(anchors.dtype), bias.detach().to(anchors.dtype)
         state = {"sum": anchors.new_zeros(anchors.shape[0])}
 
-        def visit(raw, own):
+        def visit(raw, owner, _columns):
             logits = raw.mul_(scale_value).add_(bias_value)
-            if own:
+            if owner == rank:
                 state["positive"] = logits.diagonal().clone()
             state["sum"] += F.softplus(logits).sum(dim=1)
 
-        ring_visit(anchors.detach(), candidates, sizes, group, visit)
+        ring_forward(anchors.detach(), candidates, sizes, group, visit)
         ctx.save_for_backward(anchors, candidates, scale, bias)
         ctx.sizes, ctx.group = sizes, group
         return state["sum"] - state["positive"]
@@ -183,20 +244,21 @@ class RingSigmoid(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows):
         anchors, candidates, scale, bias = ctx.saved_tensors
+        rank = dist.get_rank(ctx.group)
         a = anchors.detach()
         scale_value, bias_value = scale.detach().to(a.dtype), bias.detach().to(a.dtype)
         weights = grad_rows.to(a.dtype)
         grads = {"scale": a.new_zeros(()), "bias": a.new_zeros(())}
 
-        def tile_gradient(raw, own):
+        def tile_gradient(raw, owner, _columns):
             grad_logits = torch.sigmoid(raw * scale_value + bias_value).mul_(weights[:, None])  # d softplus(z) = sigmoid(z)
-            if own:
+            if owner == rank:
                 grad_logits.diagonal().sub_(weights)
             grads["scale"] = grads["scale"] + torch.vdot(grad_logits.reshape(-1), raw.reshape(-1))
             grads["bias"] = grads["bias"] + grad_logits.sum()
             return grad_logits.mul_(scale_value)
 
-        grad_anchors, grad_candidates = ring_gradients(a, candidates, ctx.sizes, ctx.group, tile_gradient)
+        grad_anchors, grad_candidates = ring_backward(a, candidates, ctx.sizes, ctx.group, tile_gradient)
         needs = ctx.needs_input_grad
         return (grad_anchors.to(anchors.dtype) if needs[0] else None,
                 grad_candidates.to(candidates.dtype) if needs[1] else None,
@@ -204,12 +266,16 @@ class RingSigmoid(torch.autograd.Function):
                 None, None)
 
 
-def ring_rows(anchors: torch.Tensor, candidates: torch.Tensor, scale: torch.Tensor, positive: Optional[torch.Tensor],
-              sizes: List[int], group, private: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(B_r,) losses of :class:`RingRows`; ``positive`` defaults to ``arange(B_r)``."""
+def ring_info_nce(anchors: torch.Tensor, candidates: torch.Tensor, scale: torch.Tensor, positive: Optional[torch.Tensor],
+                  sizes: List[int], group, private: Optional[torch.Tensor] = None, exclude_self: bool = False,
+                  column_sizes: Optional[List[int]] = None):
+    """(row losses (B_r,), column losses (B_r,) or None) of :class:`RingInfoNCE`; ``positive``
+    defaults to ``arange(B_r)``; ``column_sizes`` (every rank's B) asks for the column direction."""
     if positive is None:
         positive = torch.arange(anchors.shape[0], device=anchors.device)
-    return RingRows.apply(anchors, candidates, scale, positive.long(), private, list(sizes), group)
+    rows, columns = RingInfoNCE.apply(anchors, candidates, scale, positive.long(), private, bool(exclude_self),
+                                      list(sizes), list(column_sizes) if column_sizes is not None else None, group)
+    return rows, (columns if column_sizes is not None else None)
 
 
 def ring_sigmoid_rows(anchors: torch.Tensor, candidates: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .ops.common.blocks import block_rows_for
-from ._ring import ring_rows, ring_sigmoid_rows
+from ._ring import ring_info_nce, ring_sigmoid_rows
 from .ops.common.checks import BACKENDS, REDUCTIONS, check_choice, check_embeddings, check_same_device
 from .ops.common.gradients import compute_dtype
 from .ops.info_nce import MASK, SUPCON, check_info_nce_args, count_positives, logit_scale_temperature
@@ -213,10 +213,12 @@ def info_nce(
 
     ``mode="gather"`` all-gathers the keys (memory per rank O(N_global · D)); ``mode="ring"``
     passes key blocks around the ring of ranks (:mod:`fastcl._ring`; memory per rank flat in the
-    number of ranks); ``mode="auto"`` (default) is :func:`choose_mode`'s pick. Ring mode covers
-    the plain loss (``positive``, ``hard_negatives``, ``normalize``, ``symmetric``, a learnable
-    temperature, every reduction, uneven batches); the other options raise a ``ValueError`` that
-    names ``mode="gather"``. ``backend`` applies to gather mode.
+    number of ranks; a symmetric loss computes both directions on the same tiles, the columns'
+    statistics travelling with their block); ``mode="auto"`` (default) is :func:`choose_mode`'s
+    pick. Ring mode covers the plain loss (``positive``, ``hard_negatives``, ``normalize``,
+    ``symmetric``, ``exclude_self``, a learnable temperature, every reduction, uneven batches);
+    the other options raise a ``ValueError`` that names ``mode="gather"``. ``backend`` applies
+    to gather mode.
 
     Returns (see the module docstring): ``R / D_global * (local sum of row losses)`` for
     "mean" (the local mean when batches are equal), ``R * local sum`` for "sum", so that the
@@ -237,7 +239,7 @@ def info_nce(
     check_choice("mode", mode, MODES)
     unsupported = [name for name, given in (
         ("labels / key_labels", labels is not None or key_labels is not None),
-        ("exclude_self", exclude_self), (f"multi_positive={multi_positive!r}", multi_positive != MASK),
+        (f"multi_positive={multi_positive!r}", multi_positive != MASK),
         ("false_negative_margin", false_negative_margin is not None), ("label_smoothing", label_smoothing != 0))
         if given]
     if mode == "ring" and unsupported:
@@ -270,7 +272,7 @@ def info_nce(
 
     if mode == "ring":
         rows, columns = _ring_directions(query, key, positive, hard_negatives, temperature, normalize, symmetric,
-                                         reduction, backend, query_sizes, key_sizes, group)
+                                         exclude_self, reduction, backend, query_sizes, key_sizes, group)
         if per_row == "sum":
             rows = rows.sum()
             columns = columns.sum() if columns is not None else None
@@ -317,14 +319,15 @@ def info_nce(
     return totals[0] if len(totals) == 1 else 0.5 * (totals[0] + totals[1])
 
 
-def _ring_directions(query, key, positive, hard_negatives, temperature, normalize, symmetric, reduction, backend,
-                     query_sizes, key_sizes, group):
-    """(row losses (B_r,), column losses (B_r,) or None) of the plain loss by ring exchange; the
-    local arguments are checked as :func:`fastcl.info_nce` checks them (gather mode's call does)."""
+def _ring_directions(query, key, positive, hard_negatives, temperature, normalize, symmetric, exclude_self, reduction,
+                     backend, query_sizes, key_sizes, group):
+    """(row losses (B_r,), column losses (B_r,) or None) of the plain loss by ring exchange, both
+    directions of a symmetric loss on the same tiles; the local arguments are checked as
+    :func:`fastcl.info_nce` checks them (gather mode's call does)."""
     dtype = compute_dtype(query)
     q, k = query.to(dtype), key.to(dtype)
     h = hard_negatives.to(dtype) if hard_negatives is not None else None
-    check_info_nce_args(q, k, positive, h, temperature, normalize, symmetric, False, None, None, MASK, None, 0.0,
+    check_info_nce_args(q, k, positive, h, temperature, normalize, symmetric, exclude_self, None, None, MASK, None, 0.0,
                         reduction, backend)
     if normalize:
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
@@ -333,9 +336,8 @@ def _ring_directions(query, key, positive, hard_negatives, temperature, normaliz
         scale = 1.0 / temperature.to(dtype).reshape(())
     else:
         scale = torch.tensor(1.0 / float(temperature), dtype=dtype, device=query.device)
-    rows = ring_rows(q, k, scale, positive, key_sizes, group, private=h)
-    columns = ring_rows(k[:query.shape[0]], q, scale, None, query_sizes, group) if symmetric else None
-    return rows, columns
+    return ring_info_nce(q, k, scale, positive, key_sizes, group, private=h, exclude_self=exclude_self,
+                         column_sizes=query_sizes if symmetric else None)
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, *, backend: str = "auto",

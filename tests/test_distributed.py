@@ -308,8 +308,48 @@ def case_ring_mode(rank, world, sizes):
     check_case("ring, extra keys, sum", rank, world, loss, expected,
                [(q, split(q_all.grad, sizes, rank), world), (k, k_all.grad[offsets[rank]:offsets[rank] + 2 * sizes[rank]], world)])
 
-    check_clip("ring clip", rank, world, sizes, queries, keys, mode="ring")  # both directions by ring
+    check_clip("ring clip", rank, world, sizes, queries, keys, mode="ring")  # both directions on the same tiles
     check_siglip("ring siglip", rank, world, sizes, queries, keys, mode="ring")  # the text blocks by ring
+    case_ring_symmetric_and_exclude_self(rank, world, sizes, queries, keys, extras)
+
+
+def case_ring_symmetric_and_exclude_self(rank, world, sizes, queries, keys, extras):
+    """The symmetric ring with extra keys on every rank (row-direction negatives only) and
+    reduction="none" under a non-uniform upstream gradient; and NT-Xent's exclude_self, each
+    view's candidates every rank's views but itself."""
+    generator = torch.Generator().manual_seed(9)
+    weights = torch.rand(sum(sizes), generator=generator, dtype=torch.float64)
+    temperature_all = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    q_all, p_all, e_all = leaf(queries), leaf(keys), leaf(extras)
+    expected = fastcl.info_nce(q_all, torch.cat([p_all, e_all]), temperature=temperature_all, symmetric=True,
+                               reduction="none", backend="naive")
+    (expected * weights).sum().backward()
+    temperature = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    q, p, e = (leaf(split(t, sizes, rank)) for t in (queries, keys, extras))
+    loss = fastcl.distributed.info_nce(q, torch.cat([p, e]), temperature=temperature, symmetric=True,
+                                       reduction="none", mode="ring")
+    torch.testing.assert_close(loss, split(expected, sizes, rank).detach(), **TOLERANCE)
+    (loss * split(weights, sizes, rank)).sum().backward()
+    for tensor, reference in ((q, q_all), (p, p_all), (e, e_all)):  # "none": the local rows' own gradients
+        torch.testing.assert_close(tensor.grad, split(reference.grad, sizes, rank), **TOLERANCE)
+    # the temperature's gradient is averaged over the ranks, as DDP averages the parameters'
+    torch.testing.assert_close(temperature.grad * world, temperature_all.grad, **TOLERANCE)
+
+    # NT-Xent: z_r = [view a; view b] of rank r's items, positive the other view
+    views = [torch.cat([split(queries, sizes, r), split(keys, sizes, r)]) for r in range(world)]
+    partner = lambda n: torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    offsets = [sum(2 * n for n in sizes[:r]) for r in range(world)]
+    z_all = leaf(torch.cat(views))
+    expected = fastcl.info_nce(z_all, z_all, positive=torch.cat([partner(n) + o for n, o in zip(sizes, offsets)]),
+                               exclude_self=True, temperature=0.3, normalize=True, backend="naive")
+    expected.backward()
+    for mode in ("ring", "gather"):
+        z = leaf(views[rank])
+        loss = fastcl.distributed.info_nce(z, z, positive=partner(sizes[rank]), exclude_self=True, temperature=0.3,
+                                           normalize=True, mode=mode)
+        loss.backward()
+        check_case(f"{mode} nt-xent exclude_self", rank, world, loss, expected,
+                   [(z, z_all.grad[offsets[rank]:offsets[rank] + 2 * sizes[rank]], world)])
 
 
 def worker(rank, world, sizes):
@@ -324,7 +364,7 @@ def worker(rank, world, sizes):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("sizes", [[5, 5], [3, 6, 4]], ids=["2 ranks", "3 ranks uneven"])
+@pytest.mark.parametrize("sizes", [[5, 5], [3, 6, 4], [2, 4, 3, 5]], ids=["2 ranks", "3 ranks uneven", "4 ranks uneven"])
 def test_matches_single_process_on_concatenated_batch(sizes):
     spawn(worker, len(sizes), sizes)
 
