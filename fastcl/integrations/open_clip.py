@@ -8,6 +8,13 @@ gathers through ``fastcl.distributed``); ``use_horovod=True`` raises ``NotImplem
 ``SigLipLoss(cache_labels=False, rank=0, world_size=1, dist_impl=None)``,
 ``forward(image_features, text_features, logit_scale, logit_bias, output_dict=False)``: every
 ``dist_impl`` gives open_clip's values and gradients through ``fastcl.distributed.siglip_loss``.
+
+fastcl extension, after the peer's arguments: ``distributed_mode="auto"`` (keyword only; one of
+``fastcl.distributed.MODES``), passed as ``mode=`` to ``fastcl.distributed`` for
+``world_size > 1``: ``"ring"`` passes blocks around the ranks (memory per rank flat in the world
+size). It covers SigLipLoss and ClipLoss with ``local_loss=True, gather_with_grad=True``; the other
+ClipLoss combinations gather the features themselves, so ``"ring"`` raises a ValueError for them.
+
 This module does not import open_clip.
 """
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed as _fastcl_distributed
+from ..ops.common.checks import check_choice
 from ..ops.info_nce import clip_loss, info_nce
 from ..ops.siglip import siglip_loss
 from . import log
@@ -44,21 +52,41 @@ def _gather_without_grad(tensor: torch.Tensor, rank: int, world_size: int, keep_
 
 
 class ClipLoss(nn.Module):
-    """open_clip's ``ClipLoss`` on fastcl's fused symmetric InfoNCE."""
+    """open_clip's ``ClipLoss`` on fastcl's fused symmetric InfoNCE.
+
+    open_clip's arguments, then fastcl's ``distributed_mode`` ("auto", "gather" or "ring"; the
+    ``mode`` of ``fastcl.distributed.clip_loss`` when ``world_size > 1``). "ring" needs
+    ``local_loss=True, gather_with_grad=True``: the global loss (``local_loss=False``) and a
+    gather without gradient work on the gathered features, which the ring never forms.
+    """
 
     def __init__(self, local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1,
-                 use_horovod=False):
+                 use_horovod=False, *, distributed_mode: str = "auto"):
         super().__init__()
+        check_choice("distributed_mode", distributed_mode, _fastcl_distributed.MODES)
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels  # accepted for compatibility: fastcl builds no label tensor
         self.rank = rank
         self.world_size = world_size
         self.use_horovod = use_horovod
+        self.distributed_mode = distributed_mode
         self.prev_num_logits = 0
         self.labels = {}
         if use_horovod:
             raise NotImplementedError("fastcl's ClipLoss does not support use_horovod=True (horovod); use torch.distributed")
+        if world_size > 1:
+            self._check_ring_covers()
+
+    def _check_ring_covers(self) -> None:
+        """distributed_mode="ring" runs only fastcl.distributed.clip_loss (the local loss with gradient
+        through the gather); the other combinations gather the features themselves."""
+        if self.distributed_mode == "ring" and not (self.local_loss and self.gather_with_grad):
+            raise ValueError(
+                "ClipLoss(distributed_mode='ring') needs local_loss=True and gather_with_grad=True (got "
+                f"local_loss={self.local_loss}, gather_with_grad={self.gather_with_grad}): the global loss and a "
+                "gather without gradient work on every rank's gathered features; use distributed_mode='gather' "
+                "or 'auto' for them")
 
     def get_ground_truth(self, device, num_logits) -> torch.Tensor:
         """open_clip's targets: 0..num_logits-1, offset by this rank's rows under local_loss."""
@@ -109,6 +137,10 @@ class ClipLoss(nn.Module):
         if self.use_horovod:
             raise NotImplementedError("fastcl's ClipLoss does not support use_horovod=True (horovod); use torch.distributed")
         if self._overridden():  # a subclass's own logits or targets: open_clip's materialized loss over them
+            if self.world_size > 1 and self.distributed_mode == "ring":
+                raise ValueError("ClipLoss(distributed_mode='ring'): a subclass overriding get_logits / "
+                                 "get_ground_truth gets open_clip's loss over the gathered logits, which the ring "
+                                 "never forms; use distributed_mode='gather' or 'auto'")
             log.debug("ClipLoss: materialized path (get_logits / get_ground_truth overridden)")
             per_image, per_text = self.get_logits(image_features, text_features, logit_scale, logit_bias)
             labels = self.get_ground_truth(image_features.device, per_image.shape[0])
@@ -125,8 +157,10 @@ class ClipLoss(nn.Module):
 
     def _distributed(self, image_features, text_features, logit_scale):
         if self.gather_with_grad and self.local_loss:
-            log.debug("ClipLoss: fused path (fastcl.distributed.clip_loss, local loss)")
-            return _fastcl_distributed.clip_loss(image_features, text_features, logit_scale)
+            log.debug("ClipLoss: fused path (fastcl.distributed.clip_loss, local loss, mode=%s)", self.distributed_mode)
+            return _fastcl_distributed.clip_loss(image_features, text_features, logit_scale,
+                                                 mode=self.distributed_mode)
+        self._check_ring_covers()  # the options may have been changed since construction
         log.debug("ClipLoss: fused path (gathered %s grad)", "with" if self.gather_with_grad else "without")
         images, texts = self._gather(image_features, text_features)
         if not self.local_loss:
@@ -139,10 +173,17 @@ class ClipLoss(nn.Module):
 
 
 class SigLipLoss(nn.Module):
-    """open_clip's ``SigLipLoss`` on fastcl's fused sigmoid loss."""
+    """open_clip's ``SigLipLoss`` on fastcl's fused sigmoid loss.
 
-    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1, dist_impl: Optional[str] = None):
+    open_clip's arguments, then fastcl's ``distributed_mode`` ("auto", "gather" or "ring"; the
+    ``mode`` of ``fastcl.distributed.siglip_loss`` for every ``dist_impl`` when ``world_size > 1``).
+    """
+
+    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1, dist_impl: Optional[str] = None,
+                 *, distributed_mode: str = "auto"):
         super().__init__()
+        check_choice("distributed_mode", distributed_mode, _fastcl_distributed.MODES)
+        self.distributed_mode = distributed_mode
         self.cache_labels = cache_labels
         self.rank = rank
         self.world_size = world_size
@@ -178,8 +219,10 @@ class SigLipLoss(nn.Module):
             loss = -F.logsigmoid(labels * logits).sum() / image_features.shape[0]
             return {"contrastive_loss": loss} if output_dict else loss
         if self.world_size > 1:
-            log.debug("SigLipLoss: fused path (fastcl.distributed.siglip_loss, dist_impl=%s)", self.dist_impl)
-            loss = _fastcl_distributed.siglip_loss(image_features, text_features, logit_scale, logit_bias)
+            log.debug("SigLipLoss: fused path (fastcl.distributed.siglip_loss, dist_impl=%s, mode=%s)", self.dist_impl,
+                      self.distributed_mode)
+            loss = _fastcl_distributed.siglip_loss(image_features, text_features, logit_scale, logit_bias,
+                                                   mode=self.distributed_mode)
         else:
             log.debug("SigLipLoss: fused path (one process)")
             loss = siglip_loss(image_features, text_features, logit_scale, logit_bias)
