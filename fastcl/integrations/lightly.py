@@ -5,8 +5,21 @@ Without a memory bank: the fused NT-Xent over the 2B views (``fastcl.nt_xent``).
 (``memory_bank_size=(size, dim)`` as lightly 1.6, or an int ``size``, the width then taken from
 the first batch): out0 against its own out1 plus the bank's entries, read in place from a
 :class:`fastcl.MemoryBank` that fills like lightly's (random unit rows at start, then out1 of
-each training batch, FIFO; a batch that runs past the end is cut there). ``gather_distributed``
-with several processes runs lightly's own loss (needs lightly installed).
+each training batch, FIFO; a batch that runs past the end is cut there).
+
+``gather_distributed=True`` with several processes, no bank: lightly's distributed NT-Xent, fused
+by ``fastcl.distributed.info_nce``. With z = cat(normalize(out0), normalize(out1)) (2B local rows),
+row i's candidates are every rank's 2B rows but itself and its positive is its other view
+((i + B) mod 2B of its own rank): ``info_nce(z, z, positive=partner, exclude_self=True)``. Rank r
+returns ``R / D_global * (sum of its row losses)`` (D_global = 2 x the global batch), which is
+lightly's local mean for equal batches, with lightly's gradients (its gather's backward sums every
+rank's gradient of a rank's rows, as fastcl's does). Uneven batches, which lightly's equal-size
+all_gather cannot take, run too; their losses average over ranks to the single-process loss on
+the global batch.
+
+fastcl extension, after lightly's arguments: ``distributed_mode="auto"`` (keyword only; one of
+``fastcl.distributed.MODES``), the ``mode`` of that ``fastcl.distributed.info_nce`` call
+("ring": memory per rank flat in the world size).
 
 ``peer_loss_class`` gives lightly's own ``NTXentLoss`` to compare with: from the package, or,
 where it cannot be imported (it needs torchvision), loaded from its files by
@@ -24,7 +37,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import distributed as _fastcl_distributed
 from ..memory_bank import MemoryBank
+from ..ops.common.checks import check_choice
 from ..ops.info_nce import nt_xent
 from . import log
 
@@ -32,13 +47,20 @@ __all__ = ["NTXentLoss"]
 
 
 class NTXentLoss(nn.Module):
-    """lightly's ``NTXentLoss`` on fastcl."""
+    """lightly's ``NTXentLoss`` on fastcl.
+
+    lightly's arguments, then fastcl's ``distributed_mode`` ("auto", "gather" or "ring"): the
+    ``mode`` of ``fastcl.distributed.info_nce`` under ``gather_distributed=True`` with several
+    processes (the module docstring gives the loss).
+    """
 
     def __init__(self, temperature: float = 0.5, memory_bank_size: Union[int, Sequence[int]] = 0,
-                 gather_distributed: bool = False):
+                 gather_distributed: bool = False, *, distributed_mode: str = "auto"):
         super().__init__()
+        check_choice("distributed_mode", distributed_mode, _fastcl_distributed.MODES)
         self.temperature = temperature
         self.gather_distributed = gather_distributed
+        self.distributed_mode = distributed_mode
         self.eps = 1e-8
         if abs(self.temperature) < self.eps:
             raise ValueError("Illegal temperature: abs({}) < 1e-8".format(self.temperature))
@@ -49,7 +71,6 @@ class NTXentLoss(nn.Module):
             raise ValueError(f"memory_bank_size must be an int or (size, dim) with entries >= 0, got {memory_bank_size!r}")
         self.memory_bank_size = memory_bank_size
         self.bank = None
-        self._peer = None
         self.cross_entropy = nn.CrossEntropyLoss(reduction="mean")  # as lightly's (the fused path does not use it)
         if size[0] > 0 and len(size) == 2:
             self.bank = self._new_bank(size[0], size[1])
@@ -75,11 +96,14 @@ class NTXentLoss(nn.Module):
         bank.fill(nn.functional.normalize(torch.randn(size, dim), dim=-1))
         return bank
 
+    def _several_processes(self) -> bool:
+        return self.gather_distributed and dist.is_initialized() and dist.get_world_size() > 1
+
     def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
         size = self.memory_bank_size if isinstance(self.memory_bank_size, int) else self.memory_bank_size[0]
-        if size == 0 and self.gather_distributed and dist.is_initialized() and dist.get_world_size() > 1:
-            log.debug("lightly NTXentLoss: peer path (gather_distributed)")
-            return self._peer_loss()(out0, out1)
+        if size == 0 and self._several_processes():
+            log.debug("lightly NTXentLoss: fused path (fastcl.distributed.info_nce, mode=%s)", self.distributed_mode)
+            return _distributed_loss(out0, out1, self.temperature, self.distributed_mode)
         if size == 0:
             log.debug("lightly NTXentLoss: fused path (fastcl.nt_xent)")
             return nt_xent(out0, out1, temperature=self.temperature, normalize=True)
@@ -94,12 +118,15 @@ class NTXentLoss(nn.Module):
             self.bank.push(unit1.detach())
         return loss
 
-    def _peer_loss(self):
-        if self._peer is None:
-            from lightly.loss import NTXentLoss as LightlyNTXentLoss
 
-            self._peer = LightlyNTXentLoss(self.temperature, self.memory_bank_size, self.gather_distributed)
-        return self._peer
+def _distributed_loss(out0, out1, temperature: float, mode: str) -> torch.Tensor:
+    """lightly's distributed NT-Xent (module docstring): each of the 2B local views against every
+    rank's 2B views but itself, its positive its other view."""
+    z = torch.cat([nn.functional.normalize(out0, dim=1), nn.functional.normalize(out1, dim=1)])
+    views = z.shape[0]
+    partner = (torch.arange(views, device=z.device) + views // 2) % views
+    return _fastcl_distributed.info_nce(z, z, positive=partner, exclude_self=True, temperature=temperature,
+                                        reduction="mean", mode=mode)
 
 
 def _bank_loss(anchors, pair, bank: MemoryBank, temperature: float) -> torch.Tensor:
