@@ -15,7 +15,7 @@ returns ``R / D_global * (sum of its row losses)`` (D_global = 2 x the global ba
 lightly's local mean for equal batches, with lightly's gradients (its gather's backward sums every
 rank's gradient of a rank's rows, as fastcl's does). Uneven batches, which lightly's equal-size
 all_gather cannot take, run too; their losses average over ranks to the single-process loss on
-the global batch.
+the global batch. With a bank, out1 of every rank is pushed to it, as lightly's bank does.
 
 fastcl extension, after lightly's arguments: ``distributed_mode="auto"`` (keyword only; one of
 ``fastcl.distributed.MODES``), the ``mode`` of that ``fastcl.distributed.info_nce`` call
@@ -27,6 +27,7 @@ where it cannot be imported (it needs torchvision), loaded from its files by
 """
 from __future__ import annotations
 
+import ast
 import importlib.util
 import sys
 import types
@@ -115,7 +116,10 @@ class NTXentLoss(nn.Module):
         # read in place); the other rows of out1 are not candidates, as in lightly
         loss = _bank_loss(nn.functional.normalize(out0, dim=1), unit1, self.bank, self.temperature)
         if out0.requires_grad:
-            self.bank.push(unit1.detach())
+            pushed = unit1.detach()
+            if self._several_processes():  # lightly's bank takes every rank's out1, in rank order
+                pushed = _fastcl_distributed.all_gather_rows(pushed)
+            self.bank.push(pushed)
         return loss
 
 
@@ -164,16 +168,27 @@ def _load_file(name: str, path: Path):
     return module
 
 
+def _function_from_file(path: Path, name: str, namespace: dict):
+    """The top-level function ``name`` of the Python file ``path``, run alone in ``namespace``."""
+    tree = ast.parse(path.read_text(), str(path))
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    exec(compile(ast.Module(body=[node], type_ignores=[]), str(path), "exec"), namespace)
+    return namespace[name]
+
+
 def _peer_module_from_files(root: Path):
     """lightly's ``lightly.loss.ntx_ent_loss`` module loaded from its file under ``root``, with the
     lightly modules it imports stubbed (packages without their ``__init__``, which pulls in
-    torchvision; an empty ``lightly.models.utils``, of which only the distributed gather is used)
-    or loaded from their files (``lightly.utils.dist``, the memory bank). Stubs already in
-    ``sys.modules`` are kept; the entries set are those of ``_PEER_MODULE_NAMES``."""
+    torchvision; a ``lightly.models.utils`` holding only the bank's distributed gather,
+    ``concat_all_gather``, taken from its file) or loaded from their files (``lightly.utils.dist``,
+    the memory bank). Stubs already in ``sys.modules`` are kept; the entries set are those of
+    ``_PEER_MODULE_NAMES``."""
     for name in ("lightly", "lightly.utils", "lightly.models", "lightly.models.modules", "lightly.models.utils"):
         sys.modules.setdefault(name, types.ModuleType(name))
     sys.modules["lightly.utils"].dist = _load_file("lightly.utils.dist", root / "utils" / "dist.py")
     sys.modules["lightly.models"].utils = sys.modules["lightly.models.utils"]
+    sys.modules["lightly.models.utils"].concat_all_gather = _function_from_file(
+        root / "models" / "utils.py", "concat_all_gather", {"torch": torch, "dist": dist})
     _load_file("lightly.models.modules.memory_bank", root / "models" / "modules" / "memory_bank.py")
     return _load_file("lightly.loss.ntx_ent_loss", root / "loss" / "ntx_ent_loss.py")
 
