@@ -55,6 +55,12 @@ RING_MEMORY_SHARE = 0.25
 _MODE_OVERRIDE = os.environ.get("FASTCL_DISTRIBUTED_MODE") or None
 
 
+def _reduce_scatter(output: torch.Tensor, tensor: torch.Tensor, op, group) -> None:
+    # torch 2.13 renamed reduce_scatter_tensor (which now warns) to reduce_scatter_single
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    reduce_scatter(output, tensor, op=op, group=group)
+
+
 def _device_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
@@ -126,7 +132,7 @@ class _AllGatherRows(torch.autograd.Function):
                 start += rows
             grad = padded
         own = grad.new_empty((longest, *grad.shape[1:]))
-        dist.reduce_scatter_tensor(own, grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        _reduce_scatter(own, grad, op=dist.ReduceOp.SUM, group=ctx.group)
         return own[:sizes[ctx.rank]], None, None
 
 

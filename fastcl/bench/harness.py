@@ -92,6 +92,26 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def tensor_peak_bytes(step: Callable[[], object]) -> int:
+    """Peak bytes of tensors that ``step()`` allocates on the CPU beyond what was allocated before
+    it (gradients of the inputs included), from the allocator's own records (the profiler's
+    memory events): the CPU's analogue of ``torch.cuda.max_memory_allocated``. Unlike the
+    process's peak RSS it leaves out what libraries allocate outside torch (e.g. gloo's buffers)
+    and does not depend on when the C library returns freed pages."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        step()
+    allocations = sorted((event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"),
+                         key=lambda event: event.start_ns())
+    current = peak = 0
+    for event in allocations:
+        if event.device_type() == torch._C._autograd.DeviceType.CPU:
+            current += event.nbytes()
+            peak = max(peak, current)
+    return peak
+
+
 def measure_in_process(case: Case, device: str) -> Measurement:
     """Run one case here (called in the worker subprocess)."""
     module = importlib.import_module(case.module)

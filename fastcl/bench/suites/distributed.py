@@ -73,14 +73,17 @@ def make_step(device: str, provider: str, batch: int, dim: int):
 def _rank_main(rank, world, port, provider, batch, dim, repeats, out_dir):
     import torch.distributed as dist
 
-    from ..harness import Case, measure_in_process
+    from ..harness import Case, measure_in_process, tensor_peak_bytes
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     case = Case(SUITE, provider, __name__, "make_step", {"batch": batch, "dim": dim}, x=world, repeats=repeats)
     result = measure_in_process(case, "cpu")
+    step = make_step("cpu", provider, batch, dim)
+    step()
+    tensor_mb = tensor_peak_bytes(step) / 2**20
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"time_ms": result.time_ms, "peak_mb": result.peak_mb}, f)
+        json.dump({"time_ms": result.time_ms, "peak_mb": result.peak_mb, "tensor_mb": tensor_mb}, f)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -97,7 +100,7 @@ def measure(provider: str, world: int, batch: int, dim: int, repeats: int = 3) -
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_rank_main, args=(world, port, provider, batch, dim, repeats, out_dir), nprocs=world, join=True)
         ranks = [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(world)]
-    return {"time_ms": max(r["time_ms"] for r in ranks), "peak_mb": max(r["peak_mb"] for r in ranks)}
+    return {key: max(r[key] for r in ranks) for key in ("time_ms", "peak_mb", "tensor_mb")}
 
 
 def run(device: str, full: bool, out_dir: str, timeout: float) -> None:
