@@ -10,8 +10,9 @@ on the concatenated batch:
   over ranks) equal the single-process gradients: fastcl.distributed's convention
   (rank r returns R / B_global * its local sum of row losses) makes the mean the right reduction;
 - after each optimizer step the parameters still equal the single-process ones.
-The learnable logit scale lives inside the wrapped module (open_clip's layout) and gets its
-gradient from the loss on every rank. Float64 throughout: only summation order differs.
+Losses: info_nce, CLIP and SigLIP, in gather and ring mode. The learnable logit scale (and
+SigLIP's bias) lives inside the wrapped module (open_clip's layout) and gets its gradient from the
+loss on every rank. Float64 throughout: only summation order differs.
 """
 import importlib.util
 import math
@@ -31,7 +32,7 @@ from .spawn import spawn
 IN_FEATURES, HIDDEN, DIM = 5, 8, 6
 TOLERANCE = dict(atol=1e-9, rtol=1e-7)  # float64: only summation order differs
 MODES = ("gather", "ring")
-LOSSES = ("info_nce", "clip")
+LOSSES = ("info_nce", "clip", "siglip")
 STEPS = 2
 LEARNING_RATE = 0.5  # large enough that a wrong gradient moves the parameters visibly
 CHUNK_SIZE = 3  # GradCache: every local batch below (4 to 6 rows) is two chunks, as DDP needs
@@ -49,29 +50,35 @@ class Tower(nn.Module):
 
 
 class DualEncoder(nn.Module):
-    """One tower for queries and keys and a learnable logit scale, returned by ``forward`` as
-    open_clip's CLIP model returns it (so that DDP and FSDP see the parameter used in forward).
-    ``scale_shape``: () as in open_clip; (1,) for FSDP2, whose fully_shard refuses 0-d parameters
-    ("fully_shard doesn't support scalar parameters", torch 2.13)."""
+    """One tower for queries and keys, a learnable logit scale and (SigLIP) bias, returned by
+    ``forward`` as open_clip's CLIP model returns them (so that DDP and FSDP see the parameters
+    used in forward). ``scale_shape``: () as in open_clip; (1,) for FSDP2, whose fully_shard
+    refuses 0-d parameters ("fully_shard doesn't support scalar parameters", torch 2.13)."""
 
-    def __init__(self, scale_shape=()):
+    def __init__(self, scale_shape=(), with_bias=False):
         super().__init__()
         self.tower = Tower()
         self.logit_scale = nn.Parameter(torch.full(scale_shape, math.log(8.0)))
+        self.logit_bias = nn.Parameter(torch.full(scale_shape, -2.0)) if with_bias else None
 
     def forward(self, queries, keys):
-        return F.normalize(self.tower(queries), dim=-1), F.normalize(self.tower(keys), dim=-1), self.logit_scale.exp()
+        features = F.normalize(self.tower(queries), dim=-1), F.normalize(self.tower(keys), dim=-1), self.logit_scale.exp()
+        return features if self.logit_bias is None else (*features, self.logit_bias)
 
 
-def contrastive_loss(kind, queries, keys, scale, mode=None):
+def contrastive_loss(kind, queries, keys, scale, bias=None, *, mode=None):
     """The single-process loss (``mode=None``, materialized logits) or fastcl.distributed's."""
     if kind == "info_nce":
         if mode is None:
             return fastcl.info_nce(queries, keys, temperature=1.0 / scale, backend="naive")
         return fastcl.distributed.info_nce(queries, keys, temperature=1.0 / scale, mode=mode)
+    if kind == "clip":
+        if mode is None:
+            return fastcl.clip_loss(queries, keys, scale, backend="naive")
+        return fastcl.distributed.clip_loss(queries, keys, scale, mode=mode)
     if mode is None:
-        return fastcl.clip_loss(queries, keys, scale, backend="naive")
-    return fastcl.distributed.clip_loss(queries, keys, scale, mode=mode)
+        return fastcl.siglip_loss(queries, keys, scale, bias, backend="naive")
+    return fastcl.distributed.siglip_loss(queries, keys, scale, bias, mode=mode)
 
 
 def global_batches(sizes):
@@ -104,14 +111,14 @@ def parameters_by_name(model):
     return {name.removeprefix("module."): parameter for name, parameter in model.named_parameters()}
 
 
-def new_model(scale_shape=()):
+def new_model(kind, scale_shape=()):
     torch.manual_seed(5)  # the same initial parameters on every rank and in the reference
-    return DualEncoder(scale_shape).double()
+    return DualEncoder(scale_shape, with_bias=kind == "siglip").double()
 
 
 def reference_run(kind, batches, scale_shape=()):
     """Per step: (loss, gradients, parameters after the step) of one process on the global batch."""
-    model = new_model(scale_shape)
+    model = new_model(kind, scale_shape)
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
     records = []
     for queries, keys in batches:
@@ -148,7 +155,7 @@ def train_and_compare(name, rank, world, sizes, model, optimizer, kind, mode, ba
 def case_ddp(rank, world, sizes, batches, references):
     for kind in LOSSES:
         for mode in MODES:
-            model = nn.parallel.DistributedDataParallel(new_model())
+            model = nn.parallel.DistributedDataParallel(new_model(kind))
             optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
             train_and_compare("DDP", rank, world, sizes, model, optimizer, kind, mode, batches, references[kind])
 
@@ -164,7 +171,7 @@ def case_fsdp2(rank, world, sizes, batches):
     references = {kind: reference_run(kind, batches, scale_shape=(1,)) for kind in LOSSES}
     for kind in LOSSES:
         for mode in MODES:
-            model = new_model(scale_shape=(1,))
+            model = new_model(kind, scale_shape=(1,))
             for layer in model.tower.net:
                 if isinstance(layer, nn.Linear):
                     fully_shard(layer, mesh=mesh)
@@ -189,7 +196,7 @@ def case_accelerate(rank, world, sizes, batches, references):
     accelerator = Accelerator(cpu=True)
     assert accelerator.distributed_type == DistributedType.MULTI_CPU and accelerator.num_processes == world
     for kind in LOSSES:
-        model = new_model()
+        model = new_model(kind)
         model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LEARNING_RATE))
         assert isinstance(model, nn.parallel.DistributedDataParallel)
         train_and_compare("Accelerate", rank, world, sizes, model, optimizer, kind, "ring", batches, references[kind],
