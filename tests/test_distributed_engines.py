@@ -221,36 +221,49 @@ class CountExchanges:
         dist.batch_isend_irecv = self.original
 
 
+# loss_fn, its single-process reference, and the name and value of its learnable scalar
+GRAD_CACHE_LOSSES = {"info_nce": (fastcl.distributed.info_nce, fastcl.info_nce, "temperature", 0.3),
+                     "clip": (fastcl.distributed.clip_loss, fastcl.clip_loss, "logit_scale", 8.0)}
+
+
 def case_grad_cache_ring(rank, world, sizes, batches):
-    """GradCache(DDP(tower), loss_fn=fastcl.distributed.info_nce, mode="ring"): single-process
-    full-batch gradients, and the ring runs once per step: as many exchanges as one plain call's
-    forward and backward (none in the chunk replays)."""
+    """GradCache(DDP(tower), loss_fn=fastcl.distributed.<loss>, mode="ring"), as ``step()`` and
+    as the deferred ``loss()`` + ``backward()`` the trainers use: single-process full-batch
+    gradients (the learnable scalar outside the DDP module), and the ring runs once per step: as
+    many exchanges as one plain call's forward and backward (none in the chunk replays)."""
     queries, keys = batches[0]
-    torch.manual_seed(6)
-    reference = Tower().double()
-    temperature_all = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
-    expected = fastcl.info_nce(reference(queries), reference(keys), temperature=temperature_all, backend="naive")
-    expected.backward()
-
     local_queries, local_keys = split(queries, sizes, rank), split(keys, sizes, rank)
-    with CountExchanges() as plain:
-        representations = [torch.randn(sizes[rank], DIM, dtype=torch.float64, requires_grad=True) for _ in range(2)]
-        fastcl.distributed.info_nce(*representations, temperature=0.3, mode="ring").backward()
-    assert plain.count >= world - 1, f"no ring exchange counted in a plain ring call ({plain.count}): does fastcl._ring still use batch_isend_irecv?"
+    for kind, (loss_fn, reference_fn, scalar_name, scalar_value) in GRAD_CACHE_LOSSES.items():
+        torch.manual_seed(6)
+        reference = Tower().double()
+        scalar_all = torch.tensor(scalar_value, dtype=torch.float64, requires_grad=True)
+        expected = reference_fn(reference(queries), reference(keys), **{scalar_name: scalar_all}, backend="naive")
+        expected.backward()
 
-    torch.manual_seed(6)
-    model = nn.parallel.DistributedDataParallel(Tower().double())
-    temperature = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)  # outside the DDP module
-    cache = fastcl.GradCache(model, chunk_size=CHUNK_SIZE, loss_fn=fastcl.distributed.info_nce, mode="ring",
-                             temperature=temperature)
-    with CountExchanges() as step:
-        loss = cache.step(local_queries, local_keys)
-    where = f"GradCache + DDP, ring (rank {rank}/{world}, local batches {sizes})"
-    assert step.count == plain.count, f"{where}: {step.count} ring exchanges in one step, one loss pass makes {plain.count}"
-    torch.testing.assert_close(mean_over_ranks(loss), expected.detach(), **TOLERANCE, msg=lambda m: f"{where} loss: {m}")
-    for (name, p), p_ref in zip(model.module.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, **TOLERANCE, msg=lambda m: f"{where} gradient of {name}: {m}")
-    torch.testing.assert_close(temperature.grad, temperature_all.grad, **TOLERANCE, msg=lambda m: f"{where} temperature: {m}")
+        with CountExchanges() as plain:
+            representations = [torch.randn(sizes[rank], DIM, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+            loss_fn(*representations, **{scalar_name: scalar_value}, mode="ring").backward()
+        assert plain.count >= world - 1, \
+            f"{kind}: no ring exchange counted in a plain ring call ({plain.count}): does fastcl._ring still use batch_isend_irecv?"
+
+        for api in ("step", "loss"):
+            torch.manual_seed(6)
+            model = nn.parallel.DistributedDataParallel(Tower().double())
+            scalar = torch.tensor(scalar_value, dtype=torch.float64, requires_grad=True)  # outside the DDP module
+            cache = fastcl.GradCache(model, chunk_size=CHUNK_SIZE, loss_fn=loss_fn, mode="ring", **{scalar_name: scalar})
+            with CountExchanges() as counted:
+                if api == "step":
+                    loss = cache.step(local_queries, local_keys)
+                else:
+                    loss = cache.loss(local_queries, local_keys)
+                    loss.backward()
+            where = f"GradCache.{api} + DDP, {kind}, ring (rank {rank}/{world}, local batches {sizes})"
+            assert counted.count == plain.count, \
+                f"{where}: {counted.count} ring exchanges in one step, one loss pass makes {plain.count}"
+            torch.testing.assert_close(mean_over_ranks(loss), expected.detach(), **TOLERANCE, msg=lambda m: f"{where} loss: {m}")
+            for (name, p), p_ref in zip(model.module.named_parameters(), reference.parameters()):
+                torch.testing.assert_close(p.grad, p_ref.grad, **TOLERANCE, msg=lambda m: f"{where} gradient of {name}: {m}")
+            torch.testing.assert_close(scalar.grad, scalar_all.grad, **TOLERANCE, msg=lambda m: f"{where} {scalar_name}: {m}")
 
 
 def worker(rank, world, sizes, with_accelerate):
