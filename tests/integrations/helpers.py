@@ -22,11 +22,20 @@ def assert_same(ours, theirs):
             torch.testing.assert_close(a, b, rtol=GRAD_TOL["rtol"], atol=GRAD_TOL["atol"] * scale)
 
 
+# fastcl's own keywords, allowed after the peer's parameters, keyword-only
+FASTCL_KEYWORDS = ("distributed_mode",)
+
+
 def assert_same_signature(ours, theirs):
-    """Same parameter names, kinds and defaults (annotations may be strings on one side)."""
+    """Same parameter names, kinds and defaults (annotations may be strings on one side), but
+    for fastcl's own keyword-only extensions (:data:`FASTCL_KEYWORDS`) at the end of ours."""
     import inspect
 
     def shape(fn):
         return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
 
-    assert shape(ours) == shape(theirs), (ours, theirs)
+    mine = shape(ours)
+    while mine and mine[-1][0] in FASTCL_KEYWORDS:
+        assert mine[-1][1] == inspect.Parameter.KEYWORD_ONLY, (ours, mine[-1])
+        mine.pop()
+    assert mine == shape(theirs), (ours, theirs)
