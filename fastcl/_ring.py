@@ -65,6 +65,7 @@ def ring_forward(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[in
         if pending_columns is not None:
             (columns,), transfer = pending_columns
             _wait(transfer)
+        pending_block = pending_columns = transfer = None  # the sent buffers are free now
         owner = arriving
     return columns
 
@@ -96,12 +97,14 @@ def ring_backward(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[i
         if pending_gradient is not None:  # the gradient of this block, from the ranks before
             (grad_block,), transfer = pending_gradient
             _wait(transfer)
+            pending_gradient = transfer = None  # the gradient this rank sent last step is free now
         grad_block.addmm_(grad_raw.T, anchors)
         del grad_raw
         if pending_block is not None:
             pending_gradient = _start_exchange([grad_block], [sizes[arriving]], rank, world, group)
             travelling, transfer = pending_block
             _wait(transfer)
+            pending_block = transfer = None
             block = travelling[0]
             columns = travelling[1] if columns is not None else None
             owner = arriving
@@ -109,6 +112,9 @@ def ring_backward(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[i
         (grad_block,), transfer = _start_exchange([grad_block], [sizes[rank]], rank, world, group)
         _wait(transfer)
     return grad_anchors, grad_block
+
+
+_CHUNK_ELEMENTS = 1 << 18  # elements of a temporary tile slice (1 MB in fp32)
 
 
 def _scalar_gradient(value: torch.Tensor, like: torch.Tensor, needed: bool):
@@ -191,7 +197,11 @@ class RingInfoNCE(torch.autograd.Function):
             if block_columns is not None:
                 width = block_columns.shape[0]
                 column_lse_block, column_weights_block = block_columns[:, 0], block_columns[:, 1]
-                grad_logits[:, :width] += (raw[:, :width] * value).sub_(column_lse_block).exp_().mul_(column_weights_block)
+                # the columns' softmax, a few rows at a time: no third tile
+                step = max(1, _CHUNK_ELEMENTS // max(width, 1))
+                for start in range(0, raw.shape[0], step):
+                    grad_logits[start:start + step, :width] += (raw[start:start + step, :width] * value).sub_(
+                        column_lse_block).exp_().mul_(column_weights_block)
                 if own:
                     grad_logits.diagonal()[:width] -= column_weights_block
             grads["scale"] = grads["scale"] + torch.vdot(grad_logits.reshape(-1), raw.reshape(-1))
