@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .ops.common.blocks import block_rows_for
+from .ops.common.blocks import DEFAULT_BLOCK_BYTES, block_rows_for
 from ._ring import ring_info_nce, ring_sigmoid_rows
 from .ops.common.checks import BACKENDS, REDUCTIONS, check_choice, check_embeddings, check_same_device
 from .ops.common.gradients import compute_dtype
@@ -53,6 +53,7 @@ MODES = ("auto", "gather", "ring")
 # ring covers. FASTCL_DISTRIBUTED_MODE=gather|ring (read at import) fixes auto's choice instead.
 RING_MEMORY_SHARE = 0.25
 _MODE_OVERRIDE = os.environ.get("FASTCL_DISTRIBUTED_MODE") or None
+ACCELERATOR_BLOCK_BYTES = 256 * 2**20  # gather-mode SigLIP's logits block off the CPU
 
 
 def _reduce_scatter(output: torch.Tensor, tensor: torch.Tensor, op, group) -> None:
@@ -273,7 +274,7 @@ def info_nce(
                   label_smoothing=label_smoothing, backend=backend)
     per_row = "none" if reduction == "none" else "sum"
     gathered = sum(key_sizes) + (sum(query_sizes) if symmetric else 0)
-    mode = choose_mode(mode, gathered, query.shape[1], compute_dtype(query).itemsize, query.device,
+    mode = choose_mode(mode, gathered, query.shape[1], query.element_size(), query.device,  # gathered as given
                        ring_covers=not unsupported)
 
     if mode == "ring":
@@ -423,7 +424,7 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     if isinstance(bias, torch.Tensor):
         bias = bias.to(dtype).reshape(())
     image = image_features.to(dtype)
-    mode = choose_mode(mode, sum(sizes), image.shape[1], image.element_size(), image.device)
+    mode = choose_mode(mode, sum(sizes), image.shape[1], text_features.element_size(), image.device)
     if mode == "ring":
         as_tensor = lambda v: v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=dtype, device=image.device)
         rows = ring_sigmoid_rows(image, text_features.to(dtype), as_tensor(scale), as_tensor(bias), sizes, group)
@@ -431,7 +432,10 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     texts = all_gather_rows(text_features, group=group, local_first=True, sizes=sizes).to(dtype)
 
     total = 0.0
-    step = batch if backend == "naive" else max(1, min(batch, block_rows_for(texts.shape[0], image.element_size())))
+    # a GPU wants far larger blocks than the CPU's cache-sized default (a few rows of a global
+    # batch of a million would re-read every gathered text per row)
+    budget = DEFAULT_BLOCK_BYTES if image.device.type == "cpu" else ACCELERATOR_BLOCK_BYTES
+    step = batch if backend == "naive" else max(1, min(batch, block_rows_for(texts.shape[0], image.element_size(), budget)))
     needs_grad = torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in (image, texts, scale, bias))
     for row0 in range(0, batch, step):
