@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 import fastcl
@@ -160,23 +162,24 @@ def case_ddp(rank, world, sizes, batches, references):
             train_and_compare("DDP", rank, world, sizes, model, optimizer, kind, mode, batches, references[kind])
 
 
-def case_fsdp2(rank, world, sizes, batches):
-    """FSDP2 on the CPU with gloo: each Linear its own unit, the root holding the LayerNorm and
-    the logit scale (shape (1,): fully_shard refuses 0-d parameters); gradients are DTensor
-    shards, compared whole (full_tensor())."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+def shard_with_fsdp2(model, mesh):
+    """FSDP2 (fully_shard): each Linear its own unit, the root holding the rest (the LayerNorm,
+    the logit scale); every parameter becomes a DTensor shard."""
+    for layer in model.modules():
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    assert all(isinstance(p, DTensor) for p in model.parameters())  # every parameter sharded
+    return model
 
-    mesh = init_device_mesh("cpu", (world,))
+
+def case_fsdp2(rank, world, sizes, batches, mesh):
+    """FSDP2 on the CPU with gloo; the logit scale has shape (1,) (fully_shard refuses 0-d
+    parameters); gradients are DTensor shards, compared whole (full_tensor())."""
     references = {kind: reference_run(kind, batches, scale_shape=(1,)) for kind in LOSSES}
     for kind in LOSSES:
         for mode in MODES:
-            model = new_model(kind, scale_shape=(1,))
-            for layer in model.tower.net:
-                if isinstance(layer, nn.Linear):
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            assert all(isinstance(p, DTensor) for p in model.parameters())  # every parameter sharded
+            model = shard_with_fsdp2(new_model(kind, scale_shape=(1,)), mesh)
             optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
             train_and_compare("FSDP2", rank, world, sizes, model, optimizer, kind, mode, batches, references[kind])
 
@@ -226,11 +229,13 @@ GRAD_CACHE_LOSSES = {"info_nce": (fastcl.distributed.info_nce, fastcl.info_nce, 
                      "clip": (fastcl.distributed.clip_loss, fastcl.clip_loss, "logit_scale", 8.0)}
 
 
-def case_grad_cache_ring(rank, world, sizes, batches):
-    """GradCache(DDP(tower), loss_fn=fastcl.distributed.<loss>, mode="ring"), as ``step()`` and
-    as the deferred ``loss()`` + ``backward()`` the trainers use: single-process full-batch
-    gradients (the learnable scalar outside the DDP module), and the ring runs once per step: as
-    many exchanges as one plain call's forward and backward (none in the chunk replays)."""
+def case_grad_cache_ring(rank, world, sizes, batches, mesh):
+    """GradCache(DDP(tower) or FSDP2(tower), loss_fn=fastcl.distributed.<loss>, mode="ring"), as
+    ``step()`` and as the deferred ``loss()`` + ``backward()`` the trainers use: single-process
+    full-batch gradients (the learnable scalar outside the wrapped module), and the ring runs
+    once per step: as many exchanges as one plain call's forward and backward (none in the chunk
+    replays). (GradCache runs DDP's replays but the last under no_sync; FSDP2 reduce-scatters
+    after every replayed chunk, which costs bandwidth but accumulates the same gradients.)"""
     queries, keys = batches[0]
     local_queries, local_keys = split(queries, sizes, rank), split(keys, sizes, rank)
     for kind, (loss_fn, reference_fn, scalar_name, scalar_value) in GRAD_CACHE_LOSSES.items():
@@ -246,10 +251,13 @@ def case_grad_cache_ring(rank, world, sizes, batches):
         assert plain.count >= world - 1, \
             f"{kind}: no ring exchange counted in a plain ring call ({plain.count}): does fastcl._ring still use batch_isend_irecv?"
 
-        for api in ("step", "loss"):
+        for engine, api in ((engine, api) for engine in ("DDP", "FSDP2") for api in ("step", "loss")):
             torch.manual_seed(6)
-            model = nn.parallel.DistributedDataParallel(Tower().double())
-            scalar = torch.tensor(scalar_value, dtype=torch.float64, requires_grad=True)  # outside the DDP module
+            if engine == "DDP":
+                model = nn.parallel.DistributedDataParallel(Tower().double())
+            else:
+                model = shard_with_fsdp2(Tower().double(), mesh)
+            scalar = torch.tensor(scalar_value, dtype=torch.float64, requires_grad=True)  # outside the wrapped module
             cache = fastcl.GradCache(model, chunk_size=CHUNK_SIZE, loss_fn=loss_fn, mode="ring", **{scalar_name: scalar})
             with CountExchanges() as counted:
                 if api == "step":
@@ -257,12 +265,16 @@ def case_grad_cache_ring(rank, world, sizes, batches):
                 else:
                     loss = cache.loss(local_queries, local_keys)
                     loss.backward()
-            where = f"GradCache.{api} + DDP, {kind}, ring (rank {rank}/{world}, local batches {sizes})"
+            where = f"GradCache.{api} + {engine}, {kind}, ring (rank {rank}/{world}, local batches {sizes})"
             assert counted.count == plain.count, \
                 f"{where}: {counted.count} ring exchanges in one step, one loss pass makes {plain.count}"
             torch.testing.assert_close(mean_over_ranks(loss), expected.detach(), **TOLERANCE, msg=lambda m: f"{where} loss: {m}")
-            for (name, p), p_ref in zip(model.module.named_parameters(), reference.parameters()):
-                torch.testing.assert_close(p.grad, p_ref.grad, **TOLERANCE, msg=lambda m: f"{where} gradient of {name}: {m}")
+            expected_gradients = {name: p.grad for name, p in reference.named_parameters()}
+            parameters = parameters_by_name(model)
+            assert parameters.keys() == expected_gradients.keys(), (where, sorted(parameters))
+            for name, parameter in parameters.items():
+                torch.testing.assert_close(full(parameter.grad), expected_gradients[name], **TOLERANCE,
+                                           msg=lambda m: f"{where} gradient of {name}: {m}")
             torch.testing.assert_close(scalar.grad, scalar_all.grad, **TOLERANCE, msg=lambda m: f"{where} {scalar_name}: {m}")
 
 
@@ -270,8 +282,9 @@ def worker(rank, world, sizes, with_accelerate):
     batches = global_batches(sizes)
     references = {kind: reference_run(kind, batches) for kind in LOSSES}
     case_ddp(rank, world, sizes, batches, references)
-    case_fsdp2(rank, world, sizes, batches)
-    case_grad_cache_ring(rank, world, sizes, batches)
+    mesh = init_device_mesh("cpu", (world,))
+    case_fsdp2(rank, world, sizes, batches, mesh)
+    case_grad_cache_ring(rank, world, sizes, batches, mesh)
     if with_accelerate:
         case_accelerate(rank, world, sizes, batches, references)
 
