@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .ops.common.blocks import ACCELERATOR_BLOCK_BYTES, DEFAULT_BLOCK_BYTES, block_rows_for
+
 
 def _start_exchange(tensors: Sequence[torch.Tensor], receive_rows: Sequence[int], rank: int, world: int, group):
     """Send each of ``tensors`` to rank + 1 and receive same-width tensors of ``receive_rows`` rows
@@ -42,20 +44,30 @@ def _wait(transfer) -> None:
         request.wait()
 
 
+def _tile_rows(anchors: torch.Tensor, block_rows: int) -> int:
+    """Anchor rows per slice of a local x block tile: the ops floor's block budget (cache-sized
+    on the CPU, larger on a GPU), so no tile is ever whole in memory."""
+    budget = DEFAULT_BLOCK_BYTES if anchors.device.type == "cpu" else ACCELERATOR_BLOCK_BYTES
+    return max(1, min(anchors.shape[0], block_rows_for(max(block_rows, 1), anchors.element_size(), budget)))
+
+
 def ring_forward(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[int], group,
                  visit: Callable, columns: Optional[torch.Tensor] = None, column_sizes: Optional[List[int]] = None):
-    """Calls ``columns = visit(raw, owner, columns)`` with ``raw = anchors @ block.T`` for every
-    rank's candidate block (``owner``: the block's rank), each block arriving while the previous
-    one is computed on. ``columns``: this rank's block's running column statistics (rows of
-    ``column_sizes[owner]``), or None; they travel with their block once ``visit`` has updated
-    them. Returns this rank's block's columns after every rank has visited it."""
+    """Calls ``columns = visit(raw, row0, owner, columns)`` with ``raw = anchors[row0:row1] @ block.T``
+    for every rank's candidate block (``owner``: the block's rank), slice by slice of anchor rows,
+    each block arriving while the previous one is computed on. ``columns``: this rank's block's
+    running column statistics (rows of ``column_sizes[owner]``), or None; they travel with their
+    block once every slice has updated them. Returns this rank's block's columns after every
+    rank has visited it."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     block, owner = candidates.detach(), rank
     for step in range(world):
         last = step == world - 1
         arriving = (owner - 1) % world
         pending_block = None if last else _start_exchange([block], [sizes[arriving]], rank, world, group)
-        columns = visit(anchors @ block.T, owner, columns)
+        rows = _tile_rows(anchors, block.shape[0])
+        for row0 in range(0, anchors.shape[0], rows):
+            columns = visit(anchors[row0:row0 + rows] @ block.T, row0, owner, columns)
         pending_columns = None
         if columns is not None and world > 1:  # on the last step this returns every block's columns to its owner
             pending_columns = _start_exchange([columns], [column_sizes[arriving]], rank, world, group)
@@ -72,18 +84,19 @@ def ring_forward(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[in
 
 def ring_backward(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[int], group, tile_gradient: Callable,
                   columns: Optional[torch.Tensor] = None, column_sizes: Optional[List[int]] = None):
-    """(dL/d anchors, dL/d candidates) of a loss whose gradient wrt ``raw = anchors @ block.T`` is
-    ``tile_gradient(raw, owner, columns)`` for each block (``columns``: the block's column
-    statistics, travelling with it, or None): the blocks travel the ring again, each followed by
-    the gradient of its rows, which every rank adds to and one last hop returns to the owner.
+    """(dL/d anchors, dL/d candidates) of a loss whose gradient wrt ``raw = anchors[row0:row1] @ block.T``
+    is ``tile_gradient(raw, row0, owner, columns)`` for each block, slice by slice (``columns``:
+    the block's column statistics, travelling with it, or None): the blocks travel the ring
+    again, each followed by the gradient of its rows, which every rank adds to and one last hop
+    returns to the owner.
 
     A block is sent on as soon as it arrives and its gradient as soon as this rank has added to
     it; the gradient coming with the next block is waited for only after that block's tile is
-    computed, so both transfers overlap a tile."""
+    computed (into a block-sized buffer of this rank's share), so both transfers overlap a tile."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     grad_anchors = torch.zeros_like(anchors)
     block, owner = candidates.detach(), rank
-    grad_block = torch.zeros_like(candidates, dtype=anchors.dtype)  # this rank's own block starts here
+    grad_block = None  # this rank's own block starts with its share alone
     pending_gradient = None
     for step in range(world):
         arriving = (owner - 1) % world
@@ -92,14 +105,21 @@ def ring_backward(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[i
             travelling = [block] if columns is None else [block, columns]
             rows = [sizes[arriving]] if columns is None else [sizes[arriving], column_sizes[arriving]]
             pending_block = _start_exchange(travelling, rows, rank, world, group)
-        grad_raw = tile_gradient(anchors @ block.T, owner, columns)
-        grad_anchors.addmm_(grad_raw, block)
+        share = torch.zeros_like(block, dtype=anchors.dtype)
+        rows = _tile_rows(anchors, block.shape[0])
+        for row0 in range(0, anchors.shape[0], rows):
+            grad_raw = tile_gradient(anchors[row0:row0 + rows] @ block.T, row0, owner, columns)
+            grad_anchors[row0:row0 + rows].addmm_(grad_raw, block)
+            share.addmm_(grad_raw.T, anchors[row0:row0 + rows])
+            del grad_raw
         if pending_gradient is not None:  # the gradient of this block, from the ranks before
             (grad_block,), transfer = pending_gradient
             _wait(transfer)
             pending_gradient = transfer = None  # the gradient this rank sent last step is free now
-        grad_block.addmm_(grad_raw.T, anchors)
-        del grad_raw
+            grad_block += share
+        else:
+            grad_block = share
+        del share
         if pending_block is not None:
             pending_gradient = _start_exchange([grad_block], [sizes[arriving]], rank, world, group)
             travelling, transfer = pending_block
@@ -112,9 +132,6 @@ def ring_backward(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[i
         (grad_block,), transfer = _start_exchange([grad_block], [sizes[rank]], rank, world, group)
         _wait(transfer)
     return grad_anchors, grad_block
-
-
-_CHUNK_ELEMENTS = 1 << 18  # elements of a temporary tile slice (1 MB in fp32)
 
 
 def _scalar_gradient(value: torch.Tensor, like: torch.Tensor, needed: bool):
@@ -147,25 +164,29 @@ class RingInfoNCE(torch.autograd.Function):
         if private is not None and private.shape[1] > 0:
             state["lse"] = torch.logsumexp(_private_raw(a, private.detach()) * value, dim=1)
 
-        def visit(raw, owner, columns):
+        positive_logits = a.new_empty(a.shape[0])
+        column_positive = a.new_empty(a.shape[0]) if column_sizes is not None else None
+
+        def visit(raw, row0, owner, columns):
+            rows = slice(row0, row0 + raw.shape[0])
             logits = raw.mul_(value)
             own = owner == rank
             if own and exclude_self:
-                logits.diagonal().fill_(float("-inf"))
-            state["lse"] = torch.logaddexp(state["lse"], torch.logsumexp(logits, dim=1))
+                logits.diagonal(row0).fill_(float("-inf"))  # the slice's (i, row0 + i): anchor i's own candidate
+            state["lse"][rows] = torch.logaddexp(state["lse"][rows], torch.logsumexp(logits, dim=1))
             if own:
-                state["positive"] = logits.gather(1, positive[:, None])[:, 0]
+                positive_logits[rows] = logits.gather(1, positive[rows, None])[:, 0]
             if columns is None:
                 return None
             block_columns = logits[:, :column_sizes[owner]]
             if own:
-                state["column_positive"] = block_columns.diagonal().clone()
+                column_positive[rows] = block_columns.diagonal(row0)
             return torch.logaddexp(columns, torch.logsumexp(block_columns, dim=0))
 
         columns = a.new_full((column_sizes[rank],), float("-inf")) if column_sizes is not None else None
         column_lse = ring_forward(a, candidates, sizes, group, visit, columns, column_sizes)
-        rows = state["lse"] - state["positive"]
-        column_losses = column_lse - state["column_positive"] if column_sizes is not None else a.new_empty(0)
+        rows = state["lse"] - positive_logits
+        column_losses = column_lse - column_positive if column_sizes is not None else a.new_empty(0)
         ctx.save_for_backward(anchors, candidates, scale, positive, private, state["lse"],
                               column_lse if column_sizes is not None else None)
         ctx.options = (exclude_self, sizes, column_sizes, group)
@@ -179,31 +200,28 @@ class RingInfoNCE(torch.autograd.Function):
         a = anchors.detach()
         value = scale.detach().to(a.dtype)
         weights = grad_rows.to(a.dtype) if grad_rows is not None else a.new_zeros(a.shape[0])
-        rows = torch.arange(a.shape[0], device=a.device)
         grads = {"scale": a.new_zeros(())}
         columns = None
         if column_sizes is not None:  # each block's column log-sum-exp and weight travel with it
             column_weights = grad_columns.to(a.dtype) if grad_columns is not None else torch.zeros_like(column_lse)
             columns = torch.stack([column_lse, column_weights], dim=1)
 
-        def tile_gradient(raw, owner, block_columns):
+        def tile_gradient(raw, row0, owner, block_columns):
             own = owner == rank
+            rows = slice(row0, row0 + raw.shape[0])
+            row_weights = weights[rows, None]
             # softmax times the row weight, in place
-            grad_logits = (raw * value).sub_(lse[:, None]).exp_().mul_(weights[:, None])
+            grad_logits = (raw * value).sub_(lse[rows, None]).exp_().mul_(row_weights)
             if own and exclude_self:
-                grad_logits.diagonal().zero_()
+                grad_logits.diagonal(row0).zero_()
             if own:
-                grad_logits[rows, positive] -= weights
+                grad_logits.scatter_add_(1, positive[rows, None], -row_weights)
             if block_columns is not None:
                 width = block_columns.shape[0]
                 column_lse_block, column_weights_block = block_columns[:, 0], block_columns[:, 1]
-                # the columns' softmax, a few rows at a time: no third tile
-                step = max(1, _CHUNK_ELEMENTS // max(width, 1))
-                for start in range(0, raw.shape[0], step):
-                    grad_logits[start:start + step, :width] += (raw[start:start + step, :width] * value).sub_(
-                        column_lse_block).exp_().mul_(column_weights_block)
+                grad_logits[:, :width] += (raw[:, :width] * value).sub_(column_lse_block).exp_().mul_(column_weights_block)
                 if own:
-                    grad_logits.diagonal()[:width] -= column_weights_block
+                    grad_logits.diagonal(row0)[:width] -= column_weights_block[rows]
             grads["scale"] = grads["scale"] + torch.vdot(grad_logits.reshape(-1), raw.reshape(-1))
             return grad_logits.mul_(value)
 
@@ -240,16 +258,19 @@ class RingSigmoid(torch.autograd.Function):
         scale_value, bias_value = scale.detach().to(anchors.dtype), bias.detach().to(anchors.dtype)
         state = {"sum": anchors.new_zeros(anchors.shape[0])}
 
-        def visit(raw, owner, _columns):
+        positive_logits = anchors.new_empty(anchors.shape[0])
+
+        def visit(raw, row0, owner, _columns):
+            rows = slice(row0, row0 + raw.shape[0])
             logits = raw.mul_(scale_value).add_(bias_value)
             if owner == rank:
-                state["positive"] = logits.diagonal().clone()
-            state["sum"] += F.softplus(logits).sum(dim=1)
+                positive_logits[rows] = logits.diagonal(row0)
+            state["sum"][rows] += F.softplus(logits).sum(dim=1)
 
         ring_forward(anchors.detach(), candidates, sizes, group, visit)
         ctx.save_for_backward(anchors, candidates, scale, bias)
         ctx.sizes, ctx.group = sizes, group
-        return state["sum"] - state["positive"]
+        return state["sum"] - positive_logits
 
     @staticmethod
     def backward(ctx, grad_rows):
@@ -260,10 +281,12 @@ class RingSigmoid(torch.autograd.Function):
         weights = grad_rows.to(a.dtype)
         grads = {"scale": a.new_zeros(()), "bias": a.new_zeros(())}
 
-        def tile_gradient(raw, owner, _columns):
-            grad_logits = torch.sigmoid(raw * scale_value + bias_value).mul_(weights[:, None])  # d softplus(z) = sigmoid(z)
+        def tile_gradient(raw, row0, owner, _columns):
+            rows = slice(row0, row0 + raw.shape[0])
+            # d softplus(z) = sigmoid(z)
+            grad_logits = torch.sigmoid(raw * scale_value + bias_value).mul_(weights[rows, None])
             if owner == rank:
-                grad_logits.diagonal().sub_(weights)
+                grad_logits.diagonal(row0).sub_(weights[rows])
             grads["scale"] = grads["scale"] + torch.vdot(grad_logits.reshape(-1), raw.reshape(-1))
             grads["bias"] = grads["bias"] + grad_logits.sum()
             return grad_logits.mul_(scale_value)

@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .ops.common.blocks import DEFAULT_BLOCK_BYTES, block_rows_for
+from .ops.common.blocks import ACCELERATOR_BLOCK_BYTES, DEFAULT_BLOCK_BYTES, block_rows_for
 from ._ring import ring_info_nce, ring_sigmoid_rows
 from .ops.common.checks import BACKENDS, REDUCTIONS, check_choice, check_embeddings, check_same_device
 from .ops.common.gradients import compute_dtype
@@ -53,7 +53,6 @@ MODES = ("auto", "gather", "ring")
 # ring covers. FASTCL_DISTRIBUTED_MODE=gather|ring (read at import) fixes auto's choice instead.
 RING_MEMORY_SHARE = 0.25
 _MODE_OVERRIDE = os.environ.get("FASTCL_DISTRIBUTED_MODE") or None
-ACCELERATOR_BLOCK_BYTES = 256 * 2**20  # gather-mode SigLIP's logits block off the CPU
 
 
 def _reduce_scatter(output: torch.Tensor, tensor: torch.Tensor, op, group) -> None:

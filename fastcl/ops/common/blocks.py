@@ -8,6 +8,7 @@ import torch
 
 NORM_EPS = 1e-12
 DEFAULT_BLOCK_BYTES = 8 * 2**20
+ACCELERATOR_BLOCK_BYTES = 256 * 2**20  # off the CPU: far larger blocks keep a GPU busy
 # exp(x - max) below these is flushed to 0, as the native kernels do (csrc/cpu/fast_math.h:
 # 2^-64 in float32, 2^-93 in float64, far below what can change a result at that precision),
 # so no subnormal (or normal but tiny value whose products are subnormal) enters a gradient product.
