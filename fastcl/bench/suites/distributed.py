@@ -11,11 +11,13 @@ processes of this machine (``python -m fastcl.bench distributed``; opt-in: it st
 - ``ring``: :func:`fastcl.distributed.clip_loss` with ``mode="ring"`` (feature blocks passed
   around the ranks, one local x block tile at a time).
 
-Each rank measures its own peak RSS over the timed steps and its median step time as every
-suite's case does (:func:`fastcl.bench.harness.measure_in_process`); the row reports the
-largest over ranks. Each rank runs ``cores // world`` threads (at least one), so with more ranks than cores
-the times include oversubscription: read the time columns at world <= cores, the memory columns
-at every size.
+Each rank measures its median step time and peak RSS over the timed steps as every suite's
+case does (:func:`fastcl.bench.harness.measure_in_process`), and the peak bytes of tensors one
+step allocates (:func:`fastcl.bench.harness.tensor_peak_bytes`: the loss's own memory, without
+gloo's buffers or the C library's page reuse); the row reports the largest over ranks. Each
+rank runs ``cores // world`` threads (at least one), so with more ranks than cores the times
+include oversubscription: read the time columns at world <= cores, the memory columns at every
+size.
 """
 from __future__ import annotations
 
@@ -113,19 +115,23 @@ def run(device: str, full: bool, out_dir: str, timeout: float) -> None:
     worlds = (1, 2, 4, 8) if full else (1, 2, 4)
     rows = []
     header = (f"clip loss across W gloo processes, local batch {batch}, D = {dim}, fp32 fwd+bwd, "
-              f"{device_name('cpu')}; per rank max over ranks; threads per rank = cores // W")
+              f"{device_name('cpu')}; per rank max over ranks; threads per rank = cores // W; "
+              "tensors = peak tensor bytes a step allocates (the allocator's records), RSS = peak extra resident memory")
     lines = [header]
     print(header, flush=True)
     for world in worlds:
-        measured = {provider: measure(provider, world, batch, dim) for provider in PROVIDERS}
+        measured = {provider: measure(provider, world, batch, dim, repeats=7) for provider in PROVIDERS}
         for provider, result in measured.items():
             rows.append({"world": world, "local_batch": batch, "dim": dim, "provider": provider, **result,
                          "time_ratio_vs_plain": result["time_ms"] / measured["plain"]["time_ms"],
-                         "memory_ratio_vs_plain": result["peak_mb"] / max(measured["plain"]["peak_mb"], 1e-9)})
+                         "memory_ratio_vs_plain": result["peak_mb"] / max(measured["plain"]["peak_mb"], 1e-9),
+                         "tensor_ratio_vs_plain": result["tensor_mb"] / max(measured["plain"]["tensor_mb"], 1e-9)})
         plain = measured["plain"]
-        text = f"W={world}: plain {plain['time_ms']:.0f} ms, {plain['peak_mb']:.0f} MB per rank" + "".join(
+        text = (f"W={world}: plain {plain['time_ms']:.0f} ms, tensors {plain['tensor_mb']:.1f} MB, "
+                f"RSS {plain['peak_mb']:.0f} MB per rank") + "".join(
             f"; {name} {result['time_ms']:.0f} ms ({result['time_ms'] / plain['time_ms']:.2f}x), "
-            f"{result['peak_mb']:.0f} MB ({result['peak_mb'] / max(plain['peak_mb'], 1e-9):.3f}x)"
+            f"tensors {result['tensor_mb']:.1f} MB ({result['tensor_mb'] / max(plain['tensor_mb'], 1e-9):.3f}x), "
+            f"RSS {result['peak_mb']:.0f} MB"
             for name, result in measured.items() if name != "plain")
         print(text, flush=True)
         lines.append(text)
