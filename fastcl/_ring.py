@@ -45,10 +45,11 @@ def _wait(transfer) -> None:
 
 
 def _tile_rows(anchors: torch.Tensor, block_rows: int) -> int:
-    """Anchor rows per slice of a local x block tile: the ops floor's block budget (cache-sized
-    on the CPU, larger on a GPU), so no tile is ever whole in memory."""
+    """Anchor rows per slice of a local x block tile, so no tile is ever whole in memory: three
+    slices live at once in backward (the products, the gradient, the columns' softmax), which
+    together take the ops floor's block budget (cache-sized on the CPU, larger on a GPU)."""
     budget = DEFAULT_BLOCK_BYTES if anchors.device.type == "cpu" else ACCELERATOR_BLOCK_BYTES
-    return max(1, min(anchors.shape[0], block_rows_for(max(block_rows, 1), anchors.element_size(), budget)))
+    return max(1, min(anchors.shape[0], block_rows_for(max(block_rows, 1), anchors.element_size(), budget // 3)))
 
 
 def ring_forward(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[int], group,
