@@ -59,6 +59,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from fastcl.ops.common.blocks import ACCELERATOR_BLOCK_BYTES
+
 LOSSES = ("clip", "info_nce", "siglip")
 MODES = ("gather", "ring")
 RING_KERNELS = ("torch", "fused")
@@ -496,9 +498,9 @@ def _gather_time(loss, world, batch, keys, dim, e, hw: Hardware) -> ModelTime:
         tiles = B * columns
         compute = _GATHER_MATMULS[loss] * 2 * tiles * D / hw.matmul_rate(c)
         compute += _SIGLIP_GATHER_TILE_PASSES * tiles * c / hw.hbm_rate()
-        # each row block (8 MiB of logits, fastcl.ops.common.blocks) reads the gathered texts
+        # each row block (ACCELERATOR_BLOCK_BYTES of logits on a GPU) reads the gathered texts
         # three times and reads, writes and adds into their gradient: ~7 passes of R*B*D*c
-        step = max(1, min(B, (8 * 2**20) // (columns * c)))
+        step = max(1, min(B, ACCELERATOR_BLOCK_BYTES // (columns * c)))
         blocks = math.ceil(B / step)
         compute += blocks * 7 * columns * D * c / hw.hbm_rate()
         compute = max(compute, blocks * _SIGLIP_GATHER_OPS * hw.launch_overhead)
@@ -585,38 +587,40 @@ def model_memory(loss: str, mode: str, world: int, batch: int, dim: int, dtype_b
     dtype), one gathered-size copy in flight (the all-gather's concatenation, the gradient's
     slicing before the reduce-scatter): ``(2 G + 1) R N D e`` with G gathered tensors (CLIP 2:
     keys and queries); SigLIP holds the gathered texts and their gradient in fp32 too:
-    ``(2 c + 2 e) R B D`` + three 8 MiB logit blocks. Ring: the local rows in the compute dtype
+    ``(2 c + 2 e) R B D`` + three logit blocks of ``ACCELERATOR_BLOCK_BYTES``. Ring: the local rows in the compute dtype
     and their gradients (``2 (B + N) D c``), two blocks and two gradient blocks in flight
-    (``4 N D c``), and the B x N tiles the PyTorch ops hold (2, CLIP 3); constant in R. A fused
+    (``4 N D c``), and the slices of the B x N tile the PyTorch ops hold (2, CLIP 3), computed a
+    few anchor rows at a time within ``ACCELERATOR_BLOCK_BYTES`` together; constant in R. A fused
     ring keeps no tile and its blocks in the input dtype.
     """
+
     _check_loss_mode(loss, mode, ring_kernel)
     R, B, D, e = world, batch, dim, dtype_bytes
     N = batch if keys is None else keys
     c = ring_element_bytes(e)
     if mode == "gather":
         if loss == "siglip":
-            return (2 * c + 2 * e) * R * B * D + 3 * 8 * 2**20
+            return (2 * c + 2 * e) * R * B * D + 3 * ACCELERATOR_BLOCK_BYTES
         gathered = 2 if loss == "clip" else 1
         return (2 * gathered + 1) * R * N * D * e
     block, gradient, _ = _ring_sizes(e, ring_kernel)
     rows = (B + N) * D * c + 2 * N * D * block + 2 * N * D * gradient + (B + N) * D * gradient
     if ring_kernel == "fused":
         return rows
-    return rows + (3 if loss == "clip" else 2) * B * N * c
+    return rows + min((3 if loss == "clip" else 2) * B * N * c, ACCELERATOR_BLOCK_BYTES)
 
 
 def choose_mode_ring_from(loss: str, batch: int, dim: int, hardware: Hardware = H100, keys: Optional[int] = None,
-                          largest: int = 1024) -> Optional[int]:
+                          largest: int = 1024, dtype_bytes: int = 2) -> Optional[int]:
     """The smallest R at which ``mode="auto"`` takes the ring (:func:`fastcl.distributed.choose_mode`:
-    the gathered rows and their gradients in the compute dtype above ``RING_MEMORY_SHARE`` of the
+    the gathered rows and their gradients in the input dtype above ``RING_MEMORY_SHARE`` of the
     GPU's memory), or None up to ``largest``."""
     from fastcl.distributed import RING_MEMORY_SHARE
 
     N = batch if keys is None else keys
     per_rank_rows = N + (batch if loss == "clip" else 0)
     for world in range(2, largest + 1):
-        if 2 * world * per_rank_rows * dim * 4 > RING_MEMORY_SHARE * hardware.memory:
+        if 2 * world * per_rank_rows * dim * dtype_bytes > RING_MEMORY_SHARE * hardware.memory:
             return world
     return None
 
@@ -702,7 +706,7 @@ def crossover_table(hardware: Hardware = H100, dtype_bytes: int = 2, losses: Seq
                 fused = _ring_faster(loss, batch, dim, dtype_bytes, hardware, "fused", largest)
                 memory = _first_world(lambda w: model_memory(loss, "gather", w, batch, dim, dtype_bytes) > hardware.memory,
                                       largest)
-                auto = choose_mode_ring_from(loss, batch, dim, hardware, largest=largest)
+                auto = choose_mode_ring_from(loss, batch, dim, hardware, largest=largest, dtype_bytes=dtype_bytes)
                 lines.append(f"| {loss} | {batch} | {dim} | {coded} | {fused} | {memory} | "
                              f"{auto if auto is not None else f'> {largest}'} |")
     return "\n".join(lines) + "\n"
@@ -773,7 +777,7 @@ def report(hardware: Hardware = H100, check: Optional[List[dict]] = None) -> str
         "default, allow_tf32 off, is 67 TFLOP/s) and passes over each fp32 tile element in HBM 24-41 times "
         "(counts in the module); its hops hide behind a tile only when the tile takes longer than the hop, and "
         "past one node every hop goes through one NIC (45 GB/s), not the node's eight. SigLIP's gather path is "
-        "PyTorch on row blocks of 8 MiB of fp32 logits (8 rows at R*B = 256K, 1 row past 1M), each of which "
+        "PyTorch on row blocks of 256 MiB of fp32 logits (256 rows at R*B = 256K, 64 past 1M), each of which "
         "re-reads the gathered texts: memory-bound, which is why the ring wins SigLIP everywhere but the smallest sizes.",
         "",
         "## Hardware figures (fastcl.bench.distributed_model.Hardware; sources in its docstring)",
