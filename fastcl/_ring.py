@@ -17,7 +17,7 @@ gradients), for both directions of a symmetric loss at once.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -53,27 +53,34 @@ def _tile_rows(anchors: torch.Tensor, block_rows: int) -> int:
 
 
 def ring_forward(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[int], group,
-                 visit: Callable, columns: Optional[torch.Tensor] = None, column_sizes: Optional[List[int]] = None):
-    """Calls ``columns = visit(raw, row0, owner, columns)`` with ``raw = anchors[row0:row1] @ block.T``
-    for every rank's candidate block (``owner``: the block's rank), slice by slice of anchor rows,
-    each block arriving while the previous one is computed on. ``columns``: this rank's block's
-    running column statistics (rows of ``column_sizes[owner]``), or None; they travel with their
-    block once every slice has updated them. Returns this rank's block's columns after every
-    rank has visited it."""
+                 visit: Callable, columns: Optional[torch.Tensor] = None, column_sizes: Optional[List[int]] = None,
+                 labels: Optional[torch.Tensor] = None):
+    """Calls ``columns = visit(raw, row0, owner, columns, block_labels)`` with
+    ``raw = anchors[row0:row1] @ block.T`` for every rank's candidate block (``owner``: the
+    block's rank), slice by slice of anchor rows, each block arriving while the previous one is
+    computed on. ``labels``: this rank's candidates' labels, which travel with the block (or
+    None). ``columns``: this rank's block's running column statistics (rows of
+    ``column_sizes[owner]``), or None; they travel with their block once every slice has updated
+    them. Returns this rank's block's columns after every rank has visited it."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     block, owner = candidates.detach(), rank
+    travelling = [block] if labels is None else [block, labels]
     for step in range(world):
         last = step == world - 1
         arriving = (owner - 1) % world
-        pending_block = None if last else _start_exchange([block], [sizes[arriving]], rank, world, group)
+        pending_block = None
+        if not last:
+            pending_block = _start_exchange(travelling, [sizes[arriving]] * len(travelling), rank, world, group)
+        block = travelling[0]
+        block_labels = travelling[1] if labels is not None else None
         rows = _tile_rows(anchors, block.shape[0])
         for row0 in range(0, anchors.shape[0], rows):
-            columns = visit(anchors[row0:row0 + rows] @ block.T, row0, owner, columns)
+            columns = visit(anchors[row0:row0 + rows] @ block.T, row0, owner, columns, block_labels)
         pending_columns = None
         if columns is not None and world > 1:  # on the last step this returns every block's columns to its owner
             pending_columns = _start_exchange([columns], [column_sizes[arriving]], rank, world, group)
         if pending_block is not None:
-            (block,), transfer = pending_block
+            travelling, transfer = pending_block
             _wait(transfer)
         if pending_columns is not None:
             (columns,), transfer = pending_columns
@@ -84,32 +91,34 @@ def ring_forward(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[in
 
 
 def ring_backward(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[int], group, tile_gradient: Callable,
-                  columns: Optional[torch.Tensor] = None, column_sizes: Optional[List[int]] = None):
+                  columns: Optional[torch.Tensor] = None, column_sizes: Optional[List[int]] = None,
+                  labels: Optional[torch.Tensor] = None):
     """(dL/d anchors, dL/d candidates) of a loss whose gradient wrt ``raw = anchors[row0:row1] @ block.T``
-    is ``tile_gradient(raw, row0, owner, columns)`` for each block, slice by slice (``columns``:
-    the block's column statistics, travelling with it, or None): the blocks travel the ring
-    again, each followed by the gradient of its rows, which every rank adds to and one last hop
-    returns to the owner.
+    is ``tile_gradient(raw, row0, owner, columns, block_labels)`` for each block, slice by slice
+    (``columns``: the block's column statistics, travelling with it, or None; ``labels``: the
+    candidates' labels, likewise): the blocks travel the ring again, each followed by the
+    gradient of its rows, which every rank adds to and one last hop returns to the owner.
 
     A block is sent on as soon as it arrives and its gradient as soon as this rank has added to
     it; the gradient coming with the next block is waited for only after that block's tile is
     computed (into a block-sized buffer of this rank's share), so both transfers overlap a tile."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     grad_anchors = torch.zeros_like(anchors)
-    block, owner = candidates.detach(), rank
+    block, owner, block_labels = candidates.detach(), rank, labels
     grad_block = None  # this rank's own block starts with its share alone
     pending_gradient = None
     for step in range(world):
         arriving = (owner - 1) % world
         pending_block = None
         if step < world - 1:
-            travelling = [block] if columns is None else [block, columns]
-            rows = [sizes[arriving]] if columns is None else [sizes[arriving], column_sizes[arriving]]
+            travelling = [block] + ([columns] if columns is not None else []) + ([block_labels] if labels is not None else [])
+            rows = [sizes[arriving]] + ([column_sizes[arriving]] if columns is not None else []) + (
+                [sizes[arriving]] if labels is not None else [])
             pending_block = _start_exchange(travelling, rows, rank, world, group)
         share = torch.zeros_like(block, dtype=anchors.dtype)
         rows = _tile_rows(anchors, block.shape[0])
         for row0 in range(0, anchors.shape[0], rows):
-            grad_raw = tile_gradient(anchors[row0:row0 + rows] @ block.T, row0, owner, columns)
+            grad_raw = tile_gradient(anchors[row0:row0 + rows] @ block.T, row0, owner, columns, block_labels)
             grad_anchors[row0:row0 + rows].addmm_(grad_raw, block)
             share.addmm_(grad_raw.T, anchors[row0:row0 + rows])
             del grad_raw
@@ -126,8 +135,9 @@ def ring_backward(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[i
             travelling, transfer = pending_block
             _wait(transfer)
             pending_block = transfer = None
-            block = travelling[0]
-            columns = travelling[1] if columns is not None else None
+            block = travelling.pop(0)
+            columns = travelling.pop(0) if columns is not None else None
+            block_labels = travelling.pop(0) if labels is not None else None
             owner = arriving
     if world > 1:  # the complete gradient of rank r + 1's block is here: return it
         (grad_block,), transfer = _start_exchange([grad_block], [sizes[rank]], rank, world, group)
@@ -139,15 +149,26 @@ def _scalar_gradient(value: torch.Tensor, like: torch.Tensor, needed: bool):
     return value.to(like.dtype).reshape(like.shape) if needed else None
 
 
+class RingOptions(NamedTuple):
+    """What the ring's InfoNCE computes beyond the plain loss (``fastcl.info_nce``'s meaning)."""
+
+    exclude_self: bool = False  # anchor i's own rank's candidate i is no candidate
+    margin: Optional[float] = None  # false_negative_margin: drop negatives within m of the positive (raw, no grad)
+    smoothing: float = 0.0  # label_smoothing over the candidates in each denominator
+
+
 class RingInfoNCE(torch.autograd.Function):
     """Per-row InfoNCE losses of the local ``anchors`` (B_r, D) against every rank's
     ``candidates`` (N_s, D), each anchor's positive being ``positive[i]`` among its own rank's
-    candidates: ``l_i = logsumexp_j(scale * a_i . c_j) - scale * a_i . c_pos(i)``.
+    candidates: ``l_i = logsumexp_{j in C_i}(scale * a_i . c_j) - scale * a_i . c_pos(i)``,
+    ``C_i`` every candidate but those the options drop.
 
     ``sizes``: every rank's candidate count, in rank order. ``scale``: a 0-d tensor (1 / tau, or
     CLIP's logit scale), which gets its gradient. ``private``: (B_r, H, D) negatives of each
-    anchor alone (DPR's hard negatives) or None; they stay on their rank. ``exclude_self``: the
-    pair of anchor i with its own rank's candidate i is no candidate.
+    anchor alone (DPR's hard negatives) or None; they stay on their rank. ``labels`` (B_r,) and
+    ``candidate_labels`` (N_r,) (or None): a candidate with its anchor's label is dropped unless
+    it is the positive (``multi_positive="mask"``); the candidates' labels travel with their
+    block; hard negatives are never dropped for a label. ``options``: :class:`RingOptions`.
 
     ``column_sizes`` (symmetric losses; every rank's anchor count B_s, with N_s >= B_s): the
     column direction too, candidate j < B_s of every rank against every rank's anchors, its
@@ -156,82 +177,109 @@ class RingInfoNCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, anchors, candidates, scale, positive, private, exclude_self: bool,
+    def forward(ctx, anchors, candidates, scale, positive, private, labels, candidate_labels, options: RingOptions,
                 sizes: List[int], column_sizes: Optional[List[int]], group):
         rank = dist.get_rank(group)
         a = anchors.detach()
         value = scale.detach().to(a.dtype)
-        state = {"lse": a.new_full((a.shape[0],), float("-inf"))}
-        if private is not None and private.shape[1] > 0:
-            state["lse"] = torch.logsumexp(_private_raw(a, private.detach()) * value, dim=1)
+        batch = a.shape[0]
+        tile = _TileMasks(options, positive, labels, a.new_empty(batch))
+        lse = a.new_full((batch,), float("-inf"))
+        positive_score = a.new_empty(batch)
+        totals = a.new_zeros((batch, 2)) if options.smoothing else None  # candidates' score sum, count
+        symmetric = column_sizes is not None
+        column_positive = a.new_empty(batch) if symmetric else None
+        columns = None
+        if symmetric:  # of this rank's first B_r candidates: [lse, (score sum, count), (positive similarity)]
+            columns = a.new_zeros((batch, 1 + 2 * bool(options.smoothing) + (options.margin is not None)))
+            columns[:, 0] = float("-inf")
+            if options.margin is not None:
+                columns[:, -1] = (a * candidates.detach()[:batch]).sum(-1)
 
-        positive_logits = a.new_empty(a.shape[0])
-        column_positive = a.new_empty(a.shape[0]) if column_sizes is not None else None
-
-        def visit(raw, row0, owner, columns):
+        def visit(raw, row0, owner, block_columns, block_labels):
             rows = slice(row0, row0 + raw.shape[0])
-            logits = raw.mul_(value)
             own = owner == rank
-            if own and exclude_self:
-                logits.diagonal(row0).fill_(float("-inf"))  # the slice's (i, row0 + i): anchor i's own candidate
-            state["lse"][rows] = torch.logaddexp(state["lse"][rows], torch.logsumexp(logits, dim=1))
             if own:
-                positive_logits[rows] = logits.gather(1, positive[rows, None])[:, 0]
-            if columns is None:
+                tile.positive_raw[rows] = raw.gather(1, positive[rows, None])[:, 0]
+            dropped = tile.row_dropped(raw, row0, own, block_labels)
+            column_dropped = tile.column_dropped(raw, row0, own, block_labels, block_columns) if symmetric else None
+            logits = raw.mul_(value)
+            if own:
+                positive_score[rows] = logits.gather(1, positive[rows, None])[:, 0]
+            _merge(lse, totals, rows, logits, dropped, dim=1)
+            if not symmetric:
                 return None
-            block_columns = logits[:, :column_sizes[owner]]
+            width = block_columns.shape[0]
             if own:
-                column_positive[rows] = block_columns.diagonal(row0)
-            return torch.logaddexp(columns, torch.logsumexp(block_columns, dim=0))
+                column_positive[rows] = logits[:, :width].diagonal(row0)
+            _merge(block_columns[:, 0], block_columns[:, 1:3] if options.smoothing else None, slice(None),
+                   logits[:, :width], column_dropped, dim=0)
+            return block_columns
 
-        columns = a.new_full((column_sizes[rank],), float("-inf")) if column_sizes is not None else None
-        column_lse = ring_forward(a, candidates, sizes, group, visit, columns, column_sizes)
-        rows = state["lse"] - positive_logits
-        column_losses = column_lse - column_positive if column_sizes is not None else a.new_empty(0)
-        ctx.save_for_backward(anchors, candidates, scale, positive, private, state["lse"],
-                              column_lse if column_sizes is not None else None)
-        ctx.options = (exclude_self, sizes, column_sizes, group)
-        return rows, column_losses
+        columns = ring_forward(a, candidates, sizes, group, visit, columns, column_sizes, candidate_labels)
+        private_raw = None
+        if private is not None and private.shape[1] > 0:
+            private_raw = _private_raw(a, private.detach())
+            _merge(lse, totals, slice(None), private_raw * value, tile.private_dropped(private_raw), dim=1)
+        rows_loss = _row_losses(lse, positive_score, totals, options.smoothing)
+        column_losses = a.new_empty(0)
+        if symmetric:
+            column_losses = _row_losses(columns[:, 0], column_positive, columns[:, 1:3], options.smoothing)
+        ctx.save_for_backward(anchors, candidates, scale, positive, private, labels, candidate_labels, lse,
+                              totals, columns, tile.positive_raw)
+        ctx.options = (options, sizes, column_sizes, group)
+        return rows_loss, column_losses
 
     @staticmethod
     def backward(ctx, grad_rows, grad_columns):
-        anchors, candidates, scale, positive, private, lse, column_lse = ctx.saved_tensors
-        exclude_self, sizes, column_sizes, group = ctx.options
+        (anchors, candidates, scale, positive, private, labels, candidate_labels, lse, totals, columns,
+         positive_raw) = ctx.saved_tensors
+        options, sizes, column_sizes, group = ctx.options
         rank = dist.get_rank(group)
         a = anchors.detach()
         value = scale.detach().to(a.dtype)
+        smoothing = options.smoothing
+        tile = _TileMasks(options, positive, labels, positive_raw)
         weights = grad_rows.to(a.dtype) if grad_rows is not None else a.new_zeros(a.shape[0])
+        # d l_i / d s_ij = p_ij - (1 - eps) [j = pos] - eps / K_i [j in C_i]
+        spread = weights * smoothing / totals[:, 1] if smoothing else None
         grads = {"scale": a.new_zeros(())}
-        columns = None
-        if column_sizes is not None:  # each block's column log-sum-exp and weight travel with it
-            column_weights = grad_columns.to(a.dtype) if grad_columns is not None else torch.zeros_like(column_lse)
-            columns = torch.stack([column_lse, column_weights], dim=1)
+        travelling = None
+        if column_sizes is not None:  # each block's column statistics and weights travel with it
+            column_weights = grad_columns.to(a.dtype) if grad_columns is not None else torch.zeros_like(columns[:, 0])
+            column_spread = column_weights * smoothing / columns[:, 2] if smoothing else None
+            travelling = torch.stack([columns[:, 0], column_weights] + ([column_spread] if smoothing else []) +
+                                     ([columns[:, -1]] if options.margin is not None else []), dim=1)
 
-        def tile_gradient(raw, row0, owner, block_columns):
+        def tile_gradient(raw, row0, owner, block_columns, block_labels):
             own = owner == rank
             rows = slice(row0, row0 + raw.shape[0])
             row_weights = weights[rows, None]
-            # softmax times the row weight, in place
-            grad_logits = (raw * value).sub_(lse[rows, None]).exp_().mul_(row_weights)
-            if own and exclude_self:
-                grad_logits.diagonal(row0).zero_()
+            dropped = tile.row_dropped(raw, row0, own, block_labels)
+            grad_logits = _softmax_gradient(raw * value, lse[rows, None], row_weights,
+                                            spread[rows, None] if smoothing else None, dropped)
             if own:
-                grad_logits.scatter_add_(1, positive[rows, None], -row_weights)
+                grad_logits.scatter_add_(1, positive[rows, None], -(1.0 - smoothing) * row_weights)
             if block_columns is not None:
                 width = block_columns.shape[0]
-                column_lse_block, column_weights_block = block_columns[:, 0], block_columns[:, 1]
-                grad_logits[:, :width] += (raw[:, :width] * value).sub_(column_lse_block).exp_().mul_(column_weights_block)
+                column_dropped = tile.column_dropped(raw, row0, own, block_labels, block_columns)
+                grad_logits[:, :width] += _softmax_gradient(
+                    raw[:, :width] * value, block_columns[None, :, 0], block_columns[None, :, 1],
+                    block_columns[None, :, 2] if smoothing else None, column_dropped)
                 if own:
-                    grad_logits.diagonal(row0)[:width] -= column_weights_block[rows]
+                    grad_logits.diagonal(row0)[:width] -= (1.0 - smoothing) * block_columns[rows, 1]
             grads["scale"] = grads["scale"] + torch.vdot(grad_logits.reshape(-1), raw.reshape(-1))
             return grad_logits.mul_(value)
 
-        grad_anchors, grad_candidates = ring_backward(a, candidates, sizes, group, tile_gradient, columns, column_sizes)
+        grad_anchors, grad_candidates = ring_backward(a, candidates, sizes, group, tile_gradient, travelling,
+                                                      column_sizes, candidate_labels)
         grad_private = None
         if private is not None:
             h = private.detach()
             private_raw = _private_raw(a, h)
-            grad_private_logits = (private_raw * value).sub_(lse[:, None]).exp_().mul_(weights[:, None])
+            grad_private_logits = _softmax_gradient(private_raw * value, lse[:, None], weights[:, None],
+                                                    spread[:, None] if smoothing else None,
+                                                    tile.private_dropped(private_raw))
             grads["scale"] = grads["scale"] + torch.vdot(grad_private_logits.reshape(-1), private_raw.reshape(-1))
             grad_private_raw = grad_private_logits.mul_(value)
             grad_anchors += torch.bmm(grad_private_raw[:, None, :], h)[:, 0]
@@ -240,7 +288,92 @@ class RingInfoNCE(torch.autograd.Function):
         return (grad_anchors.to(anchors.dtype) if needs[0] else None,
                 grad_candidates.to(candidates.dtype) if needs[1] else None,
                 _scalar_gradient(grads["scale"], scale, needs[2]), None,
-                grad_private if needs[4] else None, None, None, None, None)
+                grad_private if needs[4] else None, None, None, None, None, None, None)
+
+
+class _TileMasks:
+    """The candidates a tile slice drops, for the rows (anchor i against the block's candidates)
+    and for the columns (candidate j < B_s of the block against the local anchors): True where
+    dropped, or None where nothing is (the plain loss builds no mask)."""
+
+    def __init__(self, options: RingOptions, positive: torch.Tensor, labels: Optional[torch.Tensor],
+                 positive_raw: torch.Tensor):
+        self.options, self.positive, self.labels = options, positive, labels
+        # each anchor's similarity with its positive (the margin's reference): the own block sets it
+        self.positive_raw = positive_raw
+
+    def _positive_mask(self, raw, row0, own):
+        if not own:
+            return None
+        is_positive = torch.zeros_like(raw, dtype=torch.bool)
+        return is_positive.scatter_(1, self.positive[row0:row0 + raw.shape[0], None], True)
+
+    def row_dropped(self, raw, row0, own, block_labels):
+        options, rows = self.options, slice(row0, row0 + raw.shape[0])
+        dropped = None
+        if own and options.exclude_self:
+            dropped = torch.zeros_like(raw, dtype=torch.bool)
+            dropped.diagonal(row0).fill_(True)
+        if self.labels is not None or options.margin is not None:
+            is_positive = self._positive_mask(raw, row0, own)
+            extra = torch.zeros_like(raw, dtype=torch.bool)
+            if self.labels is not None:
+                extra |= self.labels[rows, None] == block_labels[None, :]
+            if options.margin is not None:
+                extra |= raw > (self.positive_raw[rows, None] - options.margin)
+            if is_positive is not None:
+                extra &= ~is_positive
+            dropped = extra if dropped is None else dropped | extra
+        return dropped
+
+    def column_dropped(self, raw, row0, own, block_labels, block_columns):
+        options, rows = self.options, slice(row0, row0 + raw.shape[0])
+        if self.labels is None and options.margin is None:
+            return None
+        width = block_columns.shape[0]
+        columns_raw = raw[:, :width]
+        dropped = torch.zeros_like(columns_raw, dtype=torch.bool)
+        if self.labels is not None:
+            dropped |= block_labels[None, :width] == self.labels[rows, None]
+        if options.margin is not None:
+            dropped |= columns_raw > (block_columns[None, :, -1] - options.margin)  # the columns' positives
+        if own:
+            dropped.diagonal(row0).fill_(False)  # candidate j's positive is anchor j of its own rank
+        return dropped
+
+    def private_dropped(self, private_raw):
+        if self.options.margin is None:
+            return None
+        return private_raw > (self.positive_raw[:, None] - self.options.margin)
+
+
+def _merge(lse, totals, rows, logits, dropped, dim):
+    """Fold a slice's logits into the running log-sum-exp (and, with smoothing, the candidates'
+    score sum and count) along ``dim`` (1: per anchor row, 0: per column), leaving out the
+    dropped ones."""
+    kept = logits if dropped is None else logits.masked_fill(dropped, float("-inf"))
+    lse[rows] = torch.logaddexp(lse[rows], torch.logsumexp(kept, dim=dim))
+    if totals is not None:
+        totals[rows, 0] += (logits if dropped is None else logits.masked_fill(dropped, 0.0)).sum(dim)
+        totals[rows, 1] += logits.shape[dim] - (0 if dropped is None else dropped.sum(dim))
+
+
+def _row_losses(lse, positive_score, totals, smoothing):
+    loss = lse - (1.0 - smoothing) * positive_score
+    if smoothing:
+        loss = loss - smoothing * totals[:, 0] / totals[:, 1]
+    return loss
+
+
+def _softmax_gradient(logits, lse, weights, spread, dropped):
+    """``weights * exp(logits - lse) - spread`` on the kept candidates, 0 on the dropped ones (in
+    place on ``logits``)."""
+    grad = logits.sub_(lse).exp_().mul_(weights)
+    if spread is not None:
+        grad.sub_(spread)
+    if dropped is not None:
+        grad.masked_fill_(dropped, 0.0)
+    return grad
 
 
 def _private_raw(anchors: torch.Tensor, private: torch.Tensor) -> torch.Tensor:
@@ -261,7 +394,7 @@ class RingSigmoid(torch.autograd.Function):
 
         positive_logits = anchors.new_empty(anchors.shape[0])
 
-        def visit(raw, row0, owner, _columns):
+        def visit(raw, row0, owner, _columns, _labels):
             rows = slice(row0, row0 + raw.shape[0])
             logits = raw.mul_(scale_value).add_(bias_value)
             if owner == rank:
@@ -282,7 +415,7 @@ class RingSigmoid(torch.autograd.Function):
         weights = grad_rows.to(a.dtype)
         grads = {"scale": a.new_zeros(()), "bias": a.new_zeros(())}
 
-        def tile_gradient(raw, row0, owner, _columns):
+        def tile_gradient(raw, row0, owner, _columns, _labels):
             rows = slice(row0, row0 + raw.shape[0])
             # d softplus(z) = sigmoid(z)
             grad_logits = torch.sigmoid(raw * scale_value + bias_value).mul_(weights[rows, None])
@@ -301,14 +434,16 @@ class RingSigmoid(torch.autograd.Function):
 
 
 def ring_info_nce(anchors: torch.Tensor, candidates: torch.Tensor, scale: torch.Tensor, positive: Optional[torch.Tensor],
-                  sizes: List[int], group, private: Optional[torch.Tensor] = None, exclude_self: bool = False,
+                  sizes: List[int], group, private: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                  candidate_labels: Optional[torch.Tensor] = None, options: RingOptions = RingOptions(),
                   column_sizes: Optional[List[int]] = None):
     """(row losses (B_r,), column losses (B_r,) or None) of :class:`RingInfoNCE`; ``positive``
     defaults to ``arange(B_r)``; ``column_sizes`` (every rank's B) asks for the column direction."""
     if positive is None:
         positive = torch.arange(anchors.shape[0], device=anchors.device)
-    rows, columns = RingInfoNCE.apply(anchors, candidates, scale, positive.long(), private, bool(exclude_self),
-                                      list(sizes), list(column_sizes) if column_sizes is not None else None, group)
+    rows, columns = RingInfoNCE.apply(anchors, candidates, scale, positive.long(), private, labels, candidate_labels,
+                                      options, list(sizes), list(column_sizes) if column_sizes is not None else None,
+                                      group)
     return rows, (columns if column_sizes is not None else None)
 
 

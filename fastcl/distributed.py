@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .ops.common.blocks import ACCELERATOR_BLOCK_BYTES, DEFAULT_BLOCK_BYTES, block_rows_for
-from ._ring import ring_info_nce, ring_sigmoid_rows
+from ._ring import RingOptions, ring_info_nce, ring_sigmoid_rows
 from .ops.common.checks import BACKENDS, REDUCTIONS, check_choice, check_embeddings, check_same_device
 from .ops.common.gradients import compute_dtype
 from .ops.info_nce import MASK, SUPCON, check_info_nce_args, count_positives, logit_scale_temperature
@@ -222,9 +222,10 @@ def info_nce(
     number of ranks; a symmetric loss computes both directions on the same tiles, the columns'
     statistics travelling with their block); ``mode="auto"`` (default) is :func:`choose_mode`'s
     pick. Ring mode covers the plain loss (``positive``, ``hard_negatives``, ``normalize``,
-    ``symmetric``, ``exclude_self``, a learnable temperature, every reduction, uneven batches);
-    the other options raise a ``ValueError`` that names ``mode="gather"``. ``backend`` applies
-    to gather mode.
+    ``symmetric``, ``exclude_self``, labels in ``"mask"`` mode (the keys' labels travel with
+    their block), ``false_negative_margin``, ``label_smoothing``, a learnable temperature, every
+    reduction, uneven batches); ``"supcon"`` and ``"pairwise"`` raise a ``ValueError`` that
+    names ``mode="gather"``. ``backend`` applies to gather mode.
 
     Returns (see the module docstring): ``R / D_global * (local sum of row losses)`` for
     "mean" (the local mean when batches are equal), ``R * local sum`` for "sum", so that the
@@ -243,13 +244,9 @@ def info_nce(
                       labels=labels, key_labels=key_labels)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("mode", mode, MODES)
-    unsupported = [name for name, given in (
-        ("labels / key_labels", labels is not None or key_labels is not None),
-        (f"multi_positive={multi_positive!r}", multi_positive != MASK),
-        ("false_negative_margin", false_negative_margin is not None), ("label_smoothing", label_smoothing != 0))
-        if given]
+    unsupported = [f"multi_positive={multi_positive!r}"] if multi_positive != MASK else []
     if mode == "ring" and unsupported:
-        raise ValueError(f"mode='ring' covers the plain loss; {', '.join(unsupported)} need mode='gather'")
+        raise ValueError(f"mode='ring' covers multi_positive='mask'; {', '.join(unsupported)} needs mode='gather'")
     batch, num_keys = query.shape[0], key.shape[0]
     if positive is not None and isinstance(positive, torch.Tensor) and positive.numel() > 0:
         low, high = int(positive.min()), int(positive.max())
@@ -278,7 +275,8 @@ def info_nce(
 
     if mode == "ring":
         rows, columns = _ring_directions(query, key, positive, hard_negatives, temperature, normalize, symmetric,
-                                         exclude_self, reduction, backend, query_sizes, key_sizes, group)
+                                         exclude_self, labels, key_labels, false_negative_margin, label_smoothing,
+                                         reduction, backend, query_sizes, key_sizes, group)
         if per_row == "sum":
             rows = rows.sum()
             columns = columns.sum() if columns is not None else None
@@ -325,16 +323,16 @@ def info_nce(
     return totals[0] if len(totals) == 1 else 0.5 * (totals[0] + totals[1])
 
 
-def _ring_directions(query, key, positive, hard_negatives, temperature, normalize, symmetric, exclude_self, reduction,
-                     backend, query_sizes, key_sizes, group):
-    """(row losses (B_r,), column losses (B_r,) or None) of the plain loss by ring exchange, both
-    directions of a symmetric loss on the same tiles; the local arguments are checked as
+def _ring_directions(query, key, positive, hard_negatives, temperature, normalize, symmetric, exclude_self, labels,
+                     key_labels, margin, smoothing, reduction, backend, query_sizes, key_sizes, group):
+    """(row losses (B_r,), column losses (B_r,) or None) of the "mask" loss by ring exchange,
+    both directions of a symmetric loss on the same tiles; the local arguments are checked as
     :func:`fastcl.info_nce` checks them (gather mode's call does)."""
     dtype = compute_dtype(query)
     q, k = query.to(dtype), key.to(dtype)
     h = hard_negatives.to(dtype) if hard_negatives is not None else None
-    check_info_nce_args(q, k, positive, h, temperature, normalize, symmetric, exclude_self, None, None, MASK, None, 0.0,
-                        reduction, backend)
+    check_info_nce_args(q, k, positive, h, temperature, normalize, symmetric, exclude_self, labels, key_labels, MASK,
+                        margin, smoothing, reduction, backend)
     if normalize:
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         h = F.normalize(h, dim=-1) if h is not None else None
@@ -342,7 +340,11 @@ def _ring_directions(query, key, positive, hard_negatives, temperature, normaliz
         scale = 1.0 / temperature.to(dtype).reshape(())
     else:
         scale = torch.tensor(1.0 / float(temperature), dtype=dtype, device=query.device)
-    return ring_info_nce(q, k, scale, positive, key_sizes, group, private=h, exclude_self=exclude_self,
+    options = RingOptions(exclude_self=bool(exclude_self), margin=None if margin is None else float(margin),
+                          smoothing=float(smoothing))
+    return ring_info_nce(q, k, scale, positive, key_sizes, group, private=h,
+                         labels=labels.long() if labels is not None else None,
+                         candidate_labels=key_labels.long() if key_labels is not None else None, options=options,
                          column_sizes=query_sizes if symmetric else None)
 
 

@@ -313,6 +313,53 @@ def case_ring_mode(rank, world, sizes):
     check_clip("ring clip", rank, world, sizes, queries, keys, mode="ring")  # both directions on the same tiles
     check_siglip("ring siglip", rank, world, sizes, queries, keys, mode="ring")  # the text blocks by ring
     case_ring_symmetric_and_exclude_self(rank, world, sizes, queries, keys, extras)
+    case_ring_labels_margin_smoothing(rank, world, sizes, queries, keys, extras)
+
+
+def case_ring_labels_margin_smoothing(rank, world, sizes, queries, keys, extras):
+    """Ring mode with the "mask" options: labels (the keys' labels travel with their block),
+    a false-negative margin (in-batch and hard negatives) and label smoothing, one direction with
+    extra keys and hard negatives, and symmetric (CLIP-style) with all three; both against the
+    single-process loss, with a learnable temperature."""
+    generator = torch.Generator().manual_seed(10)
+    total = sum(sizes)
+    labels = torch.randint(0, 3, (total,), generator=generator)
+    extra_labels = torch.randint(0, 3, (total,), generator=generator)
+    hard_negatives = torch.randn(total, 2, DIM, generator=generator, dtype=torch.float64)
+    cases = [
+        ("ring labels + margin + smoothing + hard negatives", dict(
+            hard_negatives=True, labels=True, false_negative_margin=0.1, label_smoothing=0.1)),
+        ("ring symmetric labels + margin + smoothing", dict(
+            symmetric=True, labels=True, false_negative_margin=0.2, label_smoothing=0.2)),
+        ("ring margin only", dict(false_negative_margin=0.0)),
+    ]
+    for name, case in cases:
+        temperature_all = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+        q_all, p_all, e_all, h_all = leaf(queries), leaf(keys), leaf(extras), leaf(hard_negatives)
+        options = dict(temperature=temperature_all, normalize=True, symmetric=case.get("symmetric", False),
+                       false_negative_margin=case.get("false_negative_margin"),
+                       label_smoothing=case.get("label_smoothing", 0.0))
+        single = dict(options)
+        if case.get("labels"):
+            single.update(labels=labels, key_labels=torch.cat([labels, extra_labels]))
+        if case.get("hard_negatives"):
+            single.update(hard_negatives=h_all)
+        expected = fastcl.info_nce(q_all, torch.cat([p_all, e_all]), backend="naive", **single)
+        expected.backward()
+        temperature = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+        q, p, e, h = (leaf(split(t, sizes, rank)) for t in (queries, keys, extras, hard_negatives))
+        local = dict(options, temperature=temperature)
+        if case.get("labels"):
+            local_labels = split(labels, sizes, rank)
+            local.update(labels=local_labels, key_labels=torch.cat([local_labels, split(extra_labels, sizes, rank)]))
+        if case.get("hard_negatives"):
+            local.update(hard_negatives=h)
+        loss = fastcl.distributed.info_nce(q, torch.cat([p, e]), mode="ring", **local)
+        loss.backward()
+        pairs = [(t, split(ref.grad, sizes, rank), world) for t, ref in ((q, q_all), (p, p_all), (e, e_all))]
+        if case.get("hard_negatives"):
+            pairs.append((h, split(h_all.grad, sizes, rank), world))
+        check_case(name, rank, world, loss, expected, pairs + [(temperature, temperature_all.grad, 1)])
 
 
 def case_ring_symmetric_and_exclude_self(rank, world, sizes, queries, keys, extras):
@@ -417,8 +464,9 @@ def test_bad_arguments_raise_clear_errors(single_rank_group):
                                     mode="ring")
     with pytest.raises(ValueError, match="temperature must be a finite value > 0"):
         fastcl.distributed.info_nce(query, key, temperature=0.0, mode="ring")
-    with pytest.raises(ValueError, match="labels / key_labels need mode='gather'"):
-        fastcl.distributed.info_nce(query, query, labels=labels, key_labels=labels, mode="ring")
+    with pytest.raises(ValueError, match="multi_positive='supcon' needs mode='gather'"):
+        fastcl.distributed.info_nce(query, query, labels=labels, key_labels=labels, multi_positive="supcon",
+                                    mode="ring")
 
 
 def test_auto_mode_takes_the_ring_past_its_memory_share(monkeypatch):
