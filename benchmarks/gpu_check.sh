@@ -144,7 +144,7 @@ fi
 if [ "$dry_run" = 1 ] || [ "$(left)" -lt 25 ]; then
   step_status[tests_triton_other]="not run (dry run or no time left)"
 else
-  run_tests tests_triton_other "$(share 10 15)" -m triton tests/ops/test_info_nce_triton.py -k "not bfloat16"
+  run_tests tests_triton_other "$(share 10 15)" -m triton tests/ops/test_ring_triton.py tests/ops/test_info_nce_triton.py -k "not bfloat16"
 fi
 
 wait "$compile_pid"

@@ -53,12 +53,14 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from fastcl.ops.common import triton_runtime as triton_common  # noqa: E402
+from fastcl.ops.info_nce import ring_triton as ring_kernels  # noqa: E402
 from fastcl.ops.info_nce import triton as info_nce_kernels  # noqa: E402
 from fastcl.ops.latent_attention import triton as latent_attention_kernels  # noqa: E402
 from fastcl.ops.patches import triton as patches_kernels  # noqa: E402
 from fastcl.ops.siglip import triton as siglip_kernels  # noqa: E402
 
-KERNEL_MODULES = [info_nce_kernels, siglip_kernels, latent_attention_kernels, patches_kernels, triton_common]
+KERNEL_MODULES = [info_nce_kernels, ring_kernels, siglip_kernels, latent_attention_kernels, patches_kernels,
+                  triton_common]
 
 # Argument types by name (every kernel names its arguments consistently): pointers to the input
 # dtype, to int64 indices, to float32 (any other ``*_ptr``), float32 scalars, and int32 sizes.
@@ -244,6 +246,23 @@ def siglip_jobs():
     ]
 
 
+def ring_jobs():
+    """The ring exchange's tile kernels as fastcl._ring launches them (fp32 rows, fixed tiles)."""
+    k = ring_kernels
+    blocks = dict(CAST_DOT=False, DOT_PRECISION="ieee", BLOCK_M=k.BLOCK_M, BLOCK_N=k.BLOCK_N, BLOCK_D=k.BLOCK_D)
+    jobs = []
+    for name, flags in (("clip own", dict(OWN=True, EXCLUDE_SELF=False, COLUMNS=True)),
+                        ("nt-xent own", dict(OWN=True, EXCLUDE_SELF=True, COLUMNS=False)),
+                        ("other block", dict(OWN=False, EXCLUDE_SELF=False, COLUMNS=True))):
+        quick = name == "clip own"
+        jobs.append(Job(f"ring fwd {name}", jit_function(k.ring_fwd_kernel_tile), "float32", dict(flags, **blocks),
+                        quick=quick))
+        for kind, kernel in (("rows", k.ring_bwd_kernel_rows), ("columns", k.ring_bwd_kernel_columns)):
+            jobs.append(Job(f"ring bwd {kind} {name}", jit_function(kernel), "float32",
+                            dict(flags, ACC_D=k.ACC_D_MAX, **blocks), quick=quick, options=dict(num_warps=k.BACKWARD_WARPS)))
+    return jobs
+
+
 def latent_attention_jobs():
     k = latent_attention_kernels
     # one row of r = 512 latents per program (NV-Embed's r), GEGLU blocks as the host launches them
@@ -292,7 +311,7 @@ def all_configs_jobs():
 
 
 def plan(quick: bool = False, all_configs: bool = False):
-    jobs = info_nce_jobs() + siglip_jobs() + latent_attention_jobs() + patches_jobs()
+    jobs = info_nce_jobs() + ring_jobs() + siglip_jobs() + latent_attention_jobs() + patches_jobs()
     if quick:
         jobs = [job for job in jobs if job.quick]
     if all_configs:

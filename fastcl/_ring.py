@@ -17,6 +17,8 @@ gradients), for both directions of a symmetric loss at once.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
@@ -24,6 +26,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .ops.common.blocks import ACCELERATOR_BLOCK_BYTES, DEFAULT_BLOCK_BYTES, block_rows_for
+
+# FASTCL_RING_TILES=torch keeps the ring's tiles on PyTorch ops everywhere; =triton runs the
+# fused tile kernels on the CPU too (the Triton interpreter, for tests). Read at import.
+_RING_TILES = os.environ.get("FASTCL_RING_TILES") or None
 
 
 def _start_exchange(tensors: Sequence[torch.Tensor], receive_rows: Sequence[int], rank: int, world: int, group):
@@ -52,16 +58,43 @@ def _tile_rows(anchors: torch.Tensor, block_rows: int) -> int:
     return max(1, min(anchors.shape[0], block_rows_for(max(block_rows, 1), anchors.element_size(), budget // 3)))
 
 
+def sliced(anchors: torch.Tensor, visit: Callable) -> Callable:
+    """A block visit for :func:`ring_forward` that calls ``columns = visit(raw, row0, owner,
+    columns, block_labels)`` with ``raw = anchors[row0:row1] @ block.T``, slice by slice of
+    anchor rows (PyTorch ops on a materialized slice)."""
+    def visit_block(block, owner, columns, block_labels):
+        rows = _tile_rows(anchors, block.shape[0])
+        for row0 in range(0, anchors.shape[0], rows):
+            columns = visit(anchors[row0:row0 + rows] @ block.T, row0, owner, columns, block_labels)
+        return columns
+    return visit_block
+
+
+def sliced_gradient(anchors: torch.Tensor, tile_gradient: Callable) -> Callable:
+    """A block gradient for :func:`ring_backward` from ``tile_gradient(raw, row0, owner, columns,
+    block_labels)`` = dL/d raw of each slice ``raw = anchors[row0:row1] @ block.T``."""
+    def block_gradient(block, owner, columns, block_labels, grad_anchors):
+        share = torch.zeros_like(block, dtype=anchors.dtype)
+        rows = _tile_rows(anchors, block.shape[0])
+        for row0 in range(0, anchors.shape[0], rows):
+            grad_raw = tile_gradient(anchors[row0:row0 + rows] @ block.T, row0, owner, columns, block_labels)
+            grad_anchors[row0:row0 + rows].addmm_(grad_raw, block)
+            share.addmm_(grad_raw.T, anchors[row0:row0 + rows])
+            del grad_raw
+        return share
+    return block_gradient
+
+
 def ring_forward(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[int], group,
-                 visit: Callable, columns: Optional[torch.Tensor] = None, column_sizes: Optional[List[int]] = None,
+                 visit_block: Callable, columns: Optional[torch.Tensor] = None, column_sizes: Optional[List[int]] = None,
                  labels: Optional[torch.Tensor] = None):
-    """Calls ``columns = visit(raw, row0, owner, columns, block_labels)`` with
-    ``raw = anchors[row0:row1] @ block.T`` for every rank's candidate block (``owner``: the
-    block's rank), slice by slice of anchor rows, each block arriving while the previous one is
-    computed on. ``labels``: this rank's candidates' labels, which travel with the block (or
-    None). ``columns``: this rank's block's running column statistics (rows of
-    ``column_sizes[owner]``), or None; they travel with their block once every slice has updated
-    them. Returns this rank's block's columns after every rank has visited it."""
+    """Calls ``columns = visit_block(block, owner, columns, block_labels)`` for every rank's
+    candidate block (``owner``: the block's rank; :func:`sliced` makes one from a per-slice
+    visit), each block arriving while the previous one is computed on. ``labels``: this rank's
+    candidates' labels, which travel with the block (or None). ``columns``: this rank's block's
+    running column statistics (rows of ``column_sizes[owner]``), or None; they travel with their
+    block once it has been visited. Returns this rank's block's columns after every rank has
+    visited it."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     block, owner = candidates.detach(), rank
     travelling = [block] if labels is None else [block, labels]
@@ -72,10 +105,7 @@ def ring_forward(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[in
         if not last:
             pending_block = _start_exchange(travelling, [sizes[arriving]] * len(travelling), rank, world, group)
         block = travelling[0]
-        block_labels = travelling[1] if labels is not None else None
-        rows = _tile_rows(anchors, block.shape[0])
-        for row0 in range(0, anchors.shape[0], rows):
-            columns = visit(anchors[row0:row0 + rows] @ block.T, row0, owner, columns, block_labels)
+        columns = visit_block(block, owner, columns, travelling[1] if labels is not None else None)
         pending_columns = None
         if columns is not None and world > 1:  # on the last step this returns every block's columns to its owner
             pending_columns = _start_exchange([columns], [column_sizes[arriving]], rank, world, group)
@@ -90,14 +120,16 @@ def ring_forward(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[in
     return columns
 
 
-def ring_backward(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[int], group, tile_gradient: Callable,
+def ring_backward(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[int], group, block_gradient: Callable,
                   columns: Optional[torch.Tensor] = None, column_sizes: Optional[List[int]] = None,
                   labels: Optional[torch.Tensor] = None):
-    """(dL/d anchors, dL/d candidates) of a loss whose gradient wrt ``raw = anchors[row0:row1] @ block.T``
-    is ``tile_gradient(raw, row0, owner, columns, block_labels)`` for each block, slice by slice
-    (``columns``: the block's column statistics, travelling with it, or None; ``labels``: the
-    candidates' labels, likewise): the blocks travel the ring again, each followed by the
-    gradient of its rows, which every rank adds to and one last hop returns to the owner.
+    """(dL/d anchors, dL/d candidates) of a loss whose tile of each block is differentiated by
+    ``share = block_gradient(block, owner, columns, block_labels, grad_anchors)`` (adds the
+    tile's anchor gradient to ``grad_anchors``, returns this rank's share of the block's
+    gradient; :func:`sliced_gradient` makes one from a per-slice gradient). ``columns``: the
+    block's column statistics, travelling with it, or None; ``labels``: the candidates' labels,
+    likewise. The blocks travel the ring again, each followed by the gradient of its rows, which
+    every rank adds to and one last hop returns to the owner.
 
     A block is sent on as soon as it arrives and its gradient as soon as this rank has added to
     it; the gradient coming with the next block is waited for only after that block's tile is
@@ -115,13 +147,7 @@ def ring_backward(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[i
             rows = [sizes[arriving]] + ([column_sizes[arriving]] if columns is not None else []) + (
                 [sizes[arriving]] if labels is not None else [])
             pending_block = _start_exchange(travelling, rows, rank, world, group)
-        share = torch.zeros_like(block, dtype=anchors.dtype)
-        rows = _tile_rows(anchors, block.shape[0])
-        for row0 in range(0, anchors.shape[0], rows):
-            grad_raw = tile_gradient(anchors[row0:row0 + rows] @ block.T, row0, owner, columns, block_labels)
-            grad_anchors[row0:row0 + rows].addmm_(grad_raw, block)
-            share.addmm_(grad_raw.T, anchors[row0:row0 + rows])
-            del grad_raw
+        share = block_gradient(block, owner, columns, block_labels, grad_anchors)
         if pending_gradient is not None:  # the gradient of this block, from the ranks before
             (grad_block,), transfer = pending_gradient
             _wait(transfer)
@@ -216,7 +242,10 @@ class RingInfoNCE(torch.autograd.Function):
                    logits[:, :width], column_dropped, dim=0)
             return block_columns
 
-        columns = ring_forward(a, candidates, sizes, group, visit, columns, column_sizes, candidate_labels)
+        visit_block = sliced(a, visit)
+        if _fused_tiles(a, labels, options):
+            visit_block = _fused_visit(a, value, positive, options, rank, lse, positive_score, column_positive)
+        columns = ring_forward(a, candidates, sizes, group, visit_block, columns, column_sizes, candidate_labels)
         private_raw = None
         if private is not None and private.shape[1] > 0:
             private_raw = _private_raw(a, private.detach())
@@ -271,7 +300,10 @@ class RingInfoNCE(torch.autograd.Function):
             grads["scale"] = grads["scale"] + torch.vdot(grad_logits.reshape(-1), raw.reshape(-1))
             return grad_logits.mul_(value)
 
-        grad_anchors, grad_candidates = ring_backward(a, candidates, sizes, group, tile_gradient, travelling,
+        block_gradient = sliced_gradient(a, tile_gradient)
+        if _fused_tiles(a, labels, options):
+            block_gradient = _fused_gradient(a, value, positive, options, rank, lse, weights, grads)
+        grad_anchors, grad_candidates = ring_backward(a, candidates, sizes, group, block_gradient, travelling,
                                                       column_sizes, candidate_labels)
         grad_private = None
         if private is not None:
@@ -289,6 +321,58 @@ class RingInfoNCE(torch.autograd.Function):
                 grad_candidates.to(candidates.dtype) if needs[1] else None,
                 _scalar_gradient(grads["scale"], scale, needs[2]), None,
                 grad_private if needs[4] else None, None, None, None, None, None, None)
+
+
+def _fused_tiles(anchors: torch.Tensor, labels, options: RingOptions) -> bool:
+    """Whether the Triton tile kernels (:mod:`fastcl.ops.info_nce.ring_triton`) run the tiles:
+    float32 CUDA rows and the plain loss, unless ``FASTCL_RING_TILES=torch``;
+    ``FASTCL_RING_TILES=triton`` asks for them on the CPU too (the Triton interpreter, for tests)."""
+    if _RING_TILES == "torch" or labels is not None or options.margin is not None or options.smoothing:
+        return False
+    if anchors.dtype != torch.float32 or not (anchors.is_cuda or _RING_TILES == "triton"):
+        return False
+    return importlib.util.find_spec("triton") is not None
+
+
+def _fused_visit(anchors, value, positive, options: RingOptions, rank: int, lse, positive_score, column_positive):
+    """A block visit for :func:`ring_forward` by the fused forward tile kernel."""
+    from .ops.info_nce import ring_triton
+
+    anchors = anchors.contiguous()
+
+    def visit_block(block, owner, columns, _labels):
+        own = owner == rank
+        width = columns.shape[0] if columns is not None else 0
+        tile_lse, tile_positive, column_lse = ring_triton.tile_forward(
+            anchors, block.contiguous(), value, positive, own, options.exclude_self, width)
+        lse.copy_(torch.logaddexp(lse, tile_lse))
+        if own:
+            positive_score.copy_(tile_positive)
+        if columns is None:
+            return None
+        if own:  # candidate j's positive is anchor j of its own rank
+            column_positive.copy_((anchors[:width] * block[:width]).sum(-1) * value)
+        columns[:, 0] = torch.logaddexp(columns[:, 0], column_lse)
+        return columns
+    return visit_block
+
+
+def _fused_gradient(anchors, value, positive, options: RingOptions, rank: int, lse, weights, grads):
+    """A block gradient for :func:`ring_backward` by the fused backward tile kernels."""
+    from .ops.info_nce import ring_triton
+
+    anchors = anchors.contiguous()
+    weights = weights.contiguous()
+
+    def block_gradient(block, owner, columns, _labels, grad_anchors):
+        column_lse = columns[:, 0].contiguous() if columns is not None else None
+        column_weights = columns[:, 1].contiguous() if columns is not None else None
+        share, grad_scale = ring_triton.tile_backward(anchors, block.contiguous(), value, positive, owner == rank,
+                                                      options.exclude_self, lse, weights, column_lse, column_weights,
+                                                      grad_anchors)
+        grads["scale"] = grads["scale"] + grad_scale
+        return share
+    return block_gradient
 
 
 class _TileMasks:
@@ -401,7 +485,7 @@ class RingSigmoid(torch.autograd.Function):
                 positive_logits[rows] = logits.diagonal(row0)
             state["sum"][rows] += F.softplus(logits).sum(dim=1)
 
-        ring_forward(anchors.detach(), candidates, sizes, group, visit)
+        ring_forward(anchors.detach(), candidates, sizes, group, sliced(anchors.detach(), visit))
         ctx.save_for_backward(anchors, candidates, scale, bias)
         ctx.sizes, ctx.group = sizes, group
         return state["sum"] - positive_logits
@@ -425,7 +509,7 @@ class RingSigmoid(torch.autograd.Function):
             grads["bias"] = grads["bias"] + grad_logits.sum()
             return grad_logits.mul_(scale_value)
 
-        grad_anchors, grad_candidates = ring_backward(a, candidates, ctx.sizes, ctx.group, tile_gradient)
+        grad_anchors, grad_candidates = ring_backward(a, candidates, ctx.sizes, ctx.group, sliced_gradient(a, tile_gradient))
         needs = ctx.needs_input_grad
         return (grad_anchors.to(anchors.dtype) if needs[0] else None,
                 grad_candidates.to(candidates.dtype) if needs[1] else None,

@@ -314,6 +314,7 @@ def case_ring_mode(rank, world, sizes):
     check_siglip("ring siglip", rank, world, sizes, queries, keys, mode="ring")  # the text blocks by ring
     case_ring_symmetric_and_exclude_self(rank, world, sizes, queries, keys, extras)
     case_ring_labels_margin_smoothing(rank, world, sizes, queries, keys, extras)
+    case_ring_fused_tiles(rank, world, sizes)
 
 
 def case_ring_labels_margin_smoothing(rank, world, sizes, queries, keys, extras):
@@ -360,6 +361,75 @@ def case_ring_labels_margin_smoothing(rank, world, sizes, queries, keys, extras)
         if case.get("hard_negatives"):
             pairs.append((h, split(h_all.grad, sizes, rank), world))
         check_case(name, rank, world, loss, expected, pairs + [(temperature, temperature_all.grad, 1)])
+
+
+def case_ring_fused_tiles(rank, world, sizes):
+    """Ring mode on the fused Triton tile kernels (what runs for float32 rows on a GPU; here the
+    Triton interpreter, FASTCL_RING_TILES=triton): CLIP with a learnable scale, NT-Xent
+    (exclude_self) and hard negatives with extra keys, float32 against the float64 reference."""
+    import fastcl._ring as ring_module
+    from fastcl.ops.info_nce import ring_triton
+
+    generator = torch.Generator().manual_seed(11)
+    total = sum(sizes)
+    queries = torch.nn.functional.normalize(torch.randn(total, DIM, generator=generator, dtype=torch.float64), dim=-1)
+    keys = torch.nn.functional.normalize(torch.randn(total, DIM, generator=generator, dtype=torch.float64), dim=-1)
+    extras = torch.randn(total, DIM, generator=generator, dtype=torch.float64)
+    hard_negatives = torch.randn(total, 2, DIM, generator=generator, dtype=torch.float64)
+    tolerance = dict(atol=2e-5, rtol=2e-5)
+    tiles = []
+    original_forward = ring_triton.tile_forward
+
+    def counting_forward(*args, **kwargs):
+        tiles.append(1)
+        return original_forward(*args, **kwargs)
+
+    def check(name, loss, expected, pairs):
+        torch.testing.assert_close(mean_over_ranks(loss).double(), expected.detach(), **tolerance,
+                                   msg=lambda m: f"{name} (rank {rank}/{world}) loss: {m}")
+        for index, (tensor, reference, scale) in enumerate(pairs):
+            torch.testing.assert_close(tensor.grad.double() / scale, reference, **tolerance,
+                                       msg=lambda m: f"{name} (rank {rank}/{world}) gradient {index}: {m}")
+
+    ring_module._RING_TILES, ring_triton.tile_forward = "triton", counting_forward
+    try:
+        scale_all = torch.tensor(8.0, dtype=torch.float64, requires_grad=True)
+        i_all, t_all = leaf(queries), leaf(keys)
+        expected = fastcl.clip_loss(i_all, t_all, scale_all, backend="naive")
+        expected.backward()
+        scale = torch.tensor(8.0, requires_grad=True)
+        i, t = leaf(split(queries, sizes, rank).float()), leaf(split(keys, sizes, rank).float())
+        loss = fastcl.distributed.clip_loss(i, t, scale, mode="ring")
+        loss.backward()
+        check("fused ring clip", loss, expected, [(i, split(i_all.grad, sizes, rank), world),
+                                                  (t, split(t_all.grad, sizes, rank), world),
+                                                  (scale, scale_all.grad, 1)])
+
+        views = [torch.cat([split(queries, sizes, r), split(keys, sizes, r)]) for r in range(world)]
+        partner = lambda n: torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+        offsets = [sum(2 * n for n in sizes[:r]) for r in range(world)]
+        z_all = leaf(torch.cat(views))
+        expected = fastcl.info_nce(z_all, z_all, positive=torch.cat([partner(n) + o for n, o in zip(sizes, offsets)]),
+                                   exclude_self=True, temperature=0.3, backend="naive")
+        expected.backward()
+        z = leaf(views[rank].float())
+        loss = fastcl.distributed.info_nce(z, z, positive=partner(sizes[rank]), exclude_self=True, temperature=0.3,
+                                           mode="ring")
+        loss.backward()
+        check("fused ring nt-xent", loss, expected, [(z, z_all.grad[offsets[rank]:offsets[rank] + 2 * sizes[rank]], world)])
+
+        q_all, p_all, e_all, h_all = leaf(queries), leaf(keys), leaf(extras), leaf(hard_negatives)
+        expected = fastcl.info_nce(q_all, torch.cat([p_all, e_all]), hard_negatives=h_all, temperature=0.5,
+                                   backend="naive")
+        expected.backward()
+        q, p, e, h = (leaf(split(x, sizes, rank).float()) for x in (queries, keys, extras, hard_negatives))
+        loss = fastcl.distributed.info_nce(q, torch.cat([p, e]), hard_negatives=h, temperature=0.5, mode="ring")
+        loss.backward()
+        check("fused ring hard negatives", loss, expected,
+              [(x, split(ref.grad, sizes, rank), world) for x, ref in ((q, q_all), (p, p_all), (e, e_all), (h, h_all))])
+    finally:
+        ring_module._RING_TILES, ring_triton.tile_forward = None, original_forward
+    assert len(tiles) == 3 * world, tiles  # every block of the three calls went through the kernels
 
 
 def case_ring_symmetric_and_exclude_self(rank, world, sizes, queries, keys, extras):

@@ -39,10 +39,14 @@ Time (:func:`model_time`), per fwd+bwd step: gather = compute + collectives, not
 ``latency + wire bytes / bus bandwidth``. Ring = R steps, each ``max(compute of one block, its
 hop)``, the hop ``latency + bytes / bandwidth`` of the ring's slowest link (a node boundary once R
 exceeds the GPUs of one node), plus the hops that nothing overlaps. ``ring_kernel="torch"`` is
-the ring as coded: PyTorch ops on each tile in the compute dtype (TF32 matmuls, the tile
-materialized in HBM, read and written by each elementwise op); ``"fused"`` is the design with a
-fused tile kernel (input dtype, tile on chip, no launch overhead), what a Triton ring kernel
-would reach. Memory (:func:`model_memory`): the loss's own tensors per rank.
+PyTorch ops on each tile in the compute dtype (TF32 matmuls, the tile materialized in HBM, read
+and written by each elementwise op): SigLIP's ring as coded, and any ring call with labels,
+margins or smoothing. ``"triton"``: the fused tile kernels of
+``fastcl.ops.info_nce.ring_triton`` as the plain InfoNCE / CLIP ring runs them on a GPU (fp32
+rows and transfers, TF32 products, the tile on chip; each backward program recomputes the full-D
+tile for its slice of 256 embedding columns, so backward takes 2 ceil(D / 256) + 2 tile
+products). ``"fused"`` is the ideal the design allows (input dtype, 1 + 3 tile products).
+Memory (:func:`model_memory`): the loss's own tensors per rank.
 
 ``python -m fastcl.bench.distributed_model [--out DIR]`` prints the crossover table
 (:func:`crossover_table`) and writes ``DIR/distributed_nccl_model.md``.
@@ -63,7 +67,14 @@ from fastcl.ops.common.blocks import ACCELERATOR_BLOCK_BYTES
 
 LOSSES = ("clip", "info_nce", "siglip")
 MODES = ("gather", "ring")
-RING_KERNELS = ("torch", "fused")
+RING_KERNELS = ("torch", "triton", "fused")
+RING_ACC_D = 256  # fastcl.ops.info_nce.ring_triton.ACC_D_MAX: embedding columns per backward program
+
+
+def coded_kernel(loss: str) -> str:
+    """The ring's tiles as coded on a GPU: the Triton tile kernels for InfoNCE / CLIP (fp32
+    rows), PyTorch ops for SigLIP."""
+    return "torch" if loss == "siglip" else "triton"
 KINDS = ("all_gather", "reduce_scatter", "all_reduce", "p2p")
 # learnable scalars (each an fp32 all_reduce of its gradient) as each loss is trained: DPR's
 # temperature is fixed, CLIP learns its logit scale, SigLIP its scale and bias
@@ -448,7 +459,7 @@ def _ring_sizes(dtype_bytes: int, ring_kernel: str):
     """(block, gradient, statistic) element sizes of the ring's transfers."""
     if ring_kernel == "fused":
         return dtype_bytes, 4, 4
-    c = ring_element_bytes(dtype_bytes)
+    c = ring_element_bytes(dtype_bytes)  # torch and triton: the compute dtype
     return c, c, c
 
 
@@ -533,6 +544,9 @@ def _ring_time(loss, world, batch, keys, dim, e, hw: Hardware, ring_kernel: str)
         passes, ops = _TORCH_TILE_PASSES[loss], _TORCH_RING_OPS[loss]
         step_compute = [max(m * tile_flops / hw.matmul_rate(c) + p * tile * c / hw.hbm_rate(), o * hw.launch_overhead)
                         for m, p, o in zip(RING_MATMULS, passes, ops)]
+    elif ring_kernel == "triton":
+        groups = -(-D // RING_ACC_D)
+        step_compute = [m * tile_flops / hw.matmul_rate(ring_element_bytes(e)) for m in (1, 2 * groups + 2)]
     else:
         step_compute = [m * tile_flops / hw.matmul_rate(e) for m in RING_MATMULS]
     forward_compute, backward_compute = step_compute
@@ -607,6 +621,8 @@ def model_memory(loss: str, mode: str, world: int, batch: int, dim: int, dtype_b
     rows = (B + N) * D * c + 2 * N * D * block + 2 * N * D * gradient + (B + N) * D * gradient
     if ring_kernel == "fused":
         return rows
+    if ring_kernel == "triton":  # the columns' partial (max, sum) of every 32-row program
+        return rows + (-(-B // 32) * B * 8 if loss == "clip" else 0)
     return rows + min((3 if loss == "clip" else 2) * B * N * c, ACCELERATOR_BLOCK_BYTES)
 
 
@@ -682,14 +698,15 @@ def crossover_table(hardware: Hardware = H100, dtype_bytes: int = 2, losses: Seq
         for batch in batches:
             for dim in dims:
                 cells = [f"{_fmt_ms(model_time(loss, 'gather', w, batch, dim, dtype_bytes, hardware).total)} / "
-                         f"{_fmt_ms(model_time(loss, 'ring', w, batch, dim, dtype_bytes, hardware).total)}"
+                         f"{_fmt_ms(model_time(loss, 'ring', w, batch, dim, dtype_bytes, hardware, ring_kernel=coded_kernel(loss)).total)}"
                          for w in worlds]
                 lines.append(f"| {batch} | {dim} | " + " | ".join(cells) + " |")
         lines += ["", f"### {loss}: loss memory per rank, GB (gather / ring as coded)", "", header, rule]
         for batch in batches:
             for dim in dims:
                 cells = [f"{_fmt_gb(model_memory(loss, 'gather', w, batch, dim, dtype_bytes))} / "
-                         f"{_fmt_gb(model_memory(loss, 'ring', w, batch, dim, dtype_bytes))}" for w in worlds]
+                         f"{_fmt_gb(model_memory(loss, 'ring', w, batch, dim, dtype_bytes, ring_kernel=coded_kernel(loss)))}"
+                         for w in worlds]
                 lines.append(f"| {batch} | {dim} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["### Where the ring wins", "",
@@ -702,7 +719,7 @@ def crossover_table(hardware: Hardware = H100, dtype_bytes: int = 2, losses: Seq
     for loss in losses:
         for batch in batches:
             for dim in dims:
-                coded = _ring_faster(loss, batch, dim, dtype_bytes, hardware, "torch", largest)
+                coded = _ring_faster(loss, batch, dim, dtype_bytes, hardware, coded_kernel(loss), largest)
                 fused = _ring_faster(loss, batch, dim, dtype_bytes, hardware, "fused", largest)
                 memory = _first_world(lambda w: model_memory(loss, "gather", w, batch, dim, dtype_bytes) > hardware.memory,
                                       largest)
@@ -766,19 +783,21 @@ def report(hardware: Hardware = H100, check: Optional[List[dict]] = None) -> str
         "Modes: **gather** = all_gather the keys (CLIP: and queries), fused kernels (3 tile-matmuls per direction, "
         "gradients in the forward pass; SigLIP: fp32 PyTorch blocks with activation checkpointing, 4), one "
         "reduce_scatter back; communication not overlapped. **ring as coded** = fastcl/_ring.py: R steps, each "
-        "one B x B tile forward and 3 backward (CLIP: both directions on the same tile), PyTorch ops in fp32 "
-        "(TF32 matmuls) on a tile materialized in HBM, each transfer overlapping a tile. **fused tile kernel** = "
-        "the same ring with a kernel that keeps the tile on chip and runs in the input dtype (not written yet): "
-        "what the ring design can reach.",
+        "one B x B tile forward and 3 backward (CLIP: both directions on the same tile), each transfer overlapping "
+        "a tile; for CLIP and info_nce the tiles run on the Triton tile kernels of "
+        "fastcl/ops/info_nce/ring_triton.py (fp32 rows and transfers, TF32 products, the tile on chip; the "
+        "backward recomputes the full-D tile once per 256 embedding columns: 2 ceil(D/256) + 2 tile products), "
+        "for SigLIP on PyTorch ops in fp32 with the tile in HBM. **fused tile kernel** = the ideal the design "
+        "allows: input dtype, 1 + 3 tile products per block.",
         "",
         "What drives the result: gather's cost is its 3 (CLIP 6) tile-matmuls per block of keys in BF16 plus the "
         "collectives, which ride NCCL's bus bandwidth (across nodes every NIC of a node carries part of the ring). "
-        "The ring as coded does 4 tile-matmuls per block in fp32 (TF32 at best: half the BF16 rate; PyTorch's "
-        "default, allow_tf32 off, is 67 TFLOP/s) and passes over each fp32 tile element in HBM 24-41 times "
-        "(counts in the module); its hops hide behind a tile only when the tile takes longer than the hop, and "
-        "past one node every hop goes through one NIC (45 GB/s), not the node's eight. SigLIP's gather path is "
-        "PyTorch on row blocks of 256 MiB of fp32 logits (256 rows at R*B = 256K, 64 past 1M), each of which "
-        "re-reads the gathered texts: memory-bound, which is why the ring wins SigLIP everywhere but the smallest sizes.",
+        "The ring as coded multiplies in fp32 (TF32 at best: half the BF16 rate; PyTorch's default, allow_tf32 "
+        "off, is 67 TFLOP/s) and its backward recomputes the tile once per 256 embedding columns; its hops hide "
+        "behind a tile only when the tile takes longer than the hop, and past one node every hop goes through one "
+        "NIC (45 GB/s), not the node's eight. SigLIP's ring passes over each fp32 tile element in HBM many times "
+        "(counts in the module); its gather path is PyTorch on row blocks of 256 MiB of fp32 logits, each of which "
+        "re-reads the gathered texts.",
         "",
         "## Hardware figures (fastcl.bench.distributed_model.Hardware; sources in its docstring)",
         "",
