@@ -38,3 +38,16 @@ def _worker(rank, world, port, fn, args):
 def spawn(fn, world: int, *args) -> None:
     """Run ``fn(rank, world, *args)`` in ``world`` gloo processes (one thread each)."""
     mp.spawn(_worker, args=(world, free_port(), fn, args), nprocs=world, join=True)
+
+
+def split(tensor, sizes, rank):
+    """Rank ``rank``'s rows of a global batch whose ranks hold ``sizes`` rows each, in order."""
+    start = sum(sizes[:rank])
+    return tensor[start:start + sizes[rank]]
+
+
+def mean_over_ranks(value):
+    """The mean over the ranks of a scalar (a collective)."""
+    value = value.detach().clone().reshape(1)
+    dist.all_reduce(value)
+    return value[0] / dist.get_world_size()

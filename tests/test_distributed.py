@@ -16,21 +16,10 @@ from torch import nn
 
 import fastcl
 
-from .spawn import free_port, spawn
+from .spawn import free_port, mean_over_ranks, spawn, split
 
 DIM = 6
 TOLERANCE = dict(atol=1e-9, rtol=1e-7)  # float64 data: only summation order differs
-
-
-def split(tensor, sizes, rank):
-    start = sum(sizes[:rank])
-    return tensor[start:start + sizes[rank]]
-
-
-def mean_over_ranks(value):
-    value = value.detach().clone().reshape(1)
-    dist.all_reduce(value)
-    return value[0] / dist.get_world_size()
 
 
 def leaf(tensor):

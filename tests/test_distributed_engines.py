@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor
 
 import fastcl
 
-from .spawn import spawn
+from .spawn import mean_over_ranks, spawn, split
 
 IN_FEATURES, HIDDEN, DIM = 5, 8, 6
 TOLERANCE = dict(atol=1e-9, rtol=1e-7)  # float64: only summation order differs
@@ -89,17 +89,6 @@ def global_batches(sizes):
     total = sum(sizes)
     return [(torch.randn(total, IN_FEATURES, generator=generator, dtype=torch.float64),
              torch.randn(total, IN_FEATURES, generator=generator, dtype=torch.float64)) for _ in range(STEPS)]
-
-
-def split(tensor, sizes, rank):
-    start = sum(sizes[:rank])
-    return tensor[start:start + sizes[rank]]
-
-
-def mean_over_ranks(value):
-    value = value.detach().clone().reshape(1)
-    dist.all_reduce(value)
-    return value[0] / dist.get_world_size()
 
 
 def full(tensor):

@@ -1,4 +1,7 @@
 """Shared helpers of the adapter tests: gradients of a loss, the adapters' tolerance."""
+import contextlib
+import sys
+
 import torch
 
 LOSS_RTOL = 1e-5
@@ -39,3 +42,18 @@ def assert_same_signature(ours, theirs):
         assert mine[-1][1] == inspect.Parameter.KEYWORD_ONLY, (ours, mine[-1])
         mine.pop()
     assert mine == shape(theirs), (ours, theirs)
+
+
+@contextlib.contextmanager
+def restored_modules(names):
+    """Puts ``sys.modules[name]`` for every name back as it was on exit (a peer loaded from its
+    files beside stubs must not leak into the other tests)."""
+    saved = {name: sys.modules.get(name) for name in names}
+    try:
+        yield saved
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module

@@ -8,7 +8,6 @@ logit scale / bias gradient (what DDP's averaging leaves). The peers' modules ar
 their files (their packages import torchvision, which is not installed).
 """
 import inspect
-import sys
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from fastcl.integrations import lightly as our_lightly
 from fastcl.integrations import open_clip as our_open_clip
 
 from ..spawn import spawn
+from .helpers import restored_modules
 
 pytestmark = pytest.mark.peers
 
@@ -200,15 +200,8 @@ def test_signatures_are_the_peers_then_keyword_only_distributed_mode():
     except ImportError:
         pass
     if our_lightly._peer_root() is not None:
-        saved = {name: sys.modules.get(name) for name in our_lightly._PEER_MODULE_NAMES}
-        try:  # lightly's loss module from its file beside stubs, then this process's modules back
+        with restored_modules(our_lightly._PEER_MODULE_NAMES):  # lightly's file beside stubs, then ours back
             peers.append((our_lightly.NTXentLoss, lightly_peer().NTXentLoss))
-        finally:
-            for name, module in saved.items():
-                if module is None:
-                    sys.modules.pop(name, None)
-                else:
-                    sys.modules[name] = module
     if not peers:
         pytest.skip("neither open_clip nor lightly is installed")
     for ours, theirs in peers:

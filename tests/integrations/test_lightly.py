@@ -8,7 +8,7 @@ import torch
 
 from fastcl.integrations import lightly as ours
 
-from .helpers import assert_same, assert_same_signature, loss_and_grads
+from .helpers import assert_same, assert_same_signature, loss_and_grads, restored_modules
 
 pytestmark = pytest.mark.peers
 
@@ -18,17 +18,10 @@ def peer():
     root = ours._peer_root()
     if root is None:
         pytest.skip("lightly is not installed (pip install --no-deps lightly)")
-    saved = {name: sys.modules.get(name) for name in ours._PEER_MODULE_NAMES}
-    try:
+    with restored_modules(ours._PEER_MODULE_NAMES) as saved:
         for name in saved:  # fresh stubs, not any lightly modules already imported
             sys.modules.pop(name, None)
         yield ours._peer_module_from_files(root)
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
 
 
 def test_signature_matches_the_peer(peer):

@@ -34,6 +34,18 @@ BACKWARD_WARPS = 8
 
 
 @triton.jit
+def _tile_candidates(rows, cols, row_valid, col_valid, OWN: tl.constexpr, EXCLUDE_SELF: tl.constexpr):
+    """(valid, candidate) masks of a tile: inside the matrix; and a candidate of its row, which
+    (i, i) of the own block is not with exclude_self."""
+    valid = row_valid[:, None] & col_valid[None, :]
+    candidate = valid
+    if OWN:
+        if EXCLUDE_SELF:
+            candidate = candidate & (rows[:, None] != cols[None, :])
+    return valid, candidate
+
+
+@triton.jit
 def ring_fwd_kernel_tile(anchor_ptr, candidate_ptr, scale_ptr, positive_ptr, row_lse_ptr, positive_score_ptr,
                          column_max_ptr, column_sum_ptr, num_rows, num_candidates, dim, num_columns,
                          OWN: tl.constexpr, EXCLUDE_SELF: tl.constexpr, COLUMNS: tl.constexpr,
@@ -55,11 +67,8 @@ def ring_fwd_kernel_tile(anchor_ptr, candidate_ptr, scale_ptr, positive_ptr, row
         raw = tile_similarity(anchor_ptr, candidate_ptr, rows, cols, row_valid, col_valid, dim,
                               CAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         scores = raw * scale
-        valid = row_valid[:, None] & col_valid[None, :]
-        candidate = valid
+        valid, candidate = _tile_candidates(rows, cols, row_valid, col_valid, OWN, EXCLUDE_SELF)
         if OWN:
-            if EXCLUDE_SELF:
-                candidate = candidate & (rows[:, None] != cols[None, :])
             positive_score += tl.sum(tl.where(valid & (cols[None, :] == positive[:, None]), scores, 0.0), axis=1)
         row_max, row_sum = _online_update(row_max, row_sum, scores, candidate, 1)
         if COLUMNS:
@@ -82,11 +91,7 @@ def _ring_gradient_tile(raw, rows, cols, row_valid, col_valid, positive, lse, we
                         COLUMNS: tl.constexpr):
     """g = dL/ds of one (BLOCK_M, BLOCK_N) tile, both directions (module docstring)."""
     scores = raw * scale
-    valid = row_valid[:, None] & col_valid[None, :]
-    candidate = valid
-    if OWN:
-        if EXCLUDE_SELF:
-            candidate = candidate & (rows[:, None] != cols[None, :])
+    valid, candidate = _tile_candidates(rows, cols, row_valid, col_valid, OWN, EXCLUDE_SELF)
     grad = tl.where(candidate, tl.exp(scores - lse[:, None]), 0.0) * weights[:, None]
     if OWN:
         grad -= tl.where(valid & (cols[None, :] == positive[:, None]), weights[:, None], 0.0)
