@@ -11,6 +11,7 @@ import sys
 from . import METHODS, load_method
 from .config import parse_config
 from .engine import CheckpointError, DataUnavailable, TrainingDiverged, TrainingInterrupted, train
+from .seeds import run_seeds
 
 USAGE = ("usage: python -m fastcl.trainers METHOD [options]   (METHOD --help for its options)\n"
          f"methods: {', '.join(METHODS)}")
@@ -40,6 +41,8 @@ def main(argv=None) -> int:
     config = parse_config(module.Config, rest, prog=f"python -m fastcl.trainers {name}",
                           description=(module.__doc__ or "").strip().splitlines()[0], default_steps=default_steps)
     try:
+        if config.seeds:
+            return run_seeds(name, rest, config)
         train(name, module.build, config, default_steps=default_steps)
     except TrainingInterrupted as stop:
         _error(str(stop))

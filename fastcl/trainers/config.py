@@ -45,6 +45,8 @@ class TrainConfig:
     weight_decay: float = option(0.0, "AdamW weight decay")
     warmup_steps: int = option(0, "linear warm-up steps, then linear decay to 0 at the last step")
     seed: int = option(0, "seeds Python, NumPy, torch and the data order")
+    seeds: Optional[str] = option(None, "run once per seed, e.g. 0,1,2 (each in OUT/seed-N, a fresh process), then "
+                                        "write OUT/metrics.json with every metric's mean, std, min and max over them")
     precision: Literal["fp32", "bf16"] = option("fp32", "fp32, or bf16 mixed precision (autocast)")
     grad_cache: Optional[int] = option(None, "GradCache chunk size (rows per chunk): full-batch gradients with one chunk's activations")
     out: Optional[str] = option(None, "the run's directory (config.json, log.jsonl, metrics.json, curves.png, checkpoints/); "
