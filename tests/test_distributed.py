@@ -482,7 +482,9 @@ def test_bench_suite_measures_every_rank():
     from fastcl.bench.suites.distributed import measure
 
     result = measure("gather", 2, batch=16, dim=8, repeats=1)
-    assert result["time_ms"] > 0 and result["peak_mb"] >= 0
+    assert result["time_ms"] > 0 and result["first_ms"] > 0 and result["peak_mb"] >= 0
+    # a step allocates at least the two gathered (32, 8) fp32 inputs' gradients it returns
+    assert result["tensor_mb"] * 2**20 >= 2 * 16 * 8 * 4
 
 
 def test_needs_an_initialized_process_group():

@@ -11,13 +11,13 @@ processes of this machine (``python -m fastcl.bench distributed``; opt-in: it st
 - ``ring``: :func:`fastcl.distributed.clip_loss` with ``mode="ring"`` (feature blocks passed
   around the ranks, one local x block tile at a time).
 
-Each rank measures its median step time and peak RSS over the timed steps as every suite's
-case does (:func:`fastcl.bench.harness.measure_in_process`), and the peak bytes of tensors one
-step allocates (:func:`fastcl.bench.harness.tensor_peak_bytes`: the loss's own memory, without
-gloo's buffers or the C library's page reuse); the row reports the largest over ranks. Each
-rank runs ``cores // world`` threads (at least one), so with more ranks than cores the times
-include oversubscription: read the time columns at world <= cores, the memory columns at every
-size.
+Each rank measures its first step in the fresh process, its median step time and peak RSS over
+the timed steps as every suite's case does (:func:`fastcl.bench.harness.measure_in_process`,
+``first_call``), and the peak bytes of tensors one step allocates
+(:func:`fastcl.bench.harness.tensor_peak_bytes`: the loss's own memory, without gloo's buffers
+or the C library's page reuse); the row reports the largest over ranks. Each rank runs
+``cores // world`` threads (at least one), so with more ranks than cores the times include
+oversubscription: read the time columns at world <= cores, the memory columns at every size.
 """
 from __future__ import annotations
 
@@ -79,13 +79,15 @@ def _rank_main(rank, world, port, provider, batch, dim, repeats, out_dir):
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    case = Case(SUITE, provider, __name__, "make_step", {"batch": batch, "dim": dim}, x=world, repeats=repeats)
-    result = measure_in_process(case, "cpu")
+    case = Case(SUITE, provider, __name__, "make_step", {"batch": batch, "dim": dim}, x=world, repeats=repeats,
+                first_call=True)
+    result = measure_in_process(case, "cpu")  # the row is the first call, the steady state in extra
     step = make_step("cpu", provider, batch, dim)
     step()
     tensor_mb = tensor_peak_bytes(step) / 2**20
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"time_ms": result.time_ms, "peak_mb": result.peak_mb, "tensor_mb": tensor_mb}, f)
+        json.dump({"time_ms": result.extra["steady_ms"], "peak_mb": result.extra["steady_peak_mb"],
+                   "tensor_mb": tensor_mb, "first_ms": result.time_ms}, f)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -102,7 +104,7 @@ def measure(provider: str, world: int, batch: int, dim: int, repeats: int = 3) -
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_rank_main, args=(world, port, provider, batch, dim, repeats, out_dir), nprocs=world, join=True)
         ranks = [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(world)]
-    return {key: max(r[key] for r in ranks) for key in ("time_ms", "peak_mb", "tensor_mb")}
+    return {key: max(r[key] for r in ranks) for key in ("time_ms", "peak_mb", "tensor_mb", "first_ms")}
 
 
 def run(device: str, full: bool, out_dir: str, timeout: float) -> None:
@@ -132,7 +134,8 @@ def run(device: str, full: bool, out_dir: str, timeout: float) -> None:
             f"; {name} {result['time_ms']:.0f} ms ({result['time_ms'] / plain['time_ms']:.2f}x), "
             f"tensors {result['tensor_mb']:.1f} MB ({result['tensor_mb'] / max(plain['tensor_mb'], 1e-9):.3f}x), "
             f"RSS {result['peak_mb']:.0f} MB"
-            for name, result in measured.items() if name != "plain")
+            for name, result in measured.items() if name != "plain") + (
+            "; first call " + ", ".join(f"{name} {result['first_ms']:.0f} ms" for name, result in measured.items()))
         print(text, flush=True)
         lines.append(text)
     write_rows(out_dir, SUITE, rows, "\n".join(lines))
