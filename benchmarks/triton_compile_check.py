@@ -251,15 +251,18 @@ def ring_jobs():
     k = ring_kernels
     blocks = dict(CAST_DOT=False, DOT_PRECISION="ieee", BLOCK_M=k.BLOCK_M, BLOCK_N=k.BLOCK_N, BLOCK_D=k.BLOCK_D)
     jobs = []
-    for name, flags in (("clip own", dict(OWN=True, EXCLUDE_SELF=False, COLUMNS=True)),
-                        ("nt-xent own", dict(OWN=True, EXCLUDE_SELF=True, COLUMNS=False)),
-                        ("other block", dict(OWN=False, EXCLUDE_SELF=False, COLUMNS=True))):
-        quick = name == "clip own"
-        jobs.append(Job(f"ring fwd {name}", jit_function(k.ring_fwd_kernel_tile), "float32", dict(flags, **blocks),
+    for name, flags, dtype in (("clip own", dict(OWN=True, EXCLUDE_SELF=False, COLUMNS=True), "float32"),
+                               ("clip own bf16", dict(OWN=True, EXCLUDE_SELF=False, COLUMNS=True), "bfloat16"),
+                               ("nt-xent own", dict(OWN=True, EXCLUDE_SELF=True, COLUMNS=False), "float32"),
+                               ("other block", dict(OWN=False, EXCLUDE_SELF=False, COLUMNS=True), "float32")):
+        quick = name.startswith("clip own")
+        settings = dict(blocks, DOT_PRECISION="tf32") if dtype == "bfloat16" else blocks
+        jobs.append(Job(f"ring fwd {name}", jit_function(k.ring_fwd_kernel_tile), dtype, dict(flags, **settings),
                         quick=quick))
         for kind, kernel in (("rows", k.ring_bwd_kernel_rows), ("columns", k.ring_bwd_kernel_columns)):
-            jobs.append(Job(f"ring bwd {kind} {name}", jit_function(kernel), "float32",
-                            dict(flags, ACC_D=k.ACC_D_MAX, **blocks), quick=quick, options=dict(num_warps=k.BACKWARD_WARPS)))
+            jobs.append(Job(f"ring bwd {kind} {name}", jit_function(kernel), dtype,
+                            dict(flags, ACC_D=k.ACC_D_MAX, **settings), quick=quick,
+                            options=dict(num_warps=k.BACKWARD_WARPS)))
     return jobs
 
 

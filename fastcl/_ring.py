@@ -135,7 +135,7 @@ def ring_backward(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[i
     it; the gradient coming with the next block is waited for only after that block's tile is
     computed (into a block-sized buffer of this rank's share), so both transfers overlap a tile."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    grad_anchors = torch.zeros_like(anchors)
+    grad_anchors = torch.zeros_like(anchors, dtype=_compute_dtype(anchors.dtype))
     block, owner, block_labels = candidates.detach(), rank, labels
     grad_block = None  # this rank's own block starts with its share alone
     pending_gradient = None
@@ -207,17 +207,21 @@ class RingInfoNCE(torch.autograd.Function):
                 sizes: List[int], column_sizes: Optional[List[int]], group):
         rank = dist.get_rank(group)
         a = anchors.detach()
-        value = scale.detach().to(a.dtype)
+        fused = _fused_tiles(a, labels, options)
+        if not fused and a.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"the ring's PyTorch tiles take float32 / float64 rows, got {a.dtype}")
+        like = a.new_empty(0, dtype=_compute_dtype(a.dtype))  # statistics in fp32 for bf16 / fp16 rows
+        value = scale.detach().to(like.dtype)
         batch = a.shape[0]
-        tile = _TileMasks(options, positive, labels, a.new_empty(batch))
-        lse = a.new_full((batch,), float("-inf"))
-        positive_score = a.new_empty(batch)
-        totals = a.new_zeros((batch, 2)) if options.smoothing else None  # candidates' score sum, count
+        tile = _TileMasks(options, positive, labels, like.new_empty(batch))
+        lse = like.new_full((batch,), float("-inf"))
+        positive_score = like.new_empty(batch)
+        totals = like.new_zeros((batch, 2)) if options.smoothing else None  # candidates' score sum, count
         symmetric = column_sizes is not None
-        column_positive = a.new_empty(batch) if symmetric else None
+        column_positive = like.new_empty(batch) if symmetric else None
         columns = None
         if symmetric:  # of this rank's first B_r candidates: [lse, (score sum, count), (positive similarity)]
-            columns = a.new_zeros((batch, 1 + 2 * bool(options.smoothing) + (options.margin is not None)))
+            columns = like.new_zeros((batch, 1 + 2 * bool(options.smoothing) + (options.margin is not None)))
             columns[:, 0] = float("-inf")
             if options.margin is not None:
                 columns[:, -1] = (a * candidates.detach()[:batch]).sum(-1)
@@ -243,7 +247,7 @@ class RingInfoNCE(torch.autograd.Function):
             return block_columns
 
         visit_block = sliced(a, visit)
-        if _fused_tiles(a, labels, options):
+        if fused:
             visit_block = _fused_visit(a, value, positive, options, rank, lse, positive_score, column_positive)
         columns = ring_forward(a, candidates, sizes, group, visit_block, columns, column_sizes, candidate_labels)
         private_raw = None
@@ -251,7 +255,7 @@ class RingInfoNCE(torch.autograd.Function):
             private_raw = _private_raw(a, private.detach())
             _merge(lse, totals, slice(None), private_raw * value, tile.private_dropped(private_raw), dim=1)
         rows_loss = _row_losses(lse, positive_score, totals, options.smoothing)
-        column_losses = a.new_empty(0)
+        column_losses = like.new_empty(0)
         if symmetric:
             column_losses = _row_losses(columns[:, 0], column_positive, columns[:, 1:3], options.smoothing)
         ctx.save_for_backward(anchors, candidates, scale, positive, private, labels, candidate_labels, lse,
@@ -266,16 +270,17 @@ class RingInfoNCE(torch.autograd.Function):
         options, sizes, column_sizes, group = ctx.options
         rank = dist.get_rank(group)
         a = anchors.detach()
-        value = scale.detach().to(a.dtype)
+        like = lse  # the statistics' dtype (fp32 for bf16 / fp16 rows)
+        value = scale.detach().to(like.dtype)
         smoothing = options.smoothing
         tile = _TileMasks(options, positive, labels, positive_raw)
-        weights = grad_rows.to(a.dtype) if grad_rows is not None else a.new_zeros(a.shape[0])
+        weights = grad_rows.to(like.dtype) if grad_rows is not None else like.new_zeros(a.shape[0])
         # d l_i / d s_ij = p_ij - (1 - eps) [j = pos] - eps / K_i [j in C_i]
         spread = weights * smoothing / totals[:, 1] if smoothing else None
-        grads = {"scale": a.new_zeros(())}
+        grads = {"scale": like.new_zeros(())}
         travelling = None
         if column_sizes is not None:  # each block's column statistics and weights travel with it
-            column_weights = grad_columns.to(a.dtype) if grad_columns is not None else torch.zeros_like(columns[:, 0])
+            column_weights = grad_columns.to(like.dtype) if grad_columns is not None else torch.zeros_like(columns[:, 0])
             column_spread = column_weights * smoothing / columns[:, 2] if smoothing else None
             travelling = torch.stack([columns[:, 0], column_weights] + ([column_spread] if smoothing else []) +
                                      ([columns[:, -1]] if options.margin is not None else []), dim=1)
@@ -323,13 +328,30 @@ class RingInfoNCE(torch.autograd.Function):
                 grad_private if needs[4] else None, None, None, None, None, None, None)
 
 
+# bf16 rows multiply in bf16 on the kernels (fp32 accumulation and statistics), as the single-process
+# Triton kernels do; fp16 rows are widened first (a gradient tile rounded to fp16 would underflow)
+FUSED_TILE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics and gradient accumulators: fp32 for bf16 / fp16 rows, else the rows' dtype."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def fused_tiles_for(rows: torch.Tensor, labels, options: RingOptions) -> bool:
+    """Whether a ring call with these rows and options runs on the fused tile kernels (then
+    bf16 rows may travel and multiply in their own dtype, as the single-process Triton kernels
+    do)."""
+    return _fused_tiles(rows, labels, options)
+
+
 def _fused_tiles(anchors: torch.Tensor, labels, options: RingOptions) -> bool:
     """Whether the Triton tile kernels (:mod:`fastcl.ops.info_nce.ring_triton`) run the tiles:
-    float32 CUDA rows and the plain loss, unless ``FASTCL_RING_TILES=torch``;
+    float32 / bf16 CUDA rows and the plain loss, unless ``FASTCL_RING_TILES=torch``;
     ``FASTCL_RING_TILES=triton`` asks for them on the CPU too (the Triton interpreter, for tests)."""
     if _RING_TILES == "torch" or labels is not None or options.margin is not None or options.smoothing:
         return False
-    if anchors.dtype != torch.float32 or not (anchors.is_cuda or _RING_TILES == "triton"):
+    if anchors.dtype not in FUSED_TILE_DTYPES or not (anchors.is_cuda or _RING_TILES == "triton"):
         return False
     return importlib.util.find_spec("triton") is not None
 
@@ -351,7 +373,7 @@ def _fused_visit(anchors, value, positive, options: RingOptions, rank: int, lse,
         if columns is None:
             return None
         if own:  # candidate j's positive is anchor j of its own rank
-            column_positive.copy_((anchors[:width] * block[:width]).sum(-1) * value)
+            column_positive.copy_((anchors[:width].float() * block[:width].float()).sum(-1).to(value.dtype) * value)
         columns[:, 0] = torch.logaddexp(columns[:, 0], column_lse)
         return columns
     return visit_block

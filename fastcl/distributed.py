@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .ops.common.blocks import ACCELERATOR_BLOCK_BYTES, DEFAULT_BLOCK_BYTES, block_rows_for
-from ._ring import RingOptions, ring_info_nce, ring_sigmoid_rows
+from ._ring import RingOptions, fused_tiles_for, ring_info_nce, ring_sigmoid_rows
 from .ops.common.checks import BACKENDS, REDUCTIONS, check_choice, check_embeddings, check_same_device
 from .ops.common.gradients import compute_dtype
 from .ops.info_nce import MASK, SUPCON, check_info_nce_args, count_positives, logit_scale_temperature
@@ -329,7 +329,13 @@ def _ring_directions(query, key, positive, hard_negatives, temperature, normaliz
     both directions of a symmetric loss on the same tiles; the local arguments are checked as
     :func:`fastcl.info_nce` checks them (gather mode's call does)."""
     dtype = compute_dtype(query)
-    q, k = query.to(dtype), key.to(dtype)
+    options = RingOptions(exclude_self=bool(exclude_self), margin=None if margin is None else float(margin),
+                          smoothing=float(smoothing))
+    # bf16 rows of the plain loss stay bf16 on the fused tile kernels (half the bytes per hop, the
+    # products in bf16 as the single-process Triton kernels do); anything else runs in the compute dtype
+    own_dtype = (query.dtype == key.dtype == torch.bfloat16 and not normalize and hard_negatives is None
+                 and fused_tiles_for(query, labels, options))
+    q, k = (query, key) if own_dtype else (query.to(dtype), key.to(dtype))
     h = hard_negatives.to(dtype) if hard_negatives is not None else None
     check_info_nce_args(q, k, positive, h, temperature, normalize, symmetric, exclude_self, labels, key_labels, MASK,
                         margin, smoothing, reduction, backend)
@@ -340,8 +346,6 @@ def _ring_directions(query, key, positive, hard_negatives, temperature, normaliz
         scale = 1.0 / temperature.to(dtype).reshape(())
     else:
         scale = torch.tensor(1.0 / float(temperature), dtype=dtype, device=query.device)
-    options = RingOptions(exclude_self=bool(exclude_self), margin=None if margin is None else float(margin),
-                          smoothing=float(smoothing))
     return ring_info_nce(q, k, scale, positive, key_sizes, group, private=h,
                          labels=labels.long() if labels is not None else None,
                          candidate_labels=key_labels.long() if key_labels is not None else None, options=options,

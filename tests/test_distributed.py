@@ -353,9 +353,10 @@ def case_ring_labels_margin_smoothing(rank, world, sizes, queries, keys, extras)
 
 
 def case_ring_fused_tiles(rank, world, sizes):
-    """Ring mode on the fused Triton tile kernels (what runs for float32 rows on a GPU; here the
-    Triton interpreter, FASTCL_RING_TILES=triton): CLIP with a learnable scale, NT-Xent
-    (exclude_self) and hard negatives with extra keys, float32 against the float64 reference."""
+    """Ring mode on the fused Triton tile kernels (what runs for float32 / bf16 rows on a GPU;
+    here the Triton interpreter, FASTCL_RING_TILES=triton): CLIP with a learnable scale, NT-Xent
+    (exclude_self) and hard negatives with extra keys, float32 against the float64 reference;
+    CLIP on bf16 features, which stay bf16."""
     import fastcl._ring as ring_module
     from fastcl.ops.info_nce import ring_triton
 
@@ -416,9 +417,39 @@ def case_ring_fused_tiles(rank, world, sizes):
         loss.backward()
         check("fused ring hard negatives", loss, expected,
               [(x, split(ref.grad, sizes, rank), world) for x, ref in ((q, q_all), (p, p_all), (e, e_all), (h, h_all))])
+
+        # bf16 features (CLIP's under autocast) stay bf16: blocks travel in bf16, products in bf16 with
+        # fp32 accumulation, the loss in fp32, each gradient in its input's dtype
+        sent = []
+        original_exchange = ring_module._start_exchange
+
+        def recording_exchange(tensors, *args, **kwargs):
+            sent.extend(tensor.dtype for tensor in tensors)
+            return original_exchange(tensors, *args, **kwargs)
+
+        ring_module._start_exchange = recording_exchange
+        try:
+            i_bf16, t_bf16 = (split(x, sizes, rank).to(torch.bfloat16) for x in (queries, keys))
+            i_all, t_all = (leaf(x.to(torch.bfloat16).double()) for x in (queries, keys))
+            scale_all = torch.tensor(8.0, dtype=torch.float64, requires_grad=True)
+            expected = fastcl.clip_loss(i_all, t_all, scale_all, backend="naive")
+            expected.backward()
+            i, t = leaf(i_bf16), leaf(t_bf16)
+            scale = torch.tensor(8.0, requires_grad=True)
+            loss = fastcl.distributed.clip_loss(i, t, scale, mode="ring")
+            loss.backward()
+        finally:
+            ring_module._start_exchange = original_exchange
+        assert loss.dtype == torch.float32 and i.grad.dtype == t.grad.dtype == torch.bfloat16
+        # blocks in bf16, their gradients (and the columns' statistics) in fp32
+        assert set(sent) == ({torch.bfloat16, torch.float32} if world > 1 else set()), sent
+        torch.testing.assert_close(mean_over_ranks(loss).double(), expected.detach(), atol=1e-5, rtol=1e-5)
+        for tensor, reference in ((i, i_all), (t, t_all)):
+            torch.testing.assert_close(tensor.grad.double() / world, split(reference.grad, sizes, rank), atol=3e-3, rtol=2e-2)
+        torch.testing.assert_close(scale.grad.double(), scale_all.grad, atol=1e-4, rtol=1e-4)
     finally:
         ring_module._RING_TILES, ring_triton.tile_forward = None, original_forward
-    assert len(tiles) == 3 * world, tiles  # every block of the three calls went through the kernels
+    assert len(tiles) == 4 * world, tiles  # every block of the four calls went through the kernels
 
 
 def case_ring_symmetric_and_exclude_self(rank, world, sizes, queries, keys, extras):

@@ -42,10 +42,10 @@ exceeds the GPUs of one node), plus the hops that nothing overlaps. ``ring_kerne
 PyTorch ops on each tile in the compute dtype (TF32 matmuls, the tile materialized in HBM, read
 and written by each elementwise op): SigLIP's ring as coded, and any ring call with labels,
 margins or smoothing. ``"triton"``: the fused tile kernels of
-``fastcl.ops.info_nce.ring_triton`` as the plain InfoNCE / CLIP ring runs them on a GPU (fp32
-rows and transfers, TF32 products, the tile on chip; each backward program recomputes the full-D
-tile for its slice of 256 embedding columns, so backward takes 2 ceil(D / 256) + 2 tile
-products). ``"fused"`` is the ideal the design allows (input dtype, 1 + 3 tile products).
+``fastcl.ops.info_nce.ring_triton`` as the plain InfoNCE / CLIP ring runs them on a GPU (bf16
+rows travel and multiply in bf16, other rows in fp32 with TF32 products; the tile on chip; each
+backward program recomputes the full-D tile for its slice of 512 embedding columns, so backward
+takes 2 ceil(D / 512) + 2 tile products). ``"fused"`` is the ideal the design allows (input dtype, 1 + 3 tile products).
 Memory (:func:`model_memory`): the loss's own tensors per rank.
 
 ``python -m fastcl.bench.distributed_model [--out DIR]`` prints the crossover table
@@ -68,7 +68,7 @@ from fastcl.ops.common.blocks import ACCELERATOR_BLOCK_BYTES
 LOSSES = ("clip", "info_nce", "siglip")
 MODES = ("gather", "ring")
 RING_KERNELS = ("torch", "triton", "fused")
-RING_ACC_D = 256  # fastcl.ops.info_nce.ring_triton.ACC_D_MAX: embedding columns per backward program
+RING_ACC_D = 512  # fastcl.ops.info_nce.ring_triton.ACC_D_MAX: embedding columns per backward program
 
 
 def coded_kernel(loss: str) -> str:
@@ -457,9 +457,9 @@ def model_bytes(loss: str, mode: str, world: int, batch: int, dim: int, dtype_by
 
 def _ring_sizes(dtype_bytes: int, ring_kernel: str):
     """(block, gradient, statistic) element sizes of the ring's transfers."""
-    if ring_kernel == "fused":
+    if ring_kernel == "fused" or (ring_kernel == "triton" and dtype_bytes == 2):  # bf16 blocks travel as bf16
         return dtype_bytes, 4, 4
-    c = ring_element_bytes(dtype_bytes)  # torch and triton: the compute dtype
+    c = ring_element_bytes(dtype_bytes)  # torch (and triton off bf16): the compute dtype
     return c, c, c
 
 
@@ -546,7 +546,8 @@ def _ring_time(loss, world, batch, keys, dim, e, hw: Hardware, ring_kernel: str)
                         for m, p, o in zip(RING_MATMULS, passes, ops)]
     elif ring_kernel == "triton":
         groups = -(-D // RING_ACC_D)
-        step_compute = [m * tile_flops / hw.matmul_rate(ring_element_bytes(e)) for m in (1, 2 * groups + 2)]
+        rate = hw.matmul_rate(e if e == 2 else ring_element_bytes(e))  # bf16 rows multiply in bf16
+        step_compute = [m * tile_flops / rate for m in (1, 2 * groups + 2)]
     else:
         step_compute = [m * tile_flops / hw.matmul_rate(e) for m in RING_MATMULS]
     forward_compute, backward_compute = step_compute
@@ -785,15 +786,15 @@ def report(hardware: Hardware = H100, check: Optional[List[dict]] = None) -> str
         "reduce_scatter back; communication not overlapped. **ring as coded** = fastcl/_ring.py: R steps, each "
         "one B x B tile forward and 3 backward (CLIP: both directions on the same tile), each transfer overlapping "
         "a tile; for CLIP and info_nce the tiles run on the Triton tile kernels of "
-        "fastcl/ops/info_nce/ring_triton.py (fp32 rows and transfers, TF32 products, the tile on chip; the "
-        "backward recomputes the full-D tile once per 256 embedding columns: 2 ceil(D/256) + 2 tile products), "
+        "fastcl/ops/info_nce/ring_triton.py (bf16 rows travel and multiply in bf16, the tile on chip; the "
+        "backward recomputes the full-D tile once per 512 embedding columns: 2 ceil(D/512) + 2 tile products), "
         "for SigLIP on PyTorch ops in fp32 with the tile in HBM. **fused tile kernel** = the ideal the design "
         "allows: input dtype, 1 + 3 tile products per block.",
         "",
         "What drives the result: gather's cost is its 3 (CLIP 6) tile-matmuls per block of keys in BF16 plus the "
         "collectives, which ride NCCL's bus bandwidth (across nodes every NIC of a node carries part of the ring). "
-        "The ring as coded multiplies in fp32 (TF32 at best: half the BF16 rate; PyTorch's default, allow_tf32 "
-        "off, is 67 TFLOP/s) and its backward recomputes the tile once per 256 embedding columns; its hops hide "
+        "The ring as coded does 4 + 2 (ceil(D/512) - 1) tile products per block (its backward recomputes the "
+        "tile once per 512 embedding columns) against gather's 6 for CLIP; its hops hide "
         "behind a tile only when the tile takes longer than the hop, and past one node every hop goes through one "
         "NIC (45 GB/s), not the node's eight. SigLIP's ring passes over each fp32 tile element in HBM many times "
         "(counts in the module); its gather path is PyTorch on row blocks of 256 MiB of fp32 logits, each of which "

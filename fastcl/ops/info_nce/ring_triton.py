@@ -29,7 +29,7 @@ from ..common.triton_runtime import accumulator_width, dot_operand, dot_settings
 from .triton import _online_update
 
 BLOCK_M, BLOCK_N, BLOCK_D = 32, 32, 32
-ACC_D_MAX = 256  # embedding columns a backward program accumulates (D = 768: three programs per tile row)
+ACC_D_MAX = 512  # embedding columns a backward program accumulates (D = 1024: two programs per tile row)
 BACKWARD_WARPS = 8
 
 
@@ -179,13 +179,6 @@ def ring_bwd_kernel_columns(anchor_ptr, candidate_ptr, scale_ptr, positive_ptr, 
              mask=col_valid[:, None] & acc_valid[None, :])
 
 
-def supported(anchors: torch.Tensor, labels, options) -> bool:
-    """Whether the fused tile kernels serve this ring call: float32 CUDA rows (the ring's
-    compute dtype off float64) and the plain loss (no labels, margin or smoothing)."""
-    return (anchors.is_cuda and anchors.dtype == torch.float32 and labels is None and options.margin is None
-            and not options.smoothing)
-
-
 def _launch_settings(anchors: torch.Tensor):
     cast, precision = dot_settings(anchors)
     return dict(CAST_DOT=cast, DOT_PRECISION=precision, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
@@ -194,7 +187,8 @@ def _launch_settings(anchors: torch.Tensor):
 def tile_forward(anchors: torch.Tensor, block: torch.Tensor, scale: torch.Tensor, positive: torch.Tensor, own: bool,
                  exclude_self: bool, num_columns: int) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(row LSE (B,), the positives' scores (B,) on the own block else None, column LSE over these
-    anchors (W,) or None) of contiguous fp32 ``anchors`` (B, D) against ``block`` (N, D)."""
+    anchors (W,) or None), fp32, of contiguous ``anchors`` (B, D) against ``block`` (N, D) (fp32,
+    bf16 or fp16: products in that dtype, accumulated in fp32)."""
     rows, dim = anchors.shape
     device = anchors.device
     row_lse = torch.empty(rows, dtype=torch.float32, device=device)
