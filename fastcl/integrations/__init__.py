@@ -10,7 +10,9 @@ One module per peer, imported only when used (the peer stays an optional extra; 
     from fastcl.integrations.lightly import NTXentLoss
     from fastcl.integrations.transformers import compute_loss_func, GradCacheTrainerMixin
 
-Each class has its peer's name, constructor and call. The configurations fastcl fuses run on
+Each class has its peer's name, constructor and call; fastcl's own options come after the
+peer's, keyword-only (the open_clip and lightly losses' ``distributed_mode``: "auto", "gather"
+or "ring", see :mod:`fastcl.distributed`). The configurations fastcl fuses run on
 its kernels; any other (a custom similarity function, a PML reducer or distance, ...) runs
 through the peer's own code, so swapping the import never loses a capability. The path taken
 is logged at DEBUG level on the ``fastcl.integrations`` logger.
