@@ -1,10 +1,11 @@
 """Collaborative Metric Learning (Hsieh et al., WWW'17) on MovieLens-100k implicit feedback.
 
 Users and items live in one Euclidean space. For each training pair (u, i) the loss draws W
-items uniformly as negatives and pays ``w * [m + |u - i|^2 - min_k |u - n_k|^2]_+`` with the
-WARP-style rank weight ``w = log(1 + M * J / W)`` (M impostors among the W): ``fastcl.cml_loss``
-reads the negatives from the item table in place (``--loss naive`` gathers them into
-(B, W, D), as the authors' code does). Embeddings are clipped to the unit ball after each step;
+items uniformly among those u has not liked in training (as the authors' sampler does) and
+pays ``w * [m + |u - i|^2 - min_k |u - n_k|^2]_+`` with the WARP-style rank weight
+``w = log(1 + M * J / W)`` (M impostors among the W): ``fastcl.cml_loss`` reads the negatives
+from the item table in place (``--loss naive`` gathers them into (B, W, D), as the authors'
+code does). Embeddings are clipped to the unit ball after each step;
 the covariance regularizer is optional. Data: ratings >= 4 are positives, each user's latest
 positive is held out (leave-last-out). Evaluation: recall@10, recall@50 and NDCG@10 of the
 held-out item among all items the user has not trained on, against item popularity and a BPR-MF
@@ -13,7 +14,7 @@ trained in the same run (sections ``popularity`` and ``bpr_mf``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import numpy as np
 import torch
@@ -36,6 +37,8 @@ class Config(TrainConfig):
     dim: int = option(64, "embedding dimension (the paper's 100 on MovieLens)")
     margin: float = option(0.5, "hinge margin m (the reference code's default 1.9 suits larger spaces)")
     negatives: int = option(64, "W: negatives sampled uniformly per training pair")
+    exclude_positives: bool = option(True, "resample a negative that is one of the user's training positives "
+                                           "(the authors' sampler does; else the hardest 'negative' is often a positive)")
     rank_weight: bool = option(True, "weight each pair by log(1 + rank estimate) (WARP)")
     covariance_weight: float = option(1.0, "weight of the covariance regularizer over the batch's embeddings (paper: 10)")
     max_norm: float = option(1.0, "clip user and item embeddings to this norm after each step")
@@ -74,10 +77,38 @@ def load_split(config: Config):
                   "MovieLens-100k (recbole's copy), ratings >= 4, leave-last-out")
 
 
+def model_of(model: nn.Module) -> "MetricEmbeddings":
+    return model.module if hasattr(model, "module") else model  # DDP wraps it
+
+
+def positive_mask(split) -> torch.Tensor:
+    """(num_users, num_items) bool: True where the user has the item among its training positives."""
+    mask = torch.zeros(split.num_users, split.num_items, dtype=torch.bool)
+    mask[torch.as_tensor(split.train_user), torch.as_tensor(split.train_item)] = True
+    return mask
+
+
+def sample_negatives(users: torch.Tensor, count: int, num_items: int, positives: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, count) item ids drawn uniformly (torch's global generator); with ``positives`` (the
+    :func:`positive_mask`) a draw that is one of the user's training positives is drawn again
+    until none is, so each negative is uniform over the items the user has not liked."""
+    ids = torch.randint(0, num_items, (len(users), count), device=users.device)
+    if positives is None:
+        return ids
+    rows = users.unsqueeze(1).expand_as(ids)
+    open_rows = ~positives.all(1)[rows]  # a user who liked every item keeps uniform draws (no endless loop)
+    clash = positives[rows, ids] & open_rows
+    while clash.any():
+        ids[clash] = torch.randint(0, num_items, (int(clash.sum()),), device=users.device)
+        clash = positives[rows, ids] & open_rows
+    return ids
+
+
 def build(config: Config) -> Method:
     split, real, source = load_split(config)
     model = MetricEmbeddings(split.num_users, split.num_items, config.dim)
     pairs = np.stack([split.train_user, split.train_item], axis=1)
+    liked = positive_mask(split) if config.exclude_positives else None
 
     def collate(rows):
         batch = torch.as_tensor(np.stack(rows))
@@ -85,8 +116,9 @@ def build(config: Config) -> Method:
 
     def loss(batch, model):
         users, positives = model(batch["users"], batch["items"])
-        table = model.module.items.weight if hasattr(model, "module") else model.items.weight
-        negative_ids = torch.randint(0, split.num_items, (len(users), config.negatives), device=users.device)
+        table = model_of(model).items.weight
+        negative_ids = sample_negatives(batch["users"], config.negatives, split.num_items,
+                                        None if liked is None else liked.to(users.device))
         value = losses.cml_loss(users, positives, negative_indices=negative_ids, item_table=table, margin=config.margin,
                                 rank_weight=config.rank_weight, loss=config.loss)
         if config.covariance_weight:

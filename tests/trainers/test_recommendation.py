@@ -125,3 +125,30 @@ def test_cml_under_torchrun_two_processes(tmp_path):
     with open(tmp_path / "log.jsonl") as f:
         log = [json.loads(line)["loss"] for line in f]
     assert len(log) == 4 and all(np.isfinite(log))
+
+
+def test_cml_negatives_skip_the_users_training_positives():
+    """sample_negatives redraws a negative that is one of the user's training positives (the
+    authors' sampler does), so the hardest of the W is never a known positive; without the mask
+    it is exactly torch.randint's draw."""
+    from fastcl.trainers.cml import positive_mask, sample_negatives
+
+    split = movielens.ImplicitSplit(np.array([0, 0, 0, 1]), np.array([0, 1, 2, 4]), np.array([0]), np.array([3]), 2, 6)
+    liked = positive_mask(split)
+    assert liked.tolist() == [[True, True, True, False, False, False], [False, False, False, False, True, False]]
+    users = torch.tensor([0, 1, 0, 1] * 50)
+    torch.manual_seed(3)
+    ids = sample_negatives(users, 32, 6, liked)
+    assert ids.shape == (200, 32)
+    assert not liked[users.unsqueeze(1).expand_as(ids), ids].any()
+    # uniform over the rest: user 0 draws 3, 4, 5, user 1 every item but 4, each about equally often
+    counts_0 = torch.bincount(ids[users == 0].flatten(), minlength=6).double()
+    assert counts_0[:3].sum() == 0 and (counts_0[3:] / counts_0[3:].mean() - 1).abs().max() < 0.1
+    counts_1 = torch.bincount(ids[users == 1].flatten(), minlength=6).double()
+    assert counts_1[4] == 0 and (counts_1[[0, 1, 2, 3, 5]] / counts_1[[0, 1, 2, 3, 5]].mean() - 1).abs().max() < 0.1
+    torch.manual_seed(3)
+    assert torch.equal(sample_negatives(users, 32, 6, liked), ids)  # the same random numbers: fused = naive
+    torch.manual_seed(3)
+    plain = sample_negatives(users, 32, 6)
+    torch.manual_seed(3)
+    assert torch.equal(plain, torch.randint(0, 6, (200, 32)))
