@@ -108,3 +108,16 @@ def test_synthetic_size_sets_the_synthetic_training_split(name):
     module, options = TINY[name]
     method = module.build(module.Config(data="synthetic", synthetic_size=40, **options))
     assert len(method.train_data) == 40 and "40 training images" in method.data_source
+
+
+def test_simclr_probe_sets_do_not_move_with_the_seed():
+    """Every seed is scored on the same probe / kNN images, so per-seed rows can be averaged."""
+    _, options = TINY["simclr"]
+    methods = [simclr.build(simclr.Config(data="synthetic", seed=seed, **options)) for seed in (0, 1)]
+    assert methods[0].baselines()["raw_pixels"] == methods[1].baselines()["raw_pixels"]
+
+
+@pytest.mark.parametrize("option, value", [("noise_p", 1.5), ("blur_p", -0.1), ("flip", 2.0), ("jitter", 1.0)])
+def test_simclr_augmentation_options_are_checked(option, value):
+    with pytest.raises(ValueError, match=f"--{option.replace('_', '-')}"):
+        simclr.Config(data="synthetic", **{option: value})
