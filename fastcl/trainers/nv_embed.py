@@ -53,6 +53,11 @@ class Config(TextConfig):
     split_seed: int = option(0, "seed of the train/test splits (fixed across --seed)")
     batch_size: int = option(32, "global batch")
     lr: float = option(5e-5, "peak learning rate")
+    pooling_init: Literal["mean", "random"] = option(
+        "random", "start of the latent-attention layer: random (PyTorch's default init) or mean (attention and "
+                  "feed-forward output projections zero, so it starts as the backbone's mean pooling plus a learned residual)")
+    pooling_lr: Optional[float] = option(None, "learning rate of the latent-attention layer (None: --lr); the "
+                                               "backbone keeps --lr")
     eval_max_length: int = option(128, "tokens per text at evaluation (MiniLM was trained on 128)")
 
     def __post_init__(self):
@@ -63,6 +68,8 @@ class Config(TextConfig):
             raise ValueError(f"--train-fraction must be in (0, 1), got {self.train_fraction}")
         if self.temperature <= 0 or self.num_latents < 1 or self.num_heads < 1:
             raise ValueError("--temperature, --num-latents and --num-heads must be positive")
+        if self.pooling_lr is not None and self.pooling_lr <= 0:
+            raise ValueError(f"--pooling-lr must be positive, got {self.pooling_lr}")
 
 
 class MeanPooled(nn.Module):
@@ -90,6 +97,18 @@ class Embedders(nn.Module):
         if self.other is not None:
             out.append(self.other(input_ids=input_ids, attention_mask=attention_mask, pool_mask=pool_mask).float())
         return torch.cat(out, dim=-1)
+
+
+def start_as_mean_pooling(pooling: nn.Module) -> None:
+    """Zero the output projections of the attention (``to_out``) and of the feed-forward (``net.2``,
+    weight and bias): both blocks are residual, so the layer then returns the mean of the token states,
+    exactly the mean pooling the backbone was pretrained for, and training learns a correction on it.
+    Gradients still reach every parameter (the output projections first, the rest from the next step)."""
+    attention, feed_forward = pooling.cross_attend_blocks
+    with torch.no_grad():
+        attention.fn.to_out.weight.zero_()
+        feed_forward.fn.net[2].weight.zero_()
+        feed_forward.fn.net[2].bias.zero_()
 
 
 def _sts_rows(documents: Sequence[str], pairs, train_docs: List[int]):
@@ -137,7 +156,15 @@ def build(config: Config) -> Method:
         main = MeanPooled(backbone)
         other = BidirectionalEmbedder(copy.deepcopy(backbone), tokenizer, num_latents=config.num_latents,
                                       num_heads=config.num_heads, max_length=config.passage_max_length) if config.ablation else None
+    latent_model = main if config.pooling == "latent" else other
+    if latent_model is not None and config.pooling_init == "mean":
+        start_as_mean_pooling(latent_model.pooling)
     model = Embedders(main, other)
+    parameters = None
+    if latent_model is not None and config.pooling_lr is not None:
+        head = {id(p) for p in latent_model.pooling.parameters()}
+        parameters = [{"params": [p for p in model.parameters() if id(p) not in head]},
+                      {"params": list(latent_model.pooling.parameters()), "lr": config.pooling_lr}]
     other_name = ("mean_pooling" if config.pooling == "latent" else "latent_pooling") if config.ablation else None
 
     def tokenize(texts: Sequence[str], instructions: Sequence[Optional[str]], max_length: int) -> Dict[str, torch.Tensor]:
@@ -220,7 +247,7 @@ def build(config: Config) -> Method:
     stages = [Stage("retrieval", retrieval, collate_for(True), config.stage1_fraction)]
     if config.stage1_fraction < 1.0:
         stages.append(Stage("retrieval+sts", retrieval + sts, collate_for(False), 1.0 - config.stage1_fraction))
-    return Method(model=model, train_data=stages, encode_inputs=encode_inputs, representation_loss=representation_loss,
+    return Method(model=model, parameters=parameters, train_data=stages, encode_inputs=encode_inputs, representation_loss=representation_loss,
                   evaluate=evaluate, baselines=baselines, goal_metric="recall@1",
                   data_source=(f"{source}; {len(train)} training / {len(test)} held-out questions, {len(passages)} passages; "
                                f"{len(sts)} STS rows, {len(held_out_pairs)} held-out rated pairs; encoder {encoder_name}; "
