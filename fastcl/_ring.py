@@ -11,7 +11,8 @@ same way again, with their column statistics, each followed one hop behind by th
 its rows, which every rank adds to; one last hop returns it to its owner.
 
 Memory per rank: the local rows, two candidate blocks (the one computed on and the one arriving)
-with their gradients, and a few local x block tiles: flat in the number of ranks.
+with their gradients, and slices of one local x block tile (or none: the fused tile kernels keep
+it on chip): flat in the number of ranks.
 Work per rank and block: one tile forward, three backward (recompute, anchor and block
 gradients), for both directions of a symmetric loss at once.
 """
@@ -26,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .ops.common.blocks import ACCELERATOR_BLOCK_BYTES, DEFAULT_BLOCK_BYTES, block_rows_for
+from .ops.common.gradients import compute_dtype
 
 # FASTCL_RING_TILES=torch keeps the ring's tiles on PyTorch ops everywhere; =triton runs the
 # fused tile kernels on the CPU too (the Triton interpreter, for tests). Read at import.
@@ -135,7 +137,7 @@ def ring_backward(anchors: torch.Tensor, candidates: torch.Tensor, sizes: List[i
     it; the gradient coming with the next block is waited for only after that block's tile is
     computed (into a block-sized buffer of this rank's share), so both transfers overlap a tile."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    grad_anchors = torch.zeros_like(anchors, dtype=_compute_dtype(anchors.dtype))
+    grad_anchors = torch.zeros_like(anchors, dtype=compute_dtype(anchors))
     block, owner, block_labels = candidates.detach(), rank, labels
     grad_block = None  # this rank's own block starts with its share alone
     pending_gradient = None
@@ -207,10 +209,10 @@ class RingInfoNCE(torch.autograd.Function):
                 sizes: List[int], column_sizes: Optional[List[int]], group):
         rank = dist.get_rank(group)
         a = anchors.detach()
-        fused = _fused_tiles(a, labels, options)
+        fused = fused_tiles(a, labels, options)
         if not fused and a.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"the ring's PyTorch tiles take float32 / float64 rows, got {a.dtype}")
-        like = a.new_empty(0, dtype=_compute_dtype(a.dtype))  # statistics in fp32 for bf16 / fp16 rows
+        like = a.new_empty(0, dtype=compute_dtype(a))  # statistics in fp32 for bf16 rows
         value = scale.detach().to(like.dtype)
         batch = a.shape[0]
         tile = _TileMasks(options, positive, labels, like.new_empty(batch))
@@ -260,17 +262,17 @@ class RingInfoNCE(torch.autograd.Function):
             column_losses = _row_losses(columns[:, 0], column_positive, columns[:, 1:3], options.smoothing)
         ctx.save_for_backward(anchors, candidates, scale, positive, private, labels, candidate_labels, lse,
                               totals, columns, tile.positive_raw)
-        ctx.options = (options, sizes, column_sizes, group)
+        ctx.options = (options, sizes, column_sizes, group, fused)
         return rows_loss, column_losses
 
     @staticmethod
     def backward(ctx, grad_rows, grad_columns):
         (anchors, candidates, scale, positive, private, labels, candidate_labels, lse, totals, columns,
          positive_raw) = ctx.saved_tensors
-        options, sizes, column_sizes, group = ctx.options
+        options, sizes, column_sizes, group, fused = ctx.options
         rank = dist.get_rank(group)
         a = anchors.detach()
-        like = lse  # the statistics' dtype (fp32 for bf16 / fp16 rows)
+        like = lse  # the statistics' dtype (fp32 for bf16 rows)
         value = scale.detach().to(like.dtype)
         smoothing = options.smoothing
         tile = _TileMasks(options, positive, labels, positive_raw)
@@ -306,7 +308,7 @@ class RingInfoNCE(torch.autograd.Function):
             return grad_logits.mul_(value)
 
         block_gradient = sliced_gradient(a, tile_gradient)
-        if _fused_tiles(a, labels, options):
+        if fused:
             block_gradient = _fused_gradient(a, value, positive, options, rank, lse, weights, grads)
         grad_anchors, grad_candidates = ring_backward(a, candidates, sizes, group, block_gradient, travelling,
                                                       column_sizes, candidate_labels)
@@ -333,22 +335,11 @@ class RingInfoNCE(torch.autograd.Function):
 FUSED_TILE_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics and gradient accumulators: fp32 for bf16 / fp16 rows, else the rows' dtype."""
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-
-
-def fused_tiles_for(rows: torch.Tensor, labels, options: RingOptions) -> bool:
-    """Whether a ring call with these rows and options runs on the fused tile kernels (then
-    bf16 rows may travel and multiply in their own dtype, as the single-process Triton kernels
-    do)."""
-    return _fused_tiles(rows, labels, options)
-
-
-def _fused_tiles(anchors: torch.Tensor, labels, options: RingOptions) -> bool:
+def fused_tiles(anchors: torch.Tensor, labels, options: RingOptions) -> bool:
     """Whether the Triton tile kernels (:mod:`fastcl.ops.info_nce.ring_triton`) run the tiles:
     float32 / bf16 CUDA rows and the plain loss, unless ``FASTCL_RING_TILES=torch``;
-    ``FASTCL_RING_TILES=triton`` asks for them on the CPU too (the Triton interpreter, for tests)."""
+    ``FASTCL_RING_TILES=triton`` asks for them on the CPU too (the Triton interpreter, for tests).
+    bf16 rows then travel and multiply in their own dtype, as the single-process kernels do."""
     if _RING_TILES == "torch" or labels is not None or options.margin is not None or options.smoothing:
         return False
     if anchors.dtype not in FUSED_TILE_DTYPES or not (anchors.is_cuda or _RING_TILES == "triton"):

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .ops.common.blocks import ACCELERATOR_BLOCK_BYTES, DEFAULT_BLOCK_BYTES, block_rows_for
-from ._ring import RingOptions, fused_tiles_for, ring_info_nce, ring_sigmoid_rows
+from ._ring import RingOptions, fused_tiles, ring_info_nce, ring_sigmoid_rows
 from .ops.common.checks import BACKENDS, REDUCTIONS, check_choice, check_embeddings, check_same_device
 from .ops.common.gradients import compute_dtype
 from .ops.info_nce import MASK, SUPCON, check_info_nce_args, count_positives, logit_scale_temperature
@@ -334,7 +334,7 @@ def _ring_directions(query, key, positive, hard_negatives, temperature, normaliz
     # bf16 rows of the plain loss stay bf16 on the fused tile kernels (half the bytes per hop, the
     # products in bf16 as the single-process Triton kernels do); anything else runs in the compute dtype
     own_dtype = (query.dtype == key.dtype == torch.bfloat16 and not normalize and hard_negatives is None
-                 and fused_tiles_for(query, labels, options))
+                 and fused_tiles(query, labels, options))
     q, k = (query, key) if own_dtype else (query.to(dtype), key.to(dtype))
     h = hard_negatives.to(dtype) if hard_negatives is not None else None
     check_info_nce_args(q, k, positive, h, temperature, normalize, symmetric, exclude_self, labels, key_labels, MASK,

@@ -694,21 +694,23 @@ def crossover_table(hardware: Hardware = H100, dtype_bytes: int = 2, losses: Seq
     header = "| B | D | " + " | ".join(f"R={w}" for w in worlds) + " |"
     rule = "|---|---|" + "---|" * len(worlds)
     lines = []
+
+    def section(title, cell):
+        """A (B, D) x R table whose cells are ``cell(world, batch, dim)``."""
+        lines.extend([title, "", header, rule])
+        for batch in batches:
+            for dim in dims:
+                lines.append(f"| {batch} | {dim} | " + " | ".join(cell(w, batch, dim) for w in worlds) + " |")
+
     for loss in losses:
-        lines += [f"### {loss}: step time, ms (gather / ring as coded)", "", header, rule]
-        for batch in batches:
-            for dim in dims:
-                cells = [f"{_fmt_ms(model_time(loss, 'gather', w, batch, dim, dtype_bytes, hardware).total)} / "
-                         f"{_fmt_ms(model_time(loss, 'ring', w, batch, dim, dtype_bytes, hardware, ring_kernel=coded_kernel(loss)).total)}"
-                         for w in worlds]
-                lines.append(f"| {batch} | {dim} | " + " | ".join(cells) + " |")
-        lines += ["", f"### {loss}: loss memory per rank, GB (gather / ring as coded)", "", header, rule]
-        for batch in batches:
-            for dim in dims:
-                cells = [f"{_fmt_gb(model_memory(loss, 'gather', w, batch, dim, dtype_bytes))} / "
-                         f"{_fmt_gb(model_memory(loss, 'ring', w, batch, dim, dtype_bytes, ring_kernel=coded_kernel(loss)))}"
-                         for w in worlds]
-                lines.append(f"| {batch} | {dim} | " + " | ".join(cells) + " |")
+        kernel = coded_kernel(loss)
+        section(f"### {loss}: step time, ms (gather / ring as coded)", lambda w, batch, dim: (
+            f"{_fmt_ms(model_time(loss, 'gather', w, batch, dim, dtype_bytes, hardware).total)} / "
+            f"{_fmt_ms(model_time(loss, 'ring', w, batch, dim, dtype_bytes, hardware, ring_kernel=kernel).total)}"))
+        lines.append("")
+        section(f"### {loss}: loss memory per rank, GB (gather / ring as coded)", lambda w, batch, dim: (
+            f"{_fmt_gb(model_memory(loss, 'gather', w, batch, dim, dtype_bytes))} / "
+            f"{_fmt_gb(model_memory(loss, 'ring', w, batch, dim, dtype_bytes, ring_kernel=kernel))}"))
         lines.append("")
     lines += ["### Where the ring wins", "",
               f"World sizes R in 2..{largest} (every integer, not only the columns above) at which the ring's "
