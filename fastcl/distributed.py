@@ -244,9 +244,9 @@ def info_nce(
                       labels=labels, key_labels=key_labels)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("mode", mode, MODES)
-    unsupported = [f"multi_positive={multi_positive!r}"] if multi_positive != MASK else []
-    if mode == "ring" and unsupported:
-        raise ValueError(f"mode='ring' covers multi_positive='mask'; {', '.join(unsupported)} needs mode='gather'")
+    ring_covers = multi_positive == MASK
+    if mode == "ring" and not ring_covers:
+        raise ValueError(f"mode='ring' covers multi_positive='mask'; multi_positive={multi_positive!r} needs mode='gather'")
     batch, num_keys = query.shape[0], key.shape[0]
     if positive is not None and isinstance(positive, torch.Tensor) and positive.numel() > 0:
         low, high = int(positive.min()), int(positive.max())
@@ -271,7 +271,7 @@ def info_nce(
     per_row = "none" if reduction == "none" else "sum"
     gathered = sum(key_sizes) + (sum(query_sizes) if symmetric else 0)
     mode = choose_mode(mode, gathered, query.shape[1], query.element_size(), query.device,  # gathered as given
-                       ring_covers=not unsupported)
+                       ring_covers=ring_covers)
 
     if mode == "ring":
         rows, columns = _ring_directions(query, key, positive, hard_negatives, temperature, normalize, symmetric,
