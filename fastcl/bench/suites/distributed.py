@@ -50,16 +50,18 @@ def _clip_plain(images, texts, scale):
                   F.cross_entropy(scale * texts @ all_images.T, target))
 
 
-def make_step(device: str, provider: str, batch: int, dim: int):
-    """One rank's fwd+bwd step (the process group is already initialized)."""
+def make_step(device: str, provider: str, batch: int, dim: int, normalized: bool = True, scale: float = 20.0):
+    """One rank's fwd+bwd step (the process group is already initialized): unit features (as a
+    CLIP model returns them) or raw ``randn`` ones, and a learnable logit ``scale`` (1 / tau)."""
     import torch.nn.functional as F
 
     import fastcl
 
     generator = torch.Generator().manual_seed(torch.distributed.get_rank())
-    images = F.normalize(torch.randn(batch, dim, generator=generator), dim=-1).requires_grad_()
-    texts = F.normalize(torch.randn(batch, dim, generator=generator), dim=-1).requires_grad_()
-    scale = torch.tensor(20.0, requires_grad=True)
+    unit = (lambda x: F.normalize(x, dim=-1)) if normalized else (lambda x: x)
+    images = unit(torch.randn(batch, dim, generator=generator)).requires_grad_()
+    texts = unit(torch.randn(batch, dim, generator=generator)).requires_grad_()
+    scale = torch.tensor(float(scale), requires_grad=True)
 
     def step():
         images.grad = texts.grad = scale.grad = None
@@ -72,17 +74,17 @@ def make_step(device: str, provider: str, batch: int, dim: int):
     return step
 
 
-def _rank_main(rank, world, port, provider, batch, dim, repeats, out_dir):
+def _rank_main(rank, world, port, provider, params, repeats, out_dir):
     import torch.distributed as dist
 
     from ..harness import Case, measure_in_process, tensor_peak_bytes
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    case = Case(SUITE, provider, __name__, "make_step", {"batch": batch, "dim": dim}, x=world, repeats=repeats,
+    case = Case(SUITE, provider, __name__, "make_step", params, x=world, repeats=repeats,
                 first_call=True)
     result = measure_in_process(case, "cpu")  # the row is the first call, the steady state in extra
-    step = make_step("cpu", provider, batch, dim)
+    step = make_step("cpu", provider, **params)
     step()
     tensor_mb = tensor_peak_bytes(step) / 2**20
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -92,8 +94,11 @@ def _rank_main(rank, world, port, provider, batch, dim, repeats, out_dir):
     dist.destroy_process_group()
 
 
-def measure(provider: str, world: int, batch: int, dim: int, repeats: int = 3) -> dict:
-    """(largest step time, largest peak extra MB) over the ranks of one ``world``-process run."""
+def measure(provider: str, world: int, batch: int, dim: int, repeats: int = 3, normalized: bool = True,
+            scale: float = 20.0) -> dict:
+    """Largest over the ranks of one ``world``-process run: steady step time, first call, peak
+    extra RSS and tensor memory (``normalized`` / ``scale``: the inputs, :func:`make_step`)."""
+    params = {"batch": batch, "dim": dim, "normalized": normalized, "scale": scale}
     import socket
 
     import torch.multiprocessing as mp
@@ -102,7 +107,7 @@ def measure(provider: str, world: int, batch: int, dim: int, repeats: int = 3) -
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_rank_main, args=(world, port, provider, batch, dim, repeats, out_dir), nprocs=world, join=True)
+        mp.spawn(_rank_main, args=(world, port, provider, params, repeats, out_dir), nprocs=world, join=True)
         ranks = [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(world)]
     return {key: max(r[key] for r in ranks) for key in ("time_ms", "peak_mb", "tensor_mb", "first_ms")}
 
