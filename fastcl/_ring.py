@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .ops.common.blocks import ACCELERATOR_BLOCK_BYTES, DEFAULT_BLOCK_BYTES, block_rows_for
+from .ops.common.blocks import (ACCELERATOR_BLOCK_BYTES, DEFAULT_BLOCK_BYTES, block_rows_for, exp_flushed_, flush_tiny,
+                                logsumexp_flushed)
 from .ops.common.gradients import compute_dtype
 
 # FASTCL_RING_TILES=torch keeps the ring's tiles on PyTorch ops everywhere; =triton runs the
@@ -449,7 +450,7 @@ def _merge(lse, totals, rows, logits, dropped, dim):
     score sum and count) along ``dim`` (1: per anchor row, 0: per column), leaving out the
     dropped ones."""
     kept = logits if dropped is None else logits.masked_fill(dropped, float("-inf"))
-    lse[rows] = torch.logaddexp(lse[rows], torch.logsumexp(kept, dim=dim))
+    lse[rows] = torch.logaddexp(lse[rows], logsumexp_flushed(kept, dim))
     if totals is not None:
         totals[rows, 0] += (logits if dropped is None else logits.masked_fill(dropped, 0.0)).sum(dim)
         totals[rows, 1] += logits.shape[dim] - (0 if dropped is None else dropped.sum(dim))
@@ -464,8 +465,8 @@ def _row_losses(lse, positive_score, totals, smoothing):
 
 def _softmax_gradient(logits, lse, weights, spread, dropped):
     """``weights * exp(logits - lse) - spread`` on the kept candidates, 0 on the dropped ones (in
-    place on ``logits``)."""
-    grad = logits.sub_(lse).exp_().mul_(weights)
+    place on ``logits``; tiny exponentials flushed to 0, as every fused path does)."""
+    grad = exp_flushed_(logits.sub_(lse)).mul_(weights)
     if spread is not None:
         grad.sub_(spread)
     if dropped is not None:
@@ -515,7 +516,7 @@ class RingSigmoid(torch.autograd.Function):
         def tile_gradient(raw, row0, owner, _columns, _labels):
             rows = slice(row0, row0 + raw.shape[0])
             # d softplus(z) = sigmoid(z)
-            grad_logits = torch.sigmoid(raw * scale_value + bias_value).mul_(weights[rows, None])
+            grad_logits = flush_tiny(torch.sigmoid(raw * scale_value + bias_value)).mul_(weights[rows, None])
             if owner == rank:
                 grad_logits.diagonal(row0).sub_(weights[rows])
             grads["scale"] = grads["scale"] + torch.vdot(grad_logits.reshape(-1), raw.reshape(-1))

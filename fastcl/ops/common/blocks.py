@@ -2,6 +2,7 @@
 iterator, and the flush of tiny exponentials the native kernels also apply."""
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -21,6 +22,33 @@ def flush_tiny(probabilities: torch.Tensor) -> torch.Tensor:
     if threshold is not None:
         probabilities.masked_fill_(probabilities < threshold, 0.0)
     return probabilities
+
+
+def exp_flushed_(exponents: torch.Tensor) -> torch.Tensor:
+    """``flush_tiny(exponents.exp_())``, in place, without PyTorch's slow path: ``exp`` of
+    arguments far below the flush threshold (raw dot products at a small temperature: most of a
+    tile sits below -87) runs some 10x slower than in range, so they are raised to just under the
+    threshold first, where their exponentials are flushed to 0 all the same (NaN and +inf stay)."""
+    return flush_tiny(_clamped_exp_(exponents))
+
+
+def _clamped_exp_(exponents: torch.Tensor) -> torch.Tensor:
+    """``exp_`` with the arguments below the flush threshold's logarithm raised to just under it."""
+    threshold = EXP_FLUSH.get(exponents.dtype)
+    if threshold is not None:
+        exponents.clamp_(min=math.log(threshold) - 1.0)
+    return exponents.exp_()
+
+
+def logsumexp_flushed(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """``torch.logsumexp(values, dim)`` (within rounding; the same -inf, +inf and NaN) without
+    the slow path of ``exp`` that torch's own runs over terms far below the largest (the bulk of
+    a tile of raw dot products at a small temperature): those are raised to about the flush
+    threshold (2^-65 in float32) relative to the largest, whose own term is 1, so the sum moves
+    by less than N * 2^-65 relative."""
+    largest = values.amax(dim, keepdim=True)
+    shift = torch.where(torch.isfinite(largest), largest, torch.zeros_like(largest))
+    return _clamped_exp_(values - shift).sum(dim).log_().add_(shift.squeeze(dim))
 
 
 def block_rows_for(num_columns: int, bytes_per_element: int, budget: int = DEFAULT_BLOCK_BYTES) -> int:

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from ..common.blocks import flush_tiny, similarity_blocks
+from ..common.blocks import exp_flushed_, similarity_blocks
 from .options import MASK, PAIRWISE, SUPCON, InfoNCEOptions
 
 @dataclass
@@ -114,7 +114,7 @@ def torch_row_kernel(
         if eps > 0:
             loss = loss - eps * torch.where(candidate, scores, zero).sum(1) / count
         if weights is not None:
-            grad = flush_tiny(torch.where(candidate, torch.exp(masked - lse[:, None]), zero))
+            grad = torch.where(candidate, exp_flushed_(masked - lse[:, None]), zero)
             grad = grad - (1.0 - eps) * is_positive.to(dtype)
             if eps > 0:
                 grad = grad - eps * candidate.to(dtype) / count[:, None]
@@ -129,7 +129,7 @@ def torch_row_kernel(
             positive_sum = torch.where(is_positive, scores, zero).sum(1)
             loss = torch.where(valid, safe_lse - positive_sum / num_positive, zero)
             if weights is not None:
-                grad = flush_tiny(torch.where(candidate & valid[:, None], torch.exp(masked - safe_lse[:, None]), zero))
+                grad = torch.where(candidate & valid[:, None], exp_flushed_(masked - safe_lse[:, None]), zero)
                 grad = grad - is_positive.to(dtype) / num_positive[:, None]
         else:  # PAIRWISE
             negative = candidate & ~is_positive
@@ -144,7 +144,7 @@ def torch_row_kernel(
                 sigma = torch.where(is_positive, sigmoid, sigmoid * 0.0)
                 has_negative = negative.any(1)
                 safe_lse = torch.where(has_negative, lse, zero)
-                negative_share = flush_tiny(torch.where(negative, torch.exp(masked - safe_lse[:, None]), zero))
+                negative_share = torch.where(negative, exp_flushed_(masked - safe_lse[:, None]), zero)
                 grad = torch.where(negative, sigma.sum(1, keepdim=True) * negative_share, zero) - sigma
 
     if weights is not None:
