@@ -14,7 +14,7 @@ Encoder: the paper starts from BERT's masked-language-model checkpoint, an encod
 trained contrastively. MiniLM-L6 (``--model minilm``) already was, on a billion pairs, and
 unsupervised SimCSE only lowers its Spearman. So on real data ``--model auto`` takes the small
 BERT :mod:`fastcl.trainers.mlm` pretrains here with masked-language modelling only on the
-offline Python docs, Debian FAQ and Lee background text (built once, ~10 minutes, then cached).
+offline Python docs, Debian FAQ and Lee background text (built once, ~12 minutes, then cached).
 Besides Spearman, ``metrics.json`` gives the anisotropy the paper discusses: ``mean_cosine``
 between the 50 documents' embeddings and their ``uniformity`` (Wang & Isola), before and after.
 
@@ -64,7 +64,10 @@ class Config(TextConfig):
 
 def _training_texts(config: Config):
     if config.mode == "unsup":
-        return choose(config.data, needs_text_model(lambda: [(s,) for s in lee.background_sentences()], encoder_name_for(config, True)),
+        def sentences():
+            return [(s,) for s in lee.background_sentences()]
+
+        return choose(config.data, needs_text_model(sentences, encoder_name_for(config, True)),
                       lambda: [(s,) for s, _ in synthetic.sentences(config.synthetic_size or 512, seed=config.seed)],
                       "Lee background sentences (gensim)")
     if config.triples == "lee":
