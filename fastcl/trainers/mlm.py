@@ -36,7 +36,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .engine import DataUnavailable
+from .engine import DataUnavailable, fit
 
 PYTHON_DOCS_GLOB = "/usr/share/doc/python3*/html/_sources/**/*.rst.txt"
 
@@ -62,6 +62,8 @@ class Recipe:
 
 
 DEFAULT = Recipe()
+DESCRIPTION = (f"MLM BERT ({DEFAULT.layers} layers, {DEFAULT.hidden} hidden, pretrained here with masked-language "
+               f"modelling only)")
 
 
 def cache_root() -> str:
@@ -151,9 +153,10 @@ def pretrain(tokenizer, paragraphs: List[str], recipe: Recipe, log: Optional[Cal
     history = []
     model.train()
     start = time.perf_counter()
-    for step in range(recipe.steps):
+
+    def compute_gradients(step: int) -> torch.Tensor:
         if len(order) < recipe.batch_size:
-            order += generator.sample(range(len(rows)), len(rows))
+            order.extend(generator.sample(range(len(rows)), len(rows)))
         batch = rows[order[:recipe.batch_size]]
         del order[:recipe.batch_size]
         masked = collator.torch_call([{"input_ids": row} for row in batch])
@@ -163,15 +166,17 @@ def pretrain(tokenizer, paragraphs: List[str], recipe: Recipe, log: Optional[Cal
             where = labels != -100
             logits = model.cls(hidden[where])  # the vocabulary projection at the masked tokens only
         loss = torch.nn.functional.cross_entropy(logits.float(), labels[where])
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        return loss
+
+    def after_update(step: int, loss: torch.Tensor) -> None:
         record = {"step": step + 1, "loss": loss.item(), "seconds": round(time.perf_counter() - start, 1)}
         history.append(record)
         if log is not None:
             log(record)
+
+    fit(range(recipe.steps), optimizer, compute_gradients, scheduler=schedule, after_update=after_update)
     return model, history
 
 

