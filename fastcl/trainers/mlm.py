@@ -36,7 +36,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .engine import DataUnavailable, fit
+from .engine import DataUnavailable, fit, linear_schedule
 
 PYTHON_DOCS_GLOB = "/usr/share/doc/python3*/html/_sources/**/*.rst.txt"
 
@@ -146,8 +146,7 @@ def pretrain(tokenizer, paragraphs: List[str], recipe: Recipe, log: Optional[Cal
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
                                    {"params": other, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6)
     warmup = max(1, int(recipe.warmup * recipe.steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (recipe.steps - step) / max(1, recipe.steps - warmup))))
+    schedule = linear_schedule(optimizer, warmup, recipe.steps)
     generator = random.Random(recipe.seed)
     order: List[int] = []
     history = []
