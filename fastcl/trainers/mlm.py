@@ -22,12 +22,10 @@ first use. The directory is a transformers model (``AutoModel.from_pretrained``)
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import tempfile
 import time
@@ -37,9 +35,6 @@ from typing import Callable, List, Optional
 import torch
 
 from .engine import DataUnavailable, fit, linear_schedule
-
-PYTHON_DOCS_GLOB = "/usr/share/doc/python3*/html/_sources/**/*.rst.txt"
-
 
 @dataclass(frozen=True)
 class Recipe:
@@ -76,22 +71,10 @@ def model_dir(recipe: Recipe = DEFAULT) -> str:
 
 # -- corpus ---------------------------------------------------------------------------------------
 def _python_docs() -> List[str]:
-    from .data.faq import _UNDERLINE, _clean_rst
+    from .data.faq import _read_lines, python_doc_files, prose_paragraphs
 
-    files = {}
-    for path in sorted(glob.glob(PYTHON_DOCS_GLOB, recursive=True)):
-        files.setdefault(os.path.relpath(path, path.split("/_sources/")[0]), path)  # one python3.X copy
-    paragraphs = []
-    for name in sorted(files):
-        with open(files[name], encoding="utf-8", errors="replace") as f:
-            for block in re.split(r"\n\s*\n", f.read()):
-                lines = [line for line in block.splitlines() if line.strip() and not _UNDERLINE.match(line.strip())]
-                if not lines or lines[0].startswith("    ") or lines[0].lstrip().startswith((">>>", "..", ":")):
-                    continue  # code, doctests, directives and field lists are not prose
-                text = _clean_rst("\n".join(lines))
-                if len(text.split()) >= 8:
-                    paragraphs.append(text)
-    return paragraphs
+    files = python_doc_files()
+    return [paragraph for name in sorted(files) for paragraph in prose_paragraphs("\n".join(_read_lines(files[name])), min_words=8)]
 
 
 def corpus() -> List[str]:

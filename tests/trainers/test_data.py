@@ -51,6 +51,21 @@ def test_python_faq_slice():
     assert not any("``" in p or ":func:" in p for _, p in pairs)  # reST markup stripped
 
 
+@needs_python_faq
+def test_python_doc_sections_are_titled_prose_and_never_a_faq_passage():
+    sections = faq.python_doc_sections()
+    assert len(sections) > 1000
+    assert all(len(title.split()) >= 3 and len(body.split()) >= 20 for title, body in sections)
+    assert not any(":func:" in body or "``" in body for _, body in sections)  # reST markup stripped
+    faq_passages = [passage for _, passage in faq.python_faq()]
+    bodies = [body for _, body in sections]
+    # no FAQ answer (trained or held out in DPR) is a section: not even its first 12 words
+    assert not any(" ".join(p.split()[:12]) in b for p in faq_passages if len(p.split()) >= 12 for b in bodies[:400])
+    titles = {title for title, _ in sections}
+    assert not titles & {question for question, _ in faq.python_faq()}
+    assert "Floating Point Arithmetic: Issues and Limitations" in titles  # the tutorial's section
+
+
 @needs_debian_faq
 def test_debian_faq_slice():
     pairs = faq.debian_faq(limit=10)

@@ -9,7 +9,7 @@ import torch
 
 from . import helpers  # noqa: F401  (skips without the trainers extra)
 from fastcl.trainers import mlm, simcse
-from fastcl.trainers.data import lee, synthetic
+from fastcl.trainers.data import faq, lee, synthetic
 from fastcl.trainers.text import _synthetic_tokenizer
 
 
@@ -52,7 +52,7 @@ def test_pretraining_lowers_the_masked_loss_and_build_caches_a_loadable_encoder(
     assert mlm.Recipe(steps=61).key() != recipe.key()
 
 
-@pytest.mark.skipif(not glob.glob(mlm.PYTHON_DOCS_GLOB, recursive=True) or lee.lee_dir() is None,
+@pytest.mark.skipif(not glob.glob(faq.PYTHON_DOCS_GLOB, recursive=True) or lee.lee_dir() is None,
                     reason="python3-doc or gensim (the MLM corpus) is not installed")
 def test_corpus_is_prose_and_leaves_out_the_rated_lee_documents():
     paragraphs = mlm.corpus()

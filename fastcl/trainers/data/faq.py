@@ -5,12 +5,14 @@
 - Debian FAQ (``debian-faq``): ``/usr/share/doc/debian/FAQ/*.en.html``; an ``<h2>``/``<h3>``
   heading ending in "?" is a question (its "1.2." number dropped), the text up to the next
   heading its passage.
+- The rest of the Python docs (never ``faq/``): every section title -> the prose of its section,
+  extra title/passage pairs for DPR's training (a second, related dataset, as the paper trains its
+  small sets together with the large ones).
 """
 from __future__ import annotations
 
 import glob
 import html
-import os
 import random
 import re
 from html.parser import HTMLParser
@@ -18,6 +20,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ..engine import DataUnavailable
 
+PYTHON_DOCS_GLOB = "/usr/share/doc/python3*/html/_sources/**/*.rst.txt"
 PYTHON_FAQ_GLOB = "/usr/share/doc/python3*/html/_sources/faq/*.rst.txt"
 DEBIAN_FAQ_GLOB = "/usr/share/doc/debian/FAQ/*.en.html"
 INSTALL = "make data (or apt-get install python3-doc debian-faq)"
@@ -32,18 +35,47 @@ def _clean_rst(text: str) -> str:
     return " ".join(text.split())
 
 
+def python_doc_files(pattern: str = PYTHON_DOCS_GLOB) -> Dict[str, str]:
+    """{path under _sources/: file} with one copy of each (whichever python3.X-doc is installed)."""
+    files: Dict[str, str] = {}
+    for path in sorted(glob.glob(pattern, recursive=True)):
+        files.setdefault(path.split("/_sources/", 1)[1], path)
+    return files
+
+
+def _read_lines(path: str) -> List[str]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read().splitlines()
+
+
+def section_titles(lines: List[str]) -> List[int]:
+    """Line numbers of reST section titles (a text line over an underline at least as long)."""
+    return [i for i in range(len(lines) - 1)
+            if lines[i].strip() and _UNDERLINE.match(lines[i + 1]) and len(lines[i + 1].strip()) >= len(lines[i].strip())
+            and not _UNDERLINE.match(lines[i])]
+
+
+def prose_paragraphs(text: str, min_words: int = 1) -> List[str]:
+    """The prose paragraphs of reST text, cleaned; code, doctests, directives, field lists and
+    underlines left out."""
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", text):
+        lines = [line for line in block.splitlines() if line.strip() and not _UNDERLINE.match(line.strip())]
+        if not lines or lines[0].startswith("    ") or lines[0].lstrip().startswith((">>>", "..", ":")):
+            continue
+        paragraph = _clean_rst("\n".join(lines))
+        if len(paragraph.split()) >= min_words:
+            paragraphs.append(paragraph)
+    return paragraphs
+
+
 def python_faq(limit: Optional[int] = None) -> List[Tuple[str, str]]:
     """(question, passage) pairs of the Python FAQ (one copy, whichever python3.X-doc is installed)."""
-    files: Dict[str, str] = {}
-    for path in sorted(glob.glob(PYTHON_FAQ_GLOB)):
-        files.setdefault(os.path.basename(path), path)
+    files = python_doc_files(PYTHON_FAQ_GLOB)
     pairs = []
     for name in sorted(files):
-        with open(files[name], encoding="utf-8") as f:
-            lines = f.read().splitlines()
-        titles = [i for i in range(len(lines) - 1)
-                  if lines[i].strip() and _UNDERLINE.match(lines[i + 1]) and len(lines[i + 1].strip()) >= len(lines[i].strip())
-                  and not _UNDERLINE.match(lines[i])]
+        lines = _read_lines(files[name])
+        titles = section_titles(lines)
         for number, start in enumerate(titles):
             title = lines[start].strip()
             if not title.endswith("?"):
@@ -53,6 +85,26 @@ def python_faq(limit: Optional[int] = None) -> List[Tuple[str, str]]:
             if len(body.split()) >= 3:
                 pairs.append((_clean_rst(title), body))
     return pairs[:limit] if limit is not None else pairs
+
+
+def python_doc_sections(min_title_words: int = 3, min_words: int = 20) -> List[Tuple[str, str]]:
+    """(section title, its prose) of every Python doc outside ``faq/`` (so no FAQ passage, trained
+    or held out, is among them): titles of at least ``min_title_words`` words, sections of at
+    least ``min_words`` words of prose. Empty when python3-doc is not installed."""
+    files = python_doc_files()
+    pairs = []
+    for name in sorted(files):
+        if name.startswith("faq/"):
+            continue
+        lines = _read_lines(files[name])
+        titles = section_titles(lines)
+        for number, start in enumerate(titles):
+            end = titles[number + 1] if number + 1 < len(titles) else len(lines)
+            title = _clean_rst(lines[start].strip())
+            body = " ".join(prose_paragraphs("\n".join(lines[start + 2:end])))
+            if len(title.split()) >= min_title_words and len(body.split()) >= min_words:
+                pairs.append((title, body))
+    return pairs
 
 
 class _Sections(HTMLParser):
