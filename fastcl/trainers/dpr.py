@@ -10,7 +10,9 @@ on the held-out questions against every passage of both FAQs: recall@1/5/20, MRR
 with BM25 and zero-shot MiniLM (cosine, untrained) as baselines. Goal metric: recall@1.
 
 Encoders: one shared MiniLM by default (``--encoders separate`` for the paper's two towers);
-mean pooling, MiniLM's own (``--pooling cls`` for the paper's [CLS]).
+mean pooling, MiniLM's own (``--pooling cls`` for the paper's [CLS]). ``--extra-pairs
+python-docs`` adds a second training set, as the paper trains its small sets with the large
+ones: every Python doc section title (outside ``faq/``) -> its prose, with BM25 hard negatives.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from torch import nn
 from . import losses
 from .config import option
 from .data import choose, faq, synthetic
-from .engine import Method
+from .engine import DataUnavailable, Method
 from .evaluation import retrieval_metrics
 from .text import TextConfig, TextEncoder, embed, load_encoder, needs_text_model, tokenize
 
@@ -48,6 +50,9 @@ class Config(TextConfig):
     score: Literal["dot", "cosine"] = option("dot", "dot: the paper's raw dot product (temperature 1); cosine: cosine / --temperature, "
                                                     "the score MiniLM was pretrained with")
     temperature: float = option(0.05, "temperature of --score cosine")
+    extra_pairs: Literal["none", "python-docs"] = option("none", "a second training set beside the FAQ questions: python-docs, every "
+                                                                 "Python doc section title -> its prose (never faq/)")
+    extra_share: float = option(0.5, "share of each epoch's rows drawn from --extra-pairs (the FAQ rows repeated to fill the rest)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -57,6 +62,8 @@ class Config(TextConfig):
             raise ValueError(f"--hard-negatives must be >= 0, got {self.hard_negatives}")
         if self.temperature <= 0:
             raise ValueError(f"--temperature must be positive, got {self.temperature}")
+        if not 0.0 < self.extra_share < 1.0:
+            raise ValueError(f"--extra-share must be in (0, 1), got {self.extra_share}")
         if self.passage_max_length < 2:
             raise ValueError(f"--passage-max-length must be at least 2, got {self.passage_max_length}")
 
@@ -106,6 +113,13 @@ def training_rows(pairs, train: List[int], hard_negatives: int) -> List[Tuple[st
     return rows
 
 
+def mixed_rows(rows: List[Tuple[str, ...]], extra: List[Tuple[str, ...]], extra_share: float) -> Tuple[List[Tuple[str, ...]], int]:
+    """``rows`` repeated (a whole number of times, at least once) beside ``extra`` so that about
+    ``extra_share`` of each epoch's rows are extra ones; (the mixed rows, the repeats)."""
+    repeats = max(1, round(len(extra) * (1 - extra_share) / (extra_share * len(rows))))
+    return rows * repeats + list(extra), repeats
+
+
 class DualEncoder(nn.Module):
     """Question and passage towers (the same module when shared); ``role`` picks the tower."""
 
@@ -126,6 +140,16 @@ def build(config: Config) -> Method:
                                  "Python FAQ + Debian FAQ question/passage pairs")
     train, test = faq.split(pairs, config.train_fraction, config.split_seed)
     rows = training_rows(pairs, train, config.hard_negatives)
+    extra_note = ""
+    if config.extra_pairs != "none" and not real:
+        extra_note = f"; no --extra-pairs {config.extra_pairs} rows (they go with the real FAQs only)"
+    elif config.extra_pairs != "none":
+        sections = faq.python_doc_sections()
+        if not sections:
+            raise DataUnavailable(f"--extra-pairs {config.extra_pairs}: the Python docs are not installed: {faq.INSTALL}")
+        extra = training_rows(sections, list(range(len(sections))), config.hard_negatives)
+        rows, repeats = mixed_rows(rows, extra, config.extra_share)
+        extra_note = f"; plus {len(extra)} Python doc section title/passage rows (FAQ rows x{repeats})"
     backbone, tokenizer, encoder_name = load_encoder(config.model, real, config.dropout)
     question_tower = TextEncoder(backbone, config.pooling)
     passage_tower = question_tower if config.encoders == "shared" else TextEncoder(copy.deepcopy(backbone), config.pooling)
@@ -172,7 +196,7 @@ def build(config: Config) -> Method:
                   representation_loss=representation_loss, evaluate=evaluate, baselines=baselines,
                   goal_metric="recall@1",
                   data_source=(f"{source}; {len(pairs)} pairs, {len(train)} training / {len(test)} held-out questions, "
-                               f"{len(passages)} candidate passages; encoder {encoder_name}"))
+                               f"{len(passages)} candidate passages{extra_note}; encoder {encoder_name}"))
 
 
 # -- benchmark (python -m fastcl.bench trainers) ----------------------------------------------------

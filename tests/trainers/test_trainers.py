@@ -81,3 +81,33 @@ def test_dpr_cosine_score_fused_equals_naive_and_differs_from_dot(tmp_path):
     cosine = losses(tmp_path / "fused")
     assert_relative(cosine, losses(tmp_path / "naive"), 1e-4)
     assert abs(cosine[0] - losses(tmp_path / "dot")[0]) > 1e-3 * abs(cosine[0])
+
+
+def test_dpr_mixed_rows_repeat_the_faq_rows_to_the_asked_share():
+    from fastcl.trainers.dpr import mixed_rows
+
+    faq_rows = [(f"q{i}", f"p{i}", f"n{i}") for i in range(206)]
+    extra = [(f"t{i}", f"s{i}", f"m{i}") for i in range(1869)]
+    rows, repeats = mixed_rows(faq_rows, extra, 0.5)
+    assert repeats == 9 and len(rows) == 9 * 206 + 1869
+    assert rows[:206] == faq_rows and rows[-1869:] == extra
+    assert abs(1869 / len(rows) - 0.5) < 0.03  # the share asked, to one repeat
+    assert mixed_rows(faq_rows, extra[:10], 0.5) == (faq_rows + extra[:10], 1)  # never fewer than one copy
+
+
+def test_dpr_extra_rows_come_with_bm25_negatives_that_are_other_sections():
+    from fastcl.trainers.data import faq
+    from fastcl.trainers.dpr import training_rows
+
+    sections = faq.python_doc_sections()
+    if not sections:
+        pytest.skip("python3-doc is not installed")
+    sample = sections[:300]
+    rows = training_rows(sample, list(range(len(sample))), 1)
+    passages = {p for _, p in sample}
+    assert [(q, p) for q, p, _ in rows] == sample
+    assert all(n != p and n in passages for _, p, n in rows)
+    # BM25's pick shares a word with the title more often than the next section does
+    shared = sum(bool(set(q.lower().split()) & set(n.lower().split())) for q, _, n in rows)
+    shifted = sum(bool(set(q.lower().split()) & set(sample[(i + 1) % 300][1].lower().split())) for i, (q, _, _) in enumerate(rows))
+    assert shared > shifted
