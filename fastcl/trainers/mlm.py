@@ -36,6 +36,7 @@ import torch
 
 from .engine import DataUnavailable, fit, linear_schedule
 
+
 @dataclass(frozen=True)
 class Recipe:
     layers: int = 4

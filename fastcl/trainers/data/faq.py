@@ -55,6 +55,13 @@ def section_titles(lines: List[str]) -> List[int]:
             and not _UNDERLINE.match(lines[i])]
 
 
+def sections(lines: List[str]) -> List[Tuple[str, str]]:
+    """(title, raw text up to the next title) of each reST section of ``lines``."""
+    titles = section_titles(lines)
+    ends = titles[1:] + [len(lines)]
+    return [(lines[start].strip(), "\n".join(lines[start + 2:end])) for start, end in zip(titles, ends)]
+
+
 def prose_paragraphs(text: str, min_words: int = 1) -> List[str]:
     """The prose paragraphs of reST text, cleaned; code, doctests, directives, field lists and
     underlines left out."""
@@ -74,15 +81,9 @@ def python_faq(limit: Optional[int] = None) -> List[Tuple[str, str]]:
     files = python_doc_files(PYTHON_FAQ_GLOB)
     pairs = []
     for name in sorted(files):
-        lines = _read_lines(files[name])
-        titles = section_titles(lines)
-        for number, start in enumerate(titles):
-            title = lines[start].strip()
-            if not title.endswith("?"):
-                continue
-            end = titles[number + 1] if number + 1 < len(titles) else len(lines)
-            body = _clean_rst("\n".join(lines[start + 2:end]))
-            if len(body.split()) >= 3:
+        for title, text in sections(_read_lines(files[name])):
+            body = _clean_rst(text)
+            if title.endswith("?") and len(body.split()) >= 3:
                 pairs.append((_clean_rst(title), body))
     return pairs[:limit] if limit is not None else pairs
 
@@ -96,12 +97,8 @@ def python_doc_sections(min_title_words: int = 3, min_words: int = 20) -> List[T
     for name in sorted(files):
         if name.startswith("faq/"):
             continue
-        lines = _read_lines(files[name])
-        titles = section_titles(lines)
-        for number, start in enumerate(titles):
-            end = titles[number + 1] if number + 1 < len(titles) else len(lines)
-            title = _clean_rst(lines[start].strip())
-            body = " ".join(prose_paragraphs("\n".join(lines[start + 2:end])))
+        for title, text in sections(_read_lines(files[name])):
+            title, body = _clean_rst(title), " ".join(prose_paragraphs(text))
             if len(title.split()) >= min_title_words and len(body.split()) >= min_words:
                 pairs.append((title, body))
     return pairs
